@@ -1,0 +1,16 @@
+"""Pure tensor functions of ESM (no I/O): subspaces, scaling levels and factor merging."""
+
+from mergekit_esm.algebra.merge import merge_task_factors, polar_orthogonalize
+from mergekit_esm.algebra.scaling import eigenvalue_flattening, layer_scales, polarized_scale
+from mergekit_esm.algebra.subspace import TaskFactors, essential_subspace, svd_subspace
+
+__all__ = [
+    "TaskFactors",
+    "eigenvalue_flattening",
+    "essential_subspace",
+    "layer_scales",
+    "merge_task_factors",
+    "polar_orthogonalize",
+    "polarized_scale",
+    "svd_subspace",
+]

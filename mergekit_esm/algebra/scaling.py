@@ -1,0 +1,46 @@
+"""ESM's scaling levels. Each is a ratio to the mean raised to a power; power 0 turns it off."""
+
+from collections.abc import Mapping
+from typing import Hashable
+
+import torch
+
+
+def polarized_scale(norms: torch.Tensor, exponent: float) -> torch.Tensor:
+    """(norm / mean(norm))^p: sharpen (p > 0) the contrast between strong and weak parts.
+
+    Used for tasks (p over ‖Â_t‖), input dimensions (over column norms of A_cat) and layers
+    (over ‖ΔW_merged‖ of one module type). A zero norm gets scale 0 (it scales nothing);
+    all-zero norms get scale 1, so nothing is divided by zero.
+    """
+    mean = norms.mean()
+    if exponent == 0 or mean == 0:
+        return torch.ones_like(norms)
+    ratio = norms / mean
+    return torch.where(ratio > 0, ratio.clamp_min(torch.finfo(ratio.dtype).tiny) ** exponent, 0.0)
+
+
+def eigenvalue_flattening(eigenvalues: torch.Tensor, gamma: float) -> torch.Tensor:
+    """e = (λ / mean λ)^γ, renormalised to mean 1 (authors' implementation, γ = 0.15).
+
+    A small γ lets strong directions stay a little stronger without letting one dominate.
+    """
+    e = polarized_scale(eigenvalues, gamma)
+    mean = e.mean()
+    return e / mean if mean > 0 else torch.ones_like(e)
+
+
+def layer_scales(
+    norms: Mapping[Hashable, Mapping[int, float]], exponent: float
+) -> dict[tuple[Hashable, int], float]:
+    """β_ℓ per (module type, layer): polarized scale over all layers of the same module type.
+
+    Only layers of one type are compared, so q_proj never competes with down_proj.
+    """
+    result = {}
+    for module_type, by_layer in norms.items():
+        layers = sorted(by_layer)
+        values = torch.tensor([by_layer[i] for i in layers], dtype=torch.float64)
+        for layer, beta in zip(layers, polarized_scale(values, exponent).tolist()):
+            result[(module_type, layer)] = beta
+    return result

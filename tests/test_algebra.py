@@ -1,0 +1,157 @@
+"""ESM's math against brute force and hand computations on small random inputs (float64)."""
+
+import pytest
+import torch
+
+from mergekit_esm.algebra import (
+    eigenvalue_flattening,
+    essential_subspace,
+    layer_scales,
+    merge_task_factors,
+    polar_orthogonalize,
+    polarized_scale,
+    svd_subspace,
+)
+
+D = torch.float64
+
+
+def _random_inputs(seed, t=3, d_out=12, d_in=10, n=40):
+    g = torch.Generator().manual_seed(seed)
+    deltas = [torch.randn(d_out, d_in, generator=g, dtype=D) for _ in range(t)]
+    xs = [torch.randn(n, d_in, generator=g, dtype=D) * torch.linspace(0.1, 2, d_in, dtype=D) for _ in range(t)]
+    return deltas, xs
+
+
+@pytest.mark.parametrize("rank", [1, 4, 7, 12])
+def test_esd_truncation_error_is_the_dropped_eigenvalues(rank):
+    (delta,), (x,) = _random_inputs(0, t=1)
+    n = x.shape[0]
+    f = essential_subspace(delta, x.T @ x, n, rank)
+    # brute force: the full spectrum of ΔOᵀΔO/(n−1) from the activations themselves
+    shift = x @ delta.T
+    full = torch.linalg.eigvalsh(shift.T @ shift / (n - 1)).flip(0)
+    error = torch.linalg.matrix_norm(x @ (delta - f.basis @ f.coords).T) ** 2
+    assert torch.allclose(error, (n - 1) * full[rank:].sum(), rtol=1e-9, atol=1e-9)
+    assert torch.allclose(f.eigenvalues, full[:rank], rtol=1e-9, atol=1e-12)
+    assert torch.allclose(f.basis.T @ f.basis, torch.eye(rank, dtype=D), atol=1e-12)
+    assert torch.allclose(f.norm, torch.linalg.matrix_norm(delta))
+
+
+def test_esd_beats_svd_on_the_inputs_it_sees():
+    (delta,), (x,) = _random_inputs(1, t=1)
+    esd = essential_subspace(delta, x.T @ x, x.shape[0], 3)
+    svd = svd_subspace(delta, 3)
+    err = lambda f: torch.linalg.matrix_norm(x @ (delta - f.basis @ f.coords).T)
+    assert err(esd) < err(svd)
+    frob = lambda f: torch.linalg.matrix_norm(delta - f.basis @ f.coords)
+    assert frob(svd) < frob(esd)  # SVD is optimal for the Frobenius norm instead
+
+
+def _tsv_m_direct(deltas, k):
+    """TSV-M (Gargiulo et al. 2025) written from its paper."""
+    us, ss, vs = [], [], []
+    for d in deltas:
+        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        us.append(u[:, :k]), ss.append(s[:k]), vs.append(vh[:k])
+    u, s, v = torch.cat(us, 1), torch.cat(ss), torch.cat(vs, 0)
+    pu, _, qu = torch.linalg.svd(u, full_matrices=False)
+    pv, _, qv = torch.linalg.svd(v, full_matrices=False)
+    return (pu @ qu) @ torch.diag(s) @ (pv @ qv)
+
+
+def test_svd_basis_without_scaling_is_tsv_m():
+    deltas, _ = _random_inputs(2)
+    k = 12 // 3
+    merged = merge_task_factors(
+        [svd_subspace(d, k) for d in deltas],
+        gamma=0.0,
+        task_exponent=0.0,
+        dimension_exponent=0.0,
+        combination="tsv",
+    )
+    assert torch.allclose(merged, _tsv_m_direct(deltas, k), atol=1e-10)
+
+
+def _esm_direct(deltas, xs, k, gamma, p_task, p_dim):
+    """ESM §1–2 written out with explicit loops, the way ESM.md states it."""
+    n = xs[0].shape[0]
+    norms = [torch.linalg.matrix_norm(d) for d in deltas]
+    mean_norm = sum(norms) / len(norms)
+    ps, as_ = [], []
+    for d, x, norm in zip(deltas, xs, norms):
+        shift = x @ d.T
+        lam, vec = torch.linalg.eigh(shift.T @ shift / (n - 1))
+        lam, vec = lam.flip(0)[:k], vec.flip(1)[:, :k]
+        e = (lam / lam.mean()) ** gamma
+        e = e / e.mean()
+        p = vec * e
+        a = (vec.T @ d) * e[:, None] * (norm / mean_norm) ** p_task
+        ps.append(p), as_.append(a)
+    p, a = torch.cat(ps, 1), torch.cat(as_, 0)
+    col = torch.linalg.vector_norm(a, dim=0)
+    a = a * (col / col.mean()) ** p_dim
+
+    def whiten(m):
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        return u @ vh * s.mean()
+
+    return whiten(p) @ whiten(a)
+
+
+@pytest.mark.parametrize(
+    "gamma,p_task,p_dim", [(0.15, 2.0, 2.0), (0.0, 0.0, 0.0), (0.15, 0.0, 0.0), (0.0, 2.0, 0.0), (0.0, 0.0, 2.0), (0.5, 1.0, 3.0)]
+)
+def test_essential_merge_matches_direct_formula(gamma, p_task, p_dim):
+    deltas, xs = _random_inputs(3)
+    k = 12 // 3
+    factors = [essential_subspace(d, x.T @ x, x.shape[0], k) for d, x in zip(deltas, xs)]
+    merged = merge_task_factors(factors, gamma=gamma, task_exponent=p_task, dimension_exponent=p_dim)
+    assert torch.allclose(merged, _esm_direct(deltas, xs, k, gamma, p_task, p_dim), atol=1e-10)
+
+
+def test_polarized_scale_by_hand():
+    got = polarized_scale(torch.tensor([1.0, 3.0], dtype=D), 2.0)
+    assert torch.allclose(got, torch.tensor([0.25, 2.25], dtype=D))  # ([1,3]/2)^2
+    assert torch.equal(polarized_scale(torch.tensor([1.0, 3.0]), 0.0), torch.ones(2))
+    assert torch.equal(polarized_scale(torch.zeros(3), 2.0), torch.ones(3))  # no 0/0
+    assert polarized_scale(torch.tensor([0.0, 2.0], dtype=D), -2.0).tolist() == [0.0, 1.0 / 4]
+
+
+def test_eigenvalue_flattening_by_hand():
+    e = eigenvalue_flattening(torch.tensor([4.0, 1.0], dtype=D), 0.5)
+    raw = torch.tensor([1.6, 0.4], dtype=D).sqrt()  # (λ / 2.5)^0.5
+    assert torch.allclose(e, raw / raw.mean())
+    assert torch.allclose(e.mean(), torch.tensor(1.0, dtype=D))
+
+
+def test_layer_scales_by_hand_compare_only_the_same_module_type():
+    norms = {"q_proj": {0: 1.0, 1: 3.0}, "down_proj": {0: 10.0, 1: 10.0, 2: 40.0}}
+    beta = layer_scales(norms, 2.0)
+    assert beta[("q_proj", 0)] == pytest.approx(0.25) and beta[("q_proj", 1)] == pytest.approx(2.25)
+    assert beta[("down_proj", 0)] == pytest.approx((10 / 20) ** 2)
+    assert beta[("down_proj", 2)] == pytest.approx((40 / 20) ** 2)
+    assert all(v == 1.0 for v in layer_scales(norms, 0.0).values())
+
+
+def test_polar_orthogonalize_ignores_null_directions():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(8, 3, generator=g, dtype=D) @ torch.randn(3, 6, generator=g, dtype=D)  # rank 3
+    q = polar_orthogonalize(x, keep_scale=False)
+    assert torch.linalg.matrix_rank(q) == 3
+    s = torch.linalg.svdvals(q)
+    assert torch.allclose(s[:3], torch.ones(3, dtype=D), atol=1e-10)
+    full = polar_orthogonalize(torch.randn(8, 6, generator=g, dtype=D), keep_scale=False)
+    assert torch.allclose(full.T @ full, torch.eye(6, dtype=D), atol=1e-10)
+
+
+def test_an_expert_that_left_a_weight_unchanged_gives_a_finite_merge():
+    deltas, xs = _random_inputs(5)
+    deltas[1] = torch.zeros_like(deltas[1])
+    factors = [essential_subspace(d, x.T @ x, x.shape[0], 4) for d, x in zip(deltas, xs)]
+    merged = merge_task_factors(factors, gamma=0.15, task_exponent=2.0, dimension_exponent=2.0)
+    assert torch.isfinite(merged).all() and merged.abs().sum() > 0
+    # the unchanged expert adds nothing: same result as merging the other two alone
+    alone = merge_task_factors([factors[0], factors[2]], gamma=0.15, task_exponent=0.0, dimension_exponent=0.0)
+    with_zero = merge_task_factors(factors, gamma=0.15, task_exponent=0.0, dimension_exponent=0.0)
+    assert torch.allclose(alone, with_zero, atol=1e-9)
