@@ -1,0 +1,108 @@
+"""Which weights ESM targets in a LLaMA-family checkpoint and what feeds each of them.
+
+mergekit's WeightInfo knows names but not module types or input wiring, so the layout is
+read from the transformers model built on the meta device (no memory, no weights).
+"""
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from mergekit_esm.errors import EsmInputError
+
+# Linear → the activation it reads. q/k/v share one input, gate/up share one input.
+INPUT_OF = {
+    "q_proj": "attn_in",
+    "k_proj": "attn_in",
+    "v_proj": "attn_in",
+    "o_proj": "attn_out",
+    "gate_proj": "mlp_in",
+    "up_proj": "mlp_in",
+    "down_proj": "mlp_hidden",
+}
+
+
+@dataclass(frozen=True)
+class TargetWeight:
+    name: str  # full tensor name, e.g. model.layers.3.mlp.up_proj.weight
+    layer: int
+    module_type: str  # q_proj … down_proj
+    input_group: str  # attn_in, attn_out, mlp_in, mlp_hidden
+    shape: tuple[int, int]  # (d_out, d_in)
+
+
+def build_meta_model(config: PretrainedConfig) -> nn.Module:
+    """The model's module tree without memory. SDPA: with no mask it is causal by itself."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+
+
+@dataclass(frozen=True)
+class DecoderLayout:
+    config: PretrainedConfig
+
+    @cached_property
+    def _meta(self) -> tuple[str, str, int, tuple[TargetWeight, ...]]:
+        try:
+            model = build_meta_model(self.config)
+        except Exception as error:  # transformers raises many types for unknown configs
+            raise EsmInputError(
+                f"cannot build a causal LM from this config ({type(self.config).__name__}: "
+                f"{error}); ESM supports LLaMA-family models (Llama, Mistral, Qwen2)"
+            ) from None
+        layers_name = next(
+            (
+                name
+                for name, module in model.named_modules()
+                if isinstance(module, nn.ModuleList)
+                and len(module) == self.config.num_hidden_layers
+            ),
+            None,
+        )
+        embed = model.get_input_embeddings()
+        embed_name = next(n for n, p in model.named_parameters() if p is embed.weight)
+        targets = []
+        if layers_name is not None:
+            for index, layer in enumerate(model.get_submodule(layers_name)):
+                for name, module in layer.named_modules():
+                    kind = name.rsplit(".", 1)[-1]
+                    if kind in INPUT_OF and isinstance(module, nn.Linear):
+                        targets.append(
+                            TargetWeight(
+                                name=f"{layers_name}.{index}.{name}.weight",
+                                layer=index,
+                                module_type=kind,
+                                input_group=INPUT_OF[kind],
+                                shape=(module.out_features, module.in_features),
+                            )
+                        )
+        found = {t.module_type for t in targets}
+        if layers_name is None or found != set(INPUT_OF):
+            missing = ", ".join(sorted(set(INPUT_OF) - found)) or "the decoder layer list"
+            raise EsmInputError(
+                f"architecture {self.config.architectures} lacks ESM's target linears "
+                f"({missing}); ESM supports LLaMA-family models (q/k/v/o_proj, gate/up/down_proj)"
+            )
+        return layers_name, embed_name, len(model.get_submodule(layers_name)), tuple(targets)
+
+    @property
+    def layers_name(self) -> str:
+        return self._meta[0]
+
+    @property
+    def embed_name(self) -> str:
+        return self._meta[1]
+
+    @property
+    def num_layers(self) -> int:
+        return self._meta[2]
+
+    @property
+    def targets(self) -> tuple[TargetWeight, ...]:
+        return self._meta[3]
+
+    def layer_targets(self, layer: int) -> list[TargetWeight]:
+        return [t for t in self.targets if t.layer == layer]

@@ -1,0 +1,1 @@
+"""Calibration: proxy text → each expert's per-layer input second moments XᵀX, out-of-core."""

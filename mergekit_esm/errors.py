@@ -1,0 +1,8 @@
+"""The one error type users see: a one-line message that says what is wrong and how to fix it."""
+
+import click
+
+
+class EsmInputError(click.ClickException):
+    """Bad recipe or inputs. A ClickException so `mergekit-yaml` prints `Error: <message>`
+    and exits 1 instead of a traceback; from Python it is an ordinary exception."""

@@ -1,0 +1,89 @@
+"""Calibration: proxy handling and the layer-by-layer moments against a full-model forward."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaForCausalLM
+
+from mergekit_esm.architecture import DecoderLayout
+from mergekit_esm.calibration.layerwise import layer_input_moments
+from mergekit_esm.calibration.proxy import load_documents, token_windows
+from mergekit_esm.errors import EsmInputError
+from tests.tiny_models import byte_tokenizer, tiny_config
+
+
+def test_builtin_proxy_is_large_enough_for_default_settings():
+    docs = load_documents("builtin")
+    assert len(docs) > 100
+    windows = token_windows(docs, byte_tokenizer(), samples=32, max_tokens=512)
+    assert len(windows) == 32 and all(len(w) == 512 for w in windows)
+
+
+def test_windows_pack_documents_with_eos_and_respect_the_budget():
+    tok = byte_tokenizer()
+    windows = token_windows(["ab", "cd"], tok, samples=10, max_tokens=3)
+    flat = [i for w in windows for i in w]
+    assert flat == tok("ab")["input_ids"] + [tok.eos_token_id] + tok("cd")["input_ids"] + [tok.eos_token_id]
+    assert all(len(w) <= 3 for w in windows)
+    assert len(token_windows(["x" * 100], tok, samples=2, max_tokens=8)) == 2
+
+
+def test_proxy_files(tmp_path):
+    (tmp_path / "a.txt").write_text("first doc\n\nsecond doc\n")
+    assert load_documents(str(tmp_path / "a.txt")) == ["first doc", "second doc"]
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "hello"}) + "\n\n" + json.dumps({"text": "x"}) + "\n")
+    assert load_documents(str(tmp_path / "b.jsonl")) == ["hello", "x"]
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
+    (tmp_path / "c.csv").write_text("a,b\n")
+    for name, message in [
+        ("empty.txt", "holds no text"),
+        ("bad.jsonl", "line 1"),
+        ("c.csv", "unknown type"),
+        ("missing.txt", "does not exist"),
+    ]:
+        with pytest.raises(EsmInputError, match=message):
+            load_documents(str(tmp_path / name))
+
+
+def test_layerwise_moments_equal_full_model_forward(tmp_path):
+    config = tiny_config(layers=3)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    state = load_file(tmp_path / "model.safetensors")
+    layout = DecoderLayout(config)
+    windows = [list(range(5, 45)), list(range(60, 90))]
+
+    expected = {}
+
+    def hook(name):
+        def fn(_m, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            expected[name] = expected.get(name, 0) + x.T @ x
+
+        return fn
+
+    for t in layout.targets:
+        model.get_submodule(t.name.removesuffix(".weight")).register_forward_pre_hook(hook(t.name))
+    with torch.no_grad():
+        for w in windows:
+            model(torch.tensor([w]))
+
+    seen = 0
+    for result in layer_input_moments(state.__getitem__, layout, windows):
+        assert result.n_tokens == 70
+        for t in layout.layer_targets(result.layer):
+            got = result.moments[t.input_group].double()
+            assert torch.allclose(got, expected[t.name], rtol=1e-4, atol=1e-4), t.name
+            seen += 1
+    assert seen == len(layout.targets) == 21
+
+
+def test_architecture_without_target_linears_is_refused():
+    from transformers import GPT2Config
+
+    with pytest.raises(EsmInputError, match="lacks ESM's target linears"):
+        DecoderLayout(GPT2Config(n_layer=1, n_embd=16, n_head=2)).targets
