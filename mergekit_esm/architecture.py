@@ -104,5 +104,9 @@ class DecoderLayout:
     def targets(self) -> tuple[TargetWeight, ...]:
         return self._meta[3]
 
+    @cached_property
+    def layer_of(self) -> dict[str, int]:
+        return {t.name: t.layer for t in self.targets}
+
     def layer_targets(self, layer: int) -> list[TargetWeight]:
         return [t for t in self.targets if t.layer == layer]

@@ -12,6 +12,7 @@ from mergekit_esm.algebra import (
     polarized_scale,
     svd_subspace,
 )
+from tests.reference_esm import esm_weight
 
 D = torch.float64
 
@@ -73,32 +74,6 @@ def test_svd_basis_without_scaling_is_tsv_m():
     assert torch.allclose(merged, _tsv_m_direct(deltas, k), atol=1e-10)
 
 
-def _esm_direct(deltas, xs, k, gamma, p_task, p_dim):
-    """ESM §1–2 written out with explicit loops, the way ESM.md states it."""
-    n = xs[0].shape[0]
-    norms = [torch.linalg.matrix_norm(d) for d in deltas]
-    mean_norm = sum(norms) / len(norms)
-    ps, as_ = [], []
-    for d, x, norm in zip(deltas, xs, norms):
-        shift = x @ d.T
-        lam, vec = torch.linalg.eigh(shift.T @ shift / (n - 1))
-        lam, vec = lam.flip(0)[:k], vec.flip(1)[:, :k]
-        e = (lam / lam.mean()) ** gamma
-        e = e / e.mean()
-        p = vec * e
-        a = (vec.T @ d) * e[:, None] * (norm / mean_norm) ** p_task
-        ps.append(p), as_.append(a)
-    p, a = torch.cat(ps, 1), torch.cat(as_, 0)
-    col = torch.linalg.vector_norm(a, dim=0)
-    a = a * (col / col.mean()) ** p_dim
-
-    def whiten(m):
-        u, s, vh = torch.linalg.svd(m, full_matrices=False)
-        return u @ vh * s.mean()
-
-    return whiten(p) @ whiten(a)
-
-
 @pytest.mark.parametrize(
     "gamma,p_task,p_dim", [(0.15, 2.0, 2.0), (0.0, 0.0, 0.0), (0.15, 0.0, 0.0), (0.0, 2.0, 0.0), (0.0, 0.0, 2.0), (0.5, 1.0, 3.0)]
 )
@@ -107,7 +82,7 @@ def test_essential_merge_matches_direct_formula(gamma, p_task, p_dim):
     k = 12 // 3
     factors = [essential_subspace(d, x.T @ x, x.shape[0], k) for d, x in zip(deltas, xs)]
     merged = merge_task_factors(factors, gamma=gamma, task_exponent=p_task, dimension_exponent=p_dim)
-    assert torch.allclose(merged, _esm_direct(deltas, xs, k, gamma, p_task, p_dim), atol=1e-10)
+    assert torch.allclose(merged, esm_weight(deltas, xs, k, gamma, p_task, p_dim), atol=1e-10)
 
 
 def test_polarized_scale_by_hand():

@@ -16,7 +16,7 @@ from mergekit_esm.architecture import DecoderLayout, build_meta_model
 @dataclass
 class LayerMoments:
     layer: int
-    moments: dict[str, torch.Tensor]  # input group → XᵀX (d_in × d_in, float32)
+    moments: dict[str, torch.Tensor]  # input group → XᵀX (d_in × d_in), summed in float64
     n_tokens: int
 
 
@@ -60,11 +60,13 @@ def layer_input_moments(
             if target.input_group in moments:
                 continue  # q/k/v and gate/up read the same activation: count it once
             d_in = target.shape[1]
-            acc = moments[target.input_group] = torch.zeros(d_in, d_in, device=device)
+            # Summed in float64: the cut at rank k is sensitive to XᵀX where eigenvalues
+            # cluster near λ_k (on the test zoo float32 sums moved merged weights by 4e-5).
+            acc = moments[target.input_group] = torch.zeros(d_in, d_in, device=device, dtype=torch.float64)
             module = model.get_submodule(target.name.removesuffix(".weight"))
 
             def accumulate(_module, args, acc=acc, d_in=d_in):
-                x = args[0].reshape(-1, d_in).to(torch.float32)
+                x = args[0].reshape(-1, d_in).to(torch.float64)
                 acc.addmm_(x.T, x)
 
             hooks.append(module.register_forward_pre_hook(accumulate))

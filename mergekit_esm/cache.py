@@ -1,0 +1,78 @@
+"""Content-keyed on-disk cache for calibration statistics and merged updates.
+
+An entry is a directory named by a hash of everything that determines its content; it is
+written under a temporary name and renamed when complete, so an interrupted run never
+leaves an entry that looks usable.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+CACHE_VERSION = 1
+
+
+def cache_root(configured: str | None) -> Path:
+    if configured:
+        return Path(configured).expanduser()
+    env = os.environ.get("MERGEKIT_ESM_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "mergekit-esm"
+
+
+def fingerprint(*parts: Any) -> str:
+    blob = json.dumps([CACHE_VERSION, *parts], sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+def files_fingerprint(directory: str, names: list[str]) -> list:
+    """Identity of a model's files by name, size and modification time (not by content:
+    hashing tens of GB on every merge would cost more than the merge)."""
+    out = []
+    for name in sorted(set(names)):
+        stat = os.stat(os.path.join(directory, name))
+        out.append((name, stat.st_size, stat.st_mtime_ns))
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class CacheEntry:
+    def __init__(self, root: Path, kind: str, key: str):
+        self.path = root / kind / key
+
+    @property
+    def complete(self) -> bool:
+        return (self.path / "complete").is_file()
+
+    @contextmanager
+    def writing(self) -> Iterator[Path]:
+        """Yield a scratch directory that becomes this entry only if the block succeeds."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in self.path.parent.glob(self.path.name + ".tmp-*"):
+            if not _pid_alive(int(stale.name.rsplit("-", 1)[1])):
+                shutil.rmtree(stale, ignore_errors=True)
+        scratch = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir()
+        try:
+            yield scratch
+            (scratch / "complete").touch()
+            if self.path.exists():  # a concurrent run finished the same entry first
+                shutil.rmtree(scratch)
+            else:
+                os.replace(scratch, self.path)
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise

@@ -1,0 +1,107 @@
+"""`merge_method: esm` — the mergekit method: its spec (generated from EsmSettings) and kernel.
+
+The kernel itself is thin: all heavy work happened in the pre-pass (prepare.py), which the
+run_merge wrapper activates for the duration of the merge.
+"""
+
+import threading
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import torch
+from mergekit.merge_methods.base import (
+    BasePolicy,
+    FunctionalGroupMergeMethod,
+    InputContract,
+    MergeMethodSpec,
+    ParameterScope,
+    ParameterSpec,
+    TensorGroup,
+)
+from typing_extensions import Annotated
+
+from mergekit_esm.errors import EsmInputError, ensure_finite
+from mergekit_esm.settings import PER_MODEL_PARAMETERS, EsmSettings
+
+if TYPE_CHECKING:  # prepare.py pulls in transformers; the registry import must stay light
+    from mergekit_esm.integration.prepare import PreparedMerge
+
+_active: dict[frozenset, "PreparedMerge"] = {}
+_lock = threading.Lock()
+
+
+@contextmanager
+def activated(prepared: "PreparedMerge"):
+    """Make a prepared merge visible to the kernel, keyed by its set of input models."""
+    key = frozenset(prepared.inputs.models)
+    with _lock:
+        _active[key] = prepared
+    try:
+        yield
+    finally:
+        with _lock:
+            _active.pop(key, None)
+
+
+def esm_kernel(group: TensorGroup, **_parameters) -> torch.Tensor:
+    """W0 + α·β_ℓ·ΔW_merged for target linears; W0 + α·mean_t(ΔW_t) for everything else.
+
+    The non-target rule (the authors' rule for 1-D tensors) also covers the vocabulary
+    matrices: an SVD of a 128k-row embedding per expert costs more than the whole rest of
+    the merge and their updates are row-sparse (tokens the task used), which a low-rank
+    basis does not fit well.
+    """
+    prepared = _active.get(frozenset(entry.id for entry in group.entries))
+    if prepared is None:
+        raise EsmInputError(
+            "merge_method esm runs through mergekit-yaml (or mergekit.merge.run_merge) with "
+            "mergekit-esm installed; its pre-pass did not run for these models"
+        )
+    name = group.metadata.name
+    for entry in group.entries:
+        ensure_finite(entry.tensor, name, entry.id)
+    base = group.base.tensor.to(torch.float32)
+    if name in prepared.factors:
+        update = prepared.target_update(name, base.device) * prepared.factors[name]
+    else:
+        deltas = [entry.tensor.to(torch.float32) - base for entry in group.non_base]
+        update = torch.stack(deltas).mean(dim=0) * prepared.inputs.settings.alpha
+    return base + update
+
+
+def _parameter_specs() -> tuple[ParameterSpec, ...]:
+    specs = []
+    for name, field in EsmSettings.model_fields.items():
+        value_type = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+        per_model = name in PER_MODEL_PARAMETERS
+        specs.append(
+            ParameterSpec(
+                name=name,
+                value_type=value_type,
+                scope=ParameterScope.NON_BASE if per_model else ParameterScope.SHARED,
+                default=field.default,
+                description=field.description,
+            )
+        )
+    return tuple(specs)
+
+
+def esm_method() -> FunctionalGroupMergeMethod:
+    spec = MergeMethodSpec(
+        name="esm",
+        pretty_name="ESM (Essential Subspace Merging)",
+        reference_url="https://arxiv.org/abs/2602.20208",
+        contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=2),
+        parameters=_parameter_specs(),
+    )
+    return FunctionalGroupMergeMethod(spec, esm_kernel)
+
+
+def register_methods(registry) -> None:
+    """Called with mergekit.merge_methods.registry once it is imported."""
+    method = esm_method()
+    if method.spec.name not in {m.spec.name for m in registry.registered_methods()}:
+        registry.register(method)
+
+
+ESM_METHOD_NAMES = frozenset({"esm"})

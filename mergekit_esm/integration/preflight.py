@@ -1,0 +1,191 @@
+"""Check a recipe and its inputs before anything is computed or written.
+
+Every problem becomes one EsmInputError line that says what to fix.
+"""
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from mergekit.common import ModelReference
+from mergekit.config import MergeConfiguration
+from mergekit.io.tasks import LoaderCache
+from mergekit.options import MergeOptions
+from pydantic import ValidationError
+from safetensors import safe_open
+from transformers import AutoTokenizer
+
+from mergekit_esm.architecture import DecoderLayout
+from mergekit_esm.calibration.proxy import load_documents, token_windows
+from mergekit_esm.errors import EsmInputError
+from mergekit_esm.settings import PER_MODEL_PARAMETERS, EsmSettings, unknown_parameter_message
+
+
+@dataclass(frozen=True)
+class MergeInputs:
+    """A checked ESM merge: who, with which settings, on which proxy tokens."""
+
+    base: ModelReference
+    experts: tuple[ModelReference, ...]
+    settings: EsmSettings
+    layout: DecoderLayout
+    windows: dict[ModelReference, list[list[int]]]
+    ranks: dict[str, int]  # target tensor name → k
+    device: str
+    trust_remote_code: bool
+
+    @property
+    def models(self) -> tuple[ModelReference, ...]:
+        return (self.base, *self.experts)
+
+
+def _scalar(name: str, value: Any, where: str) -> Any:
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    raise EsmInputError(
+        f"ESM parameter '{name}' {where} must be a single value, not {value!r} "
+        "(per-layer gradients and filters do not apply to ESM's settings)"
+    )
+
+
+def _settings(config: MergeConfiguration) -> tuple[EsmSettings, dict[ModelReference, str]]:
+    allowed = set(EsmSettings.model_fields)
+    raw = {}
+    for name, value in (config.parameters or {}).items():
+        if name not in allowed:
+            raise EsmInputError(unknown_parameter_message(name, "in `parameters`", allowed))
+        raw[name] = _scalar(name, value, "in `parameters`")
+    try:
+        settings = EsmSettings(**raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise EsmInputError(f"ESM parameter '{field}': {first['msg']} (got {first.get('input')!r})") from None
+    proxies = {}
+    for entry in config.models or []:
+        where = f"for model {entry.model}"
+        for name, value in (entry.parameters or {}).items():
+            if name not in PER_MODEL_PARAMETERS:
+                raise EsmInputError(unknown_parameter_message(name, where, PER_MODEL_PARAMETERS))
+        proxy = (entry.parameters or {}).get("proxy", settings.proxy)
+        proxies[entry.model] = str(_scalar("proxy", proxy, where))
+    return settings, proxies
+
+
+def _open_safetensors_index(model: ModelReference):
+    try:
+        index = LoaderCache().get(model).index
+    except Exception as error:
+        raise EsmInputError(f"cannot open model {model}: {error}") from None
+    if not index.is_safetensors:
+        raise EsmInputError(
+            f"model {model} has only pickle (.bin) weights: ESM reads safetensors lazily; convert "
+            "it with `model.save_pretrained(path, safe_serialization=True)`"
+        )
+    return index
+
+
+def _tensor_shapes(index) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for shard in index.shards:
+        with safe_open(os.path.join(index.base_path, shard.filename), framework="pt") as f:
+            for name in shard.contained_keys:
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    return shapes
+
+
+def _check_same_weights(model, base, shapes, base_shapes):
+    if shapes.keys() != base_shapes.keys():
+        extra = sorted(shapes.keys() - base_shapes.keys())[:3]
+        missing = sorted(base_shapes.keys() - shapes.keys())[:3]
+        raise EsmInputError(
+            f"model {model} has other tensors than the base {base} (extra: {extra}, missing: "
+            f"{missing}); ESM merges experts fine-tuned from the same base architecture"
+        )
+    for name, shape in shapes.items():
+        if shape != base_shapes[name]:
+            raise EsmInputError(
+                f"model {model} tensor {name} has shape {list(shape)} but the base has "
+                f"{list(base_shapes[name])}; ESM merges experts with the base's shapes"
+            )
+
+
+def _tokenizer(model: ModelReference, base_path: str, trust_remote_code: bool):
+    try:
+        return AutoTokenizer.from_pretrained(base_path, trust_remote_code=trust_remote_code)
+    except Exception as error:
+        raise EsmInputError(
+            f"cannot load the tokenizer of {model} ({error}); ESM needs it to tokenize proxy text"
+        ) from None
+
+
+def preflight(config: MergeConfiguration, options: MergeOptions) -> MergeInputs:
+    if config.slices or config.modules:
+        raise EsmInputError("ESM recipes use `models:` (whole models), not `slices:` or `modules:`")
+    if config.base_model is None:
+        raise EsmInputError("ESM needs `base_model:`, the model every expert was fine-tuned from")
+    experts = tuple(dict.fromkeys(m.model for m in config.models or [] if m.model != config.base_model))
+    if len(experts) < 2:
+        raise EsmInputError(
+            f"ESM merges at least 2 experts besides the base; the recipe lists {len(experts)}"
+        )
+    settings, proxies = _settings(config)
+
+    LoaderCache().setup(options=options)
+    base = config.base_model
+    trust = options.trust_remote_code
+    indexes = {m: _open_safetensors_index(m) for m in (base, *experts)}
+    base_config = base.config(trust_remote_code=trust)
+    layout = DecoderLayout(base_config)
+    layout.targets  # raises for architectures without the target linears
+    base_shapes = _tensor_shapes(indexes[base])
+    for expert in experts:
+        arch = expert.config(trust_remote_code=trust).architectures
+        if arch != base_config.architectures:
+            raise EsmInputError(
+                f"model {expert} is a {arch} but the base is a {base_config.architectures}; "
+                "ESM merges experts of the base's architecture"
+            )
+        _check_same_weights(expert, base, _tensor_shapes(indexes[expert]), base_shapes)
+
+    tokenizer = _tokenizer(base, indexes[base].base_path, trust)
+    for expert in experts:
+        path = indexes[expert].base_path
+        if any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+            if _tokenizer(expert, path, trust).get_vocab() != tokenizer.get_vocab():
+                raise EsmInputError(
+                    f"model {expert} has another vocabulary than the base {base}; ESM merges "
+                    "experts that share the base's tokenizer"
+                )
+
+    ranks = {}
+    for target in layout.targets:
+        d_out = target.shape[0]
+        k = settings.rank or max(1, d_out // len(experts))
+        if k > d_out:
+            raise EsmInputError(f"rank {k} exceeds {target.name}'s output size {d_out}: lower `rank`")
+        ranks[target.name] = k
+    needed = max(ranks.values())
+    windows = {}
+    for expert in experts:
+        windows[expert] = token_windows(
+            load_documents(proxies[expert]), tokenizer, settings.proxy_samples, settings.proxy_max_tokens
+        )
+        n = sum(len(w) for w in windows[expert])
+        if n < needed:
+            raise EsmInputError(
+                f"proxy '{proxies[expert]}' gives {n} tokens for {expert} but rank {needed} needs at "
+                f"least {needed} (the essential subspace has at most one direction per token): add "
+                "proxy text, raise proxy_samples / proxy_max_tokens, or lower `rank`"
+            )
+    return MergeInputs(
+        base=base,
+        experts=experts,
+        settings=settings,
+        layout=layout,
+        windows=windows,
+        ranks=ranks,
+        device=str(options.device or "cpu"),
+        trust_remote_code=trust,
+    )
+

@@ -1,0 +1,162 @@
+"""ESM's pre-pass, run once per merge before mergekit's per-tensor executor starts.
+
+mergekit runs one tensor at a time and a method cannot add graph dependencies, but ESM
+needs (1) each expert's calibration statistics and (2) the norms of every layer's merged
+update for layer-level scaling. So the pre-pass computes every target weight's ΔW_merged
+one weight at a time and spills it to the cache (float32, one file per layer); the
+kernel then only applies W0 + α·β·ΔW_merged. Spilling rather than computing twice keeps
+memory at one weight of each model and makes a re-merge with another α or layer
+exponent skip all linear algebra.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import tqdm
+from mergekit.common import ModelReference
+from mergekit.io.tasks import LoaderCache
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from mergekit_esm.algebra import essential_subspace, layer_scales, merge_task_factors, svd_subspace
+from mergekit_esm.cache import CacheEntry, cache_root, files_fingerprint, fingerprint
+from mergekit_esm.calibration.layerwise import layer_input_moments
+from mergekit_esm.errors import EsmInputError, ensure_finite
+from mergekit_esm.integration.preflight import MergeInputs
+
+
+def _layer_file(layer: int) -> str:
+    return f"layer_{layer:05d}.safetensors"
+
+
+def _model_fingerprint(model: ModelReference) -> list:
+    index = LoaderCache().get(model).index
+    files = sorted(set(index.tensor_paths.values())) + ["config.json"]
+    return [str(model), files_fingerprint(index.base_path, files)]
+
+
+def _checked_reader(model: ModelReference, device: str):
+    loader = LoaderCache().get(model)
+
+    def read(name: str) -> torch.Tensor:
+        tensor = loader.get_tensor(name, device=device)
+        ensure_finite(tensor, name, model)
+        return tensor
+
+    return read
+
+
+def calibrate(inputs: MergeInputs, expert: ModelReference, root: Path) -> CacheEntry:
+    """Each expert's per-layer XᵀX on its own proxy windows, cached by model and tokens."""
+    entry = CacheEntry(root, "stats", fingerprint("stats", _model_fingerprint(expert), inputs.windows[expert]))
+    if entry.complete:
+        return entry
+    layers = layer_input_moments(
+        _checked_reader(expert, inputs.device), inputs.layout, inputs.windows[expert], inputs.device
+    )
+    with entry.writing() as scratch:
+        for result in tqdm.tqdm(layers, total=inputs.layout.num_layers, desc=f"ESM calibration {expert}"):
+            save_file(
+                {g: m.cpu().contiguous() for g, m in result.moments.items()},
+                scratch / _layer_file(result.layer),
+                metadata={"n_tokens": str(result.n_tokens)},
+            )
+    return entry
+
+
+def _merge_layer(inputs: MergeInputs, layer: int, stats: dict[ModelReference, CacheEntry], zero: set):
+    s = inputs.settings
+    read_base = _checked_reader(inputs.base, inputs.device)
+    readers = {e: _checked_reader(e, inputs.device) for e in inputs.experts}
+    moments = {}
+    if s.basis == "esd":
+        for expert, entry in stats.items():
+            path = entry.path / _layer_file(layer)
+            with safe_open(path, framework="pt") as f:
+                n_tokens = int(f.metadata()["n_tokens"])
+            moments[expert] = (load_file(path, device=inputs.device), n_tokens)
+    merged = {}
+    for target in inputs.layout.layer_targets(layer):
+        w0 = read_base(target.name).to(torch.float32)
+        k = inputs.ranks[target.name]
+        factors = []
+        for expert in inputs.experts:
+            delta = readers[expert](target.name).to(torch.float32) - w0
+            if delta.any():
+                zero.discard(expert)
+            if s.basis == "esd":
+                g, n = moments[expert]
+                factors.append(essential_subspace(delta, g[target.input_group], n, k))
+            else:
+                factors.append(svd_subspace(delta, k))
+            del delta
+        merged[target.name] = merge_task_factors(
+            factors,
+            gamma=s.gamma,
+            task_exponent=s.task_exponent,
+            dimension_exponent=s.dimension_exponent,
+            combination="essential" if s.basis == "esd" else "tsv",
+        ).to(torch.float32).cpu().contiguous()
+    return merged
+
+
+def merged_updates(inputs: MergeInputs, stats: dict[ModelReference, CacheEntry], root: Path) -> CacheEntry:
+    """ΔW_merged of every target weight (before α and β), cached; plus their norms."""
+    s = inputs.settings
+    key = fingerprint(
+        "deltas",
+        _model_fingerprint(inputs.base),
+        [(str(e), stats[e].path.name if e in stats else _model_fingerprint(e)) for e in inputs.experts],
+        s.model_dump(include={"rank", "gamma", "task_exponent", "dimension_exponent", "basis"}),
+        inputs.ranks,
+    )
+    entry = CacheEntry(root, "deltas", key)
+    if entry.complete:
+        return entry
+    zero = set(inputs.experts)
+    norms = {}
+    with entry.writing() as scratch:
+        for layer in tqdm.trange(inputs.layout.num_layers, desc="ESM merging"):
+            merged = _merge_layer(inputs, layer, stats, zero)
+            norms.update({name: float(torch.linalg.matrix_norm(d)) for name, d in merged.items()})
+            save_file(merged, scratch / _layer_file(layer))
+            del merged
+        if zero:
+            raise EsmInputError(
+                f"model {sorted(map(str, zero))[0]} is identical to the base in every target weight "
+                "(zero task vector): leave it out of the recipe"
+            )
+        (scratch / "norms.json").write_text(json.dumps(norms))
+    return entry
+
+
+@dataclass
+class PreparedMerge:
+    """What the kernel needs: where each ΔW_merged lies and its final factor α·β."""
+
+    inputs: MergeInputs
+    updates: Path
+    factors: dict[str, float]  # target tensor name → α·β_ℓ
+
+    def target_update(self, name: str, device: torch.device) -> torch.Tensor:
+        layer = self.inputs.layout.layer_of[name]
+        with safe_open(self.updates / _layer_file(layer), framework="pt", device=str(device)) as f:
+            return f.get_tensor(name)
+
+
+def prepare(inputs: MergeInputs) -> PreparedMerge:
+    root = cache_root(inputs.settings.cache_dir)
+    stats = {}
+    if inputs.settings.basis == "esd":
+        stats = {expert: calibrate(inputs, expert, root) for expert in inputs.experts}
+    updates = merged_updates(inputs, stats, root)
+    norms = json.loads((updates.path / "norms.json").read_text())
+    by_type: dict[str, dict[int, float]] = {}
+    for target in inputs.layout.targets:
+        by_type.setdefault(target.module_type, {})[target.layer] = norms[target.name]
+    betas = layer_scales(by_type, inputs.settings.layer_exponent)
+    alpha = inputs.settings.alpha
+    factors = {t.name: alpha * betas[(t.module_type, t.layer)] for t in inputs.layout.targets}
+    return PreparedMerge(inputs=inputs, updates=updates.path, factors=factors)

@@ -1,0 +1,83 @@
+"""The run_merge wrapper: preflight, pre-pass, then mergekit's own run into a staging folder.
+
+mergekit's writer is not atomic (shards go straight into the output folder), so ESM runs
+write into a hidden sibling folder that replaces the output only once the merge is whole:
+a crash or Ctrl-C leaves no folder that loads as a model.
+"""
+
+import functools
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+from mergekit_esm.errors import EsmInputError
+
+
+@contextmanager
+def staged_output(out_path: str):
+    out = Path(out_path).resolve()
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "mergekit_config.yml").exists())):
+        raise EsmInputError(
+            f"output path {out_path} exists and is not an earlier merge: choose a new or empty folder"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.esm-partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(f".{out.name}.esm-replaced-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(staging, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, out)
+
+
+def _card_section(prepared) -> str:
+    inputs = prepared.inputs
+    settings = inputs.settings.model_dump()
+    lines = [
+        "",
+        "## ESM settings",
+        "",
+        "Merged with [ESM, Essential Subspace Merging](https://arxiv.org/abs/2602.20208) by "
+        "mergekit-esm: W = W0 + α·β_ℓ·ΔW_merged on q/k/v/o/gate/up/down_proj, "
+        "W0 + α·mean(ΔW_t) elsewhere.",
+        "",
+        "| parameter | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {v} |" for k, v in settings.items()]
+    ranks = sorted(set(inputs.ranks.values()))
+    lines += [f"| rank used (k per expert) | {', '.join(map(str, ranks))} |", f"| experts | {len(inputs.experts)} |", ""]
+    return "\n".join(lines)
+
+
+def wrap_run_merge(run_merge):
+    """Route ESM recipes through preflight + pre-pass + staging; others pass through."""
+
+    @functools.wraps(run_merge)
+    def run_merge_with_esm(merge_config, out_path, options, *args, **kwargs):
+        from mergekit_esm.integration.method import ESM_METHOD_NAMES, activated
+
+        if merge_config.merge_method not in ESM_METHOD_NAMES:
+            return run_merge(merge_config, out_path, options, *args, **kwargs)
+        from mergekit_esm.integration.preflight import preflight
+        from mergekit_esm.integration.prepare import prepare
+
+        with staged_output(out_path) as staging:
+            prepared = prepare(preflight(merge_config, options))
+            with activated(prepared):
+                run_merge(merge_config, str(staging), options, *args, **kwargs)
+            card = staging / "README.md"
+            if card.exists():
+                with open(card, "a", encoding="utf-8") as f:
+                    f.write(_card_section(prepared))
+
+    run_merge_with_esm.__wrapped_by_esm__ = True
+    return run_merge_with_esm

@@ -1,0 +1,90 @@
+"""An independent, in-memory ESM written straight from ESM.md (whole models, float64, dense).
+
+It shares no code with mergekit_esm: it runs each expert as a whole transformers model with
+hooks to get X, and spells out every formula with plain torch.
+"""
+
+import torch
+from transformers import LlamaForCausalLM
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def whiten(m):
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    return u @ vh * s.mean()
+
+
+def esm_weight(deltas, xs, k, gamma, p_task, p_dim):
+    """ESM §1–2 for one weight: deltas[t] = ΔW_t, xs[t] = expert t's inputs to it (n × d_in)."""
+    norms = [torch.linalg.matrix_norm(d) for d in deltas]
+    mean_norm = sum(norms) / len(norms)
+    ps, as_ = [], []
+    for d, x, norm in zip(deltas, xs, norms):
+        shift = x @ d.T
+        lam, vec = torch.linalg.eigh(shift.T @ shift / (x.shape[0] - 1))
+        lam, vec = lam.flip(0)[:k], vec.flip(1)[:, :k]
+        e = (lam / lam.mean()) ** gamma
+        e = e / e.mean()
+        ps.append(vec * e)
+        as_.append((vec.T @ d) * e[:, None] * (norm / mean_norm) ** p_task)
+    p, a = torch.cat(ps, 1), torch.cat(as_, 0)
+    col = torch.linalg.vector_norm(a, dim=0)
+    a = a * (col / col.mean()) ** p_dim
+    return whiten(p) @ whiten(a)
+
+
+def packed_windows(documents, tokenizer, samples, max_tokens):
+    stream = []
+    for doc in documents:
+        stream += tokenizer(doc)["input_ids"] + [tokenizer.eos_token_id]
+    stream = stream[: samples * max_tokens]
+    return [stream[i : i + max_tokens] for i in range(0, len(stream), max_tokens)]
+
+
+def capture_inputs(model, windows):
+    seen = {}
+
+    def hook(name):
+        def fn(_m, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            seen[name] = torch.cat([seen[name], x]) if name in seen else x
+
+        return fn
+
+    handles = [
+        m.register_forward_pre_hook(hook(n + ".weight"))
+        for n, m in model.named_modules()
+        if n.rsplit(".", 1)[-1] in TARGETS
+    ]
+    with torch.no_grad():
+        for w in windows:
+            model(torch.tensor([w]))
+    for h in handles:
+        h.remove()
+    return seen
+
+
+def esm_merge(base_dir, expert_dirs, windows, alpha=1.0, gamma=0.15, p_task=2.0, p_dim=2.0, p_layer=2.0):
+    base = {k: v.double() for k, v in LlamaForCausalLM.from_pretrained(base_dir).state_dict().items()}
+    experts, inputs = [], []
+    for d in expert_dirs:
+        model = LlamaForCausalLM.from_pretrained(d, attn_implementation="sdpa").eval()
+        experts.append({k: v.double() for k, v in model.state_dict().items()})
+        inputs.append(capture_inputs(model, windows))
+    T = len(experts)
+    merged_delta, out = {}, {}
+    for name, w0 in base.items():
+        deltas = [e[name] - w0 for e in experts]
+        if name in inputs[0]:
+            k = max(1, w0.shape[0] // T)
+            merged_delta[name] = esm_weight(deltas, [x[name] for x in inputs], k, gamma, p_task, p_dim)
+        else:
+            out[name] = w0 + alpha * torch.stack(deltas).mean(0)
+    for kind in TARGETS:
+        names = [n for n in merged_delta if f".{kind}." in n]
+        norms = {n: torch.linalg.matrix_norm(merged_delta[n]) for n in names}
+        mean = sum(norms.values()) / len(norms)
+        for n in names:
+            out[n] = base[n] + alpha * (norms[n] / mean) ** p_layer * merged_delta[n]
+    return out

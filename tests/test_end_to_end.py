@@ -1,0 +1,95 @@
+"""The real `mergekit-yaml` merges a tiny LLaMA zoo with ESM; compared with an independent ESM."""
+
+import hashlib
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.conftest import PROXY_TEXT, mergekit_yaml, recipe
+from tests.reference_esm import esm_merge, packed_windows
+
+
+def _digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.safetensors"))}
+
+
+@pytest.fixture(scope="module")
+def merged(zoo, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    config = recipe(tmp / "esm.yml", zoo["base"], zoo["experts"], {"proxy": str(zoo["proxy"])})
+    result = mergekit_yaml(config, tmp / "out", tmp / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"tmp": tmp, "config": config, "out": tmp / "out", "result": result}
+
+
+def test_output_matches_independent_in_memory_esm(zoo, merged):
+    tokenizer = AutoTokenizer.from_pretrained(zoo["base"])
+    windows = packed_windows(PROXY_TEXT.split("\n\n"), tokenizer, samples=4, max_tokens=64)
+    expected = esm_merge(zoo["base"], zoo["experts"], windows)
+    model = AutoModelForCausalLM.from_pretrained(merged["out"])
+    got = model.state_dict()
+    assert got.keys() == expected.keys()
+    errors = {name: (got[name].double() - expected[name]).abs().max().item() for name in expected}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= 1e-5, (worst, errors[worst])
+    # ESM really changed the target weights (not a pass-through of the base)
+    base = AutoModelForCausalLM.from_pretrained(zoo["base"]).state_dict()
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert (got[name] - base[name]).abs().max() > 1e-3
+
+
+def test_output_is_a_complete_model_with_an_esm_card(merged):
+    out = merged["out"]
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "README.md", "mergekit_config.yml"):
+        assert (out / name).exists(), name
+    card = (out / "README.md").read_text()
+    assert "ESM (Essential Subspace Merging)" in card and "## ESM settings" in card
+    assert "| gamma | 0.15 |" in card
+    assert not [p for p in out.parent.iterdir() if "esm-partial" in p.name]
+    assert "ESM calibration" in merged["result"].stderr and "ESM merging" in merged["result"].stderr
+
+
+def test_two_runs_give_identical_bytes_and_the_cache_is_reused(zoo, merged):
+    tmp = merged["tmp"]
+    fresh = mergekit_yaml(merged["config"], tmp / "out_fresh", tmp / "cache_fresh")
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert _digest(tmp / "out_fresh") == _digest(merged["out"])
+    cached = mergekit_yaml(merged["config"], tmp / "out_cached", tmp / "cache")
+    assert cached.returncode == 0 and "ESM calibration" not in cached.stderr
+    assert _digest(tmp / "out_cached") == _digest(merged["out"])
+
+
+def test_alpha_rescales_only_the_update_and_reuses_the_cache(zoo, merged):
+    tmp = merged["tmp"]
+    config = recipe(tmp / "half.yml", zoo["base"], zoo["experts"], {"proxy": str(zoo["proxy"]), "alpha": 0.5})
+    result = mergekit_yaml(config, tmp / "out_half", tmp / "cache")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ESM merging" not in result.stderr  # merged updates came from the cache
+    base = load_file(zoo["base"] / "model.safetensors")
+    full = load_file(merged["out"] / "model.safetensors")
+    half = load_file(tmp / "out_half" / "model.safetensors")
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.norm.weight", "lm_head.weight"):
+        assert torch.allclose(half[name] - base[name], 0.5 * (full[name] - base[name]), atol=1e-6)
+
+
+@pytest.mark.parametrize("flags", [["--out-shard-size", "20K"], ["--low-cpu-memory"]])
+def test_mergekit_options_work_with_esm(zoo, merged, flags):
+    tmp = merged["tmp"]
+    out = tmp / f"out_{flags[0].strip('-')}"
+    result = mergekit_yaml(merged["config"], out, tmp / "cache", *flags)
+    assert result.returncode == 0, result.stderr[-2000:]
+    a = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(merged["out"]).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    if flags[0] == "--out-shard-size":
+        assert len(list(out.glob("*.safetensors"))) > 1
+
+
+def test_svd_basis_runs_without_calibration(zoo, merged):
+    tmp = merged["tmp"]
+    config = recipe(tmp / "svd.yml", zoo["base"], zoo["experts"], {"basis": "svd"})
+    result = mergekit_yaml(config, tmp / "out_svd", tmp / "cache_svd")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ESM calibration" not in result.stderr
