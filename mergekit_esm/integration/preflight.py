@@ -80,7 +80,7 @@ def _open_safetensors_index(model: ModelReference):
     if not index.is_safetensors:
         raise EsmInputError(
             f"model {model} has only pickle (.bin) weights: ESM reads safetensors lazily; convert "
-            "it with `model.save_pretrained(path, safe_serialization=True)`"
+            "it by loading it with transformers and calling `model.save_pretrained(path)`"
         )
     return index
 

@@ -1,0 +1,213 @@
+"""Each bad input gets one clear `Error:` line, a non-zero exit, and nothing written."""
+
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+from mergekit.scripts.run_yaml import main as mergekit_yaml_main
+from safetensors.torch import load_file, save_file
+from transformers import LlamaForCausalLM, MistralConfig
+
+from tests.conftest import mergekit_yaml, recipe
+from tests.tiny_models import byte_tokenizer, tiny_config, write_model
+
+
+def run(tmp_path, config, monkeypatch):
+    monkeypatch.setenv("MERGEKIT_ESM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(mergekit_yaml_main, [str(config), str(out)])
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, result.output[-2000:]
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if "esm-partial" in p.name]
+    return errors[0]
+
+
+def _copy_model(src, dst, edit=None, config=None, tokenizer=None):
+    state = load_file(src / "model.safetensors")
+    if edit:
+        edit(state)
+    return write_model(dst, state, config or tiny_config(), tokenizer)
+
+
+@pytest.fixture
+def models(zoo):
+    return zoo["base"], zoo["experts"]
+
+
+def test_missing_base_model(tmp_path, models, monkeypatch):
+    base, experts = models
+    config = recipe(tmp_path / "r.yml", base, experts)
+    text = config.read_text().replace(f"base_model: {base}\n", "")
+    config.write_text(text)
+    assert "needs `base_model:`" in run(tmp_path, config, monkeypatch)
+
+
+def test_fewer_than_two_experts(tmp_path, models, monkeypatch):
+    base, experts = models
+    message = run(tmp_path, recipe(tmp_path / "r.yml", base, experts[:1]), monkeypatch)
+    assert "at least 2 experts" in message
+
+
+def test_misspelt_parameter_is_an_error_with_a_suggestion(tmp_path, models, monkeypatch):
+    base, experts = models
+    message = run(tmp_path, recipe(tmp_path / "r.yml", base, experts, {"gama": 0.2}), monkeypatch)
+    assert "unknown ESM parameter 'gama'" in message and "did you mean 'gamma'" in message
+
+
+def test_misspelt_per_model_parameter(tmp_path, models, monkeypatch):
+    base, experts = models
+    config = recipe(tmp_path / "r.yml", base, experts)
+    config.write_text(config.read_text().replace(f"- model: {experts[0]}", f"- model: {experts[0]}\n  parameters:\n    proxi: x.txt"))
+    assert "unknown ESM parameter 'proxi'" in run(tmp_path, config, monkeypatch)
+
+
+def test_invalid_parameter_value(tmp_path, models, monkeypatch):
+    base, experts = models
+    message = run(tmp_path, recipe(tmp_path / "r.yml", base, experts, {"gamma": -1}), monkeypatch)
+    assert "'gamma'" in message and "greater than or equal to 0" in message
+
+
+def test_expert_with_other_shapes(tmp_path, models, monkeypatch):
+    base, experts = models
+    torch.manual_seed(1)
+    config = tiny_config(hidden=48)
+    other = write_model(tmp_path / "wide", LlamaForCausalLM(config).state_dict(), config)
+    message = run(tmp_path, recipe(tmp_path / "r.yml", base, [experts[0], other]), monkeypatch)
+    assert "has shape" in message and "base's shapes" in message
+
+
+def test_expert_with_other_architecture(tmp_path, models, monkeypatch):
+    base, experts = models
+    llama = tiny_config()
+    mistral = MistralConfig(**{k: getattr(llama, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")})
+    state = load_file(experts[1] / "model.safetensors")
+    from transformers import MistralForCausalLM
+
+    model = MistralForCausalLM(mistral)
+    model.load_state_dict(state)
+    model.save_pretrained(tmp_path / "mistral")
+    byte_tokenizer().save_pretrained(tmp_path / "mistral")
+    message = run(tmp_path, recipe(tmp_path / "r.yml", base, [experts[0], tmp_path / "mistral"]), monkeypatch)
+    assert "MistralForCausalLM" in message and "architecture" in message
+
+
+def test_architecture_without_target_linears(tmp_path, monkeypatch):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    paths = []
+    for i in range(3):
+        torch.manual_seed(i)
+        model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=258))
+        model.save_pretrained(tmp_path / f"gpt{i}")
+        byte_tokenizer().save_pretrained(tmp_path / f"gpt{i}")
+        paths.append(tmp_path / f"gpt{i}")
+    message = run(tmp_path, recipe(tmp_path / "r.yml", paths[0], paths[1:]), monkeypatch)
+    assert "lacks ESM's target linears" in message
+
+
+def test_expert_identical_to_base(tmp_path, models, monkeypatch):
+    base, experts = models
+    same = _copy_model(base, tmp_path / "same")
+    message = run(tmp_path, recipe(tmp_path / "r.yml", base, [experts[0], same]), monkeypatch)
+    assert "identical to the base" in message
+
+
+@pytest.mark.parametrize("name", ["model.layers.1.mlp.up_proj.weight", "model.norm.weight"])
+def test_nan_in_a_weight(tmp_path, models, monkeypatch, name):
+    base, experts = models
+
+    def poison(state):
+        state[name].view(-1)[0] = math.nan if state[name].ndim == 2 else math.inf
+
+    bad = _copy_model(experts[1], tmp_path / "nan", poison)
+    message = run(tmp_path, recipe(tmp_path / "r.yml", base, [experts[0], bad]), monkeypatch)
+    assert f"tensor {name}" in message and "NaN or Inf" in message
+
+
+def test_missing_and_empty_proxy_files(tmp_path, models, monkeypatch):
+    base, experts = models
+    (tmp_path / "empty.txt").write_text("\n")
+    assert "does not exist" in run(tmp_path, recipe(tmp_path / "r.yml", base, experts, {"proxy": str(tmp_path / "nope.txt")}), monkeypatch)
+    assert "holds no text" in run(tmp_path, recipe(tmp_path / "r.yml", base, experts, {"proxy": str(tmp_path / "empty.txt")}), monkeypatch)
+
+
+def test_too_few_proxy_tokens_for_the_rank(tmp_path, models, monkeypatch):
+    base, experts = models
+    (tmp_path / "short.txt").write_text("tiny")
+    message = run(tmp_path, recipe(tmp_path / "r.yml", base, experts, {"proxy": str(tmp_path / "short.txt")}), monkeypatch)
+    assert "gives 5 tokens" in message and "needs at least 21" in message
+
+
+def test_vocabulary_mismatch(tmp_path, models, monkeypatch):
+    base, experts = models
+    tokenizer = byte_tokenizer()
+    tokenizer.add_tokens(["<extra>"])
+    other = _copy_model(experts[1], tmp_path / "vocab", tokenizer=tokenizer)
+    message = run(tmp_path, recipe(tmp_path / "r.yml", base, [experts[0], other]), monkeypatch)
+    assert "another vocabulary" in message
+
+
+def test_pickle_only_checkpoint(tmp_path, models, monkeypatch):
+    base, experts = models
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    torch.save(load_file(experts[1] / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "config.json").write_text((experts[1] / "config.json").read_text())
+    byte_tokenizer().save_pretrained(pickled)
+    assert not list((tmp_path / "pickled").glob("*.safetensors"))
+    message = run(tmp_path, recipe(tmp_path / "r.yml", base, [experts[0], tmp_path / "pickled"]), monkeypatch)
+    assert "pickle" in message and "save_pretrained" in message
+
+
+def test_output_folder_with_other_content_is_refused(tmp_path, models, monkeypatch):
+    base, experts = models
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    monkeypatch.setenv("MERGEKIT_ESM_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(mergekit_yaml_main, [str(recipe(tmp_path / "r.yml", base, experts)), str(tmp_path / "out")])
+    assert result.exit_code != 0 and "is not an earlier merge" in result.output
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
+
+
+def test_interrupted_run_leaves_no_output_and_keeps_an_earlier_merge(tmp_path, models, monkeypatch, zoo):
+    """Ctrl-C while mergekit writes shards: no output folder; an earlier output stays intact."""
+    from mergekit.io.tensor_writer import TensorWriter
+
+    base, experts = models
+    config = recipe(tmp_path / "r.yml", base, experts, {"proxy": str(zoo["proxy"])})
+    monkeypatch.setenv("MERGEKIT_ESM_CACHE", str(tmp_path / "cache"))
+    calls = {"n": 0}
+    original = TensorWriter.save_tensor
+
+    def interrupt_after_some(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(TensorWriter, "save_tensor", interrupt_after_some)
+    result = CliRunner().invoke(mergekit_yaml_main, [str(config), str(tmp_path / "out")])
+    assert calls["n"] == 10 and result.exit_code != 0
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if "esm-partial" in p.name]
+
+    monkeypatch.setattr(TensorWriter, "save_tensor", original)
+    assert CliRunner().invoke(mergekit_yaml_main, [str(config), str(tmp_path / "out")]).exit_code == 0
+    before = (tmp_path / "out" / "model.safetensors").read_bytes()
+    calls["n"] = 0
+    monkeypatch.setattr(TensorWriter, "save_tensor", interrupt_after_some)
+    assert CliRunner().invoke(mergekit_yaml_main, [str(config), str(tmp_path / "out")]).exit_code != 0
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == before
+
+
+def test_real_cli_prints_one_error_line_without_traceback(tmp_path, models):
+    base, experts = models
+    result = mergekit_yaml(recipe(tmp_path / "r.yml", base, experts, {"rnak": 4}), tmp_path / "out", tmp_path / "cache")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "Error: unknown ESM parameter 'rnak' in `parameters`: did you mean 'rank'?" in result.stderr
+    assert not (tmp_path / "out").exists()

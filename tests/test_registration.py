@@ -1,0 +1,40 @@
+"""The installed package plugs into stock mergekit through its .pth file, cheaply."""
+
+import subprocess
+import sys
+
+
+def _python(code: str) -> str:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/").stdout
+
+
+def test_interpreter_start_loads_only_the_hook():
+    out = _python("import sys; print('torch' in sys.modules, 'mergekit_esm._import_hook' in sys.modules)")
+    assert out.split() == ["False", "True"]
+
+
+def test_stock_mergekit_sees_esm_and_routes_run_merge():
+    out = _python(
+        "import mergekit.merge_methods as m, mergekit.merge as mm\n"
+        "from mergekit.scripts.run_yaml import run_merge\n"
+        "spec = m.get('esm').spec\n"
+        "print(spec.pretty_name, sorted(p.name for p in spec.parameters))\n"
+        "print(getattr(run_merge, '__wrapped_by_esm__', False), run_merge is mm.run_merge)"
+    )
+    first, second = out.strip().splitlines()
+    assert first.startswith("ESM (Essential Subspace Merging)") and "'gamma'" in first and "'proxy'" in first
+    assert second == "True True"
+
+
+def test_other_methods_pass_through_untouched(zoo, tmp_path):
+    from tests.conftest import mergekit_yaml
+
+    config = tmp_path / "ties.yml"
+    config.write_text(
+        f"merge_method: ties\nbase_model: {zoo['base']}\nmodels:\n"
+        + "".join(f"  - model: {e}\n    parameters: {{weight: 1.0, density: 0.5}}\n" for e in zoo["experts"])
+        + "dtype: float32\n"
+    )
+    result = mergekit_yaml(config, tmp_path / "out", tmp_path / "cache")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ESM" not in result.stderr and not (tmp_path / "cache").exists()
