@@ -24,7 +24,7 @@ def _random_inputs(seed, t=3, d_out=12, d_in=10, n=40):
     return deltas, xs
 
 
-@pytest.mark.parametrize("rank", [1, 4, 7, 12])
+@pytest.mark.parametrize("rank", [1, 4, 7, 10])
 def test_esd_truncation_error_is_the_dropped_eigenvalues(rank):
     (delta,), (x,) = _random_inputs(0, t=1)
     n = x.shape[0]
@@ -130,3 +130,19 @@ def test_an_expert_that_left_a_weight_unchanged_gives_a_finite_merge():
     alone = merge_task_factors([factors[0], factors[2]], gamma=0.15, task_exponent=0.0, dimension_exponent=0.0)
     with_zero = merge_task_factors(factors, gamma=0.15, task_exponent=0.0, dimension_exponent=0.0)
     assert torch.allclose(alone, with_zero, atol=1e-9)
+
+
+def test_wide_output_path_equals_the_direct_eigenproblem():
+    """gate/up_proj (d_out > d_in) use the thin SVD of ΔW·√XᵀX: same subspace as eigh(S)."""
+    (delta,), (x,) = _random_inputs(6, t=1, d_out=30, d_in=8, n=50)
+    n = x.shape[0]
+    f = essential_subspace(delta, x.T @ x, n, 5)
+    shift = x @ delta.T
+    lam, vec = torch.linalg.eigh(shift.T @ shift / (n - 1))
+    lam, vec = lam.flip(0), vec.flip(1)
+    assert torch.allclose(f.eigenvalues, lam[:5], rtol=1e-9)
+    projector = vec[:, :5] @ vec[:, :5].T
+    assert torch.allclose(f.basis @ f.basis.T, projector, atol=1e-9)
+    assert torch.allclose(f.basis @ f.coords, projector @ delta, atol=1e-9)
+    with pytest.raises(ValueError, match="exceeds min"):
+        essential_subspace(delta, x.T @ x, n, 9)

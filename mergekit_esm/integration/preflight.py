@@ -160,10 +160,15 @@ def preflight(config: MergeConfiguration, options: MergeOptions) -> MergeInputs:
 
     ranks = {}
     for target in layout.targets:
-        d_out = target.shape[0]
-        k = settings.rank or max(1, d_out // len(experts))
-        if k > d_out:
-            raise EsmInputError(f"rank {k} exceeds {target.name}'s output size {d_out}: lower `rank`")
+        d_out, d_in = target.shape
+        # ΔW has rank ≤ min(d_out, d_in): directions beyond that carry nothing (ESM.md's
+        # ⌊d_out/T⌋ exceeds d_in for gate/up_proj when T is small).
+        k = settings.rank or max(1, min(d_out // len(experts), d_in))
+        if k > min(d_out, d_in):
+            raise EsmInputError(
+                f"rank {k} exceeds what {target.name} ({d_out}×{d_in}) can hold "
+                f"({min(d_out, d_in)}): lower `rank`"
+            )
         ranks[target.name] = k
     needed = max(ranks.values())
     windows = {}

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mergekit_esm.algebra import essential_subspace, layer_scales, merge_task_factors, svd_subspace
+from mergekit_esm.algebra.subspace import moment_sqrt
 from mergekit_esm.cache import CacheEntry, cache_root, files_fingerprint, fingerprint
 from mergekit_esm.calibration.layerwise import layer_input_moments
 from mergekit_esm.errors import EsmInputError, ensure_finite
@@ -77,6 +78,7 @@ def _merge_layer(inputs: MergeInputs, layer: int, stats: dict[ModelReference, Ca
             with safe_open(path, framework="pt") as f:
                 n_tokens = int(f.metadata()["n_tokens"])
             moments[expert] = (load_file(path, device=inputs.device), n_tokens)
+    roots = {}  # (expert, input group) → √XᵀX, shared by q/k/v and by gate/up
     merged = {}
     for target in inputs.layout.layer_targets(layer):
         w0 = read_base(target.name).to(torch.float32)
@@ -88,7 +90,13 @@ def _merge_layer(inputs: MergeInputs, layer: int, stats: dict[ModelReference, Ca
                 zero.discard(expert)
             if s.basis == "esd":
                 g, n = moments[expert]
-                factors.append(essential_subspace(delta, g[target.input_group], n, k))
+                group = target.input_group
+                root = None
+                if target.shape[0] > target.shape[1]:
+                    if (expert, group) not in roots:
+                        roots[expert, group] = moment_sqrt(g[group])
+                    root = roots[expert, group]
+                factors.append(essential_subspace(delta, g[group], n, k, root))
             else:
                 factors.append(svd_subspace(delta, k))
             del delta
