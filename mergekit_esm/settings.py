@@ -35,6 +35,11 @@ class EsmSettings(BaseModel):
         description="esd: essential subspace from proxy activations (ESM); svd: singular "
         "vectors of ΔW merged the TSV-M way (the paper's SVD ablation rows).",
     )
+    embedding_merge: Literal["mean", "sum"] = Field(
+        "mean",
+        description="Vocabulary matrices (embed_tokens, lm_head): mean or sum of the task "
+        "vectors, times α (mean measured as good or better on the zoo; see README).",
+    )
     proxy: str = Field(
         BUILTIN_PROXY,
         description="Calibration text: 'builtin' (generic text shipped with the package) or a "

@@ -65,7 +65,12 @@ def capture_inputs(model, windows):
     return seen
 
 
-def esm_merge(base_dir, expert_dirs, windows, alpha=1.0, gamma=0.15, p_task=2.0, p_dim=2.0, p_layer=2.0):
+VOCABULARY = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def esm_merge(
+    base_dir, expert_dirs, windows, alpha=1.0, gamma=0.15, p_task=2.0, p_dim=2.0, p_layer=2.0, embedding_merge="mean"
+):
     base = {k: v.double() for k, v in LlamaForCausalLM.from_pretrained(base_dir).state_dict().items()}
     experts, inputs = [], []
     for d in expert_dirs:
@@ -80,7 +85,8 @@ def esm_merge(base_dir, expert_dirs, windows, alpha=1.0, gamma=0.15, p_task=2.0,
             k = max(1, w0.shape[0] // T)
             merged_delta[name] = esm_weight(deltas, [x[name] for x in inputs], k, gamma, p_task, p_dim)
         else:
-            out[name] = w0 + alpha * torch.stack(deltas).mean(0)
+            combine = torch.sum if name in VOCABULARY and embedding_merge == "sum" else torch.mean
+            out[name] = w0 + alpha * combine(torch.stack(deltas), 0)
     for kind in TARGETS:
         names = [n for n in merged_delta if f".{kind}." in n]
         norms = {n: torch.linalg.matrix_norm(merged_delta[n]) for n in names}

@@ -87,6 +87,23 @@ def test_mergekit_options_work_with_esm(zoo, merged, flags):
         assert len(list(out.glob("*.safetensors"))) > 1
 
 
+def test_embedding_merge_sum_adds_the_vocabulary_task_vectors(zoo, merged):
+    tmp = merged["tmp"]
+    config = recipe(tmp / "sum.yml", zoo["base"], zoo["experts"], {"proxy": str(zoo["proxy"]), "embedding_merge": "sum"})
+    result = mergekit_yaml(config, tmp / "out_sum", tmp / "cache")
+    assert result.returncode == 0, result.stderr[-2000:]
+    base = load_file(zoo["base"] / "model.safetensors")
+    experts = [load_file(e / "model.safetensors") for e in zoo["experts"]]
+    summed = load_file(tmp / "out_sum" / "model.safetensors")
+    mean = load_file(merged["out"] / "model.safetensors")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        expected = base[name] + sum(e[name] - base[name] for e in experts)
+        assert torch.allclose(summed[name], expected, atol=1e-5)
+    assert torch.equal(summed["model.norm.weight"], mean["model.norm.weight"])  # 1-D: mean either way
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(summed[name], mean[name])
+
+
 def test_svd_basis_runs_without_calibration(zoo, merged):
     tmp = merged["tmp"]
     config = recipe(tmp / "svd.yml", zoo["base"], zoo["experts"], {"basis": "svd"})

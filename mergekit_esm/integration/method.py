@@ -44,12 +44,13 @@ def activated(prepared: "PreparedMerge"):
 
 
 def esm_kernel(group: TensorGroup, **_parameters) -> torch.Tensor:
-    """W0 + α·β_ℓ·ΔW_merged for target linears; W0 + α·mean_t(ΔW_t) for everything else.
+    """W0 + α·β_ℓ·ΔW_merged for target linears; W0 + α·(mean or Σ)_t ΔW_t for the rest.
 
-    The non-target rule (the authors' rule for 1-D tensors) also covers the vocabulary
-    matrices: an SVD of a 128k-row embedding per expert costs more than the whole rest of
-    the merge and their updates are row-sparse (tokens the task used), which a low-rank
-    basis does not fit well.
+    1-D tensors (norms) take the mean of the task vectors, the authors' rule. Vocabulary
+    matrices do too by default (`embedding_merge`): the authors' TSV-M fallback for 2-D
+    tensors would need an SVD per expert of a 128k-row matrix, more than the rest of the
+    merge costs, and on the zoo the sum (what TSV-M approaches for disjoint row updates)
+    scored no better than the mean.
     """
     prepared = _active.get(frozenset(entry.id for entry in group.entries))
     if prepared is None:
@@ -61,12 +62,13 @@ def esm_kernel(group: TensorGroup, **_parameters) -> torch.Tensor:
     for entry in group.entries:
         ensure_finite(entry.tensor, name, entry.id)
     base = group.base.tensor.to(torch.float32)
+    settings = prepared.inputs.settings
     if name in prepared.factors:
-        update = prepared.target_update(name, base.device) * prepared.factors[name]
-    else:
-        deltas = [entry.tensor.to(torch.float32) - base for entry in group.non_base]
-        update = torch.stack(deltas).mean(dim=0) * prepared.inputs.settings.alpha
-    return base + update
+        return base + prepared.target_update(name, base.device) * prepared.factors[name]
+    deltas = torch.stack([entry.tensor.to(torch.float32) - base for entry in group.non_base])
+    vocabulary = group.metadata.vocabulary_axis is not None and base.ndim == 2
+    update = deltas.sum(dim=0) if vocabulary and settings.embedding_merge == "sum" else deltas.mean(dim=0)
+    return base + settings.alpha * update
 
 
 def _parameter_specs() -> tuple[ParameterSpec, ...]:

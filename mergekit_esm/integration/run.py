@@ -46,8 +46,9 @@ def _card_section(prepared) -> str:
         "## ESM settings",
         "",
         "Merged with [ESM, Essential Subspace Merging](https://arxiv.org/abs/2602.20208) by "
-        "mergekit-esm: W = W0 + α·β_ℓ·ΔW_merged on q/k/v/o/gate/up/down_proj, "
-        "W0 + α·mean(ΔW_t) elsewhere.",
+        "mergekit-esm: W = W0 + α·β_ℓ·ΔW_merged on q/k/v/o/gate/up/down_proj; "
+        "vocabulary matrices W0 + α·(sum or mean, see embedding_merge) of the task vectors; "
+        "norms W0 + α·mean(ΔW_t).",
         "",
         "| parameter | value |",
         "|---|---|",
