@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mergekit_esm.settings import EsmSettings
 from tests.conftest import PROXY_TEXT, mergekit_yaml, recipe
 from tests.reference_esm import esm_merge, packed_windows
 
@@ -27,7 +28,7 @@ def merged(zoo, tmp_path_factory):
 def test_output_matches_independent_in_memory_esm(zoo, merged):
     tokenizer = AutoTokenizer.from_pretrained(zoo["base"])
     windows = packed_windows(PROXY_TEXT.split("\n\n"), tokenizer, samples=4, max_tokens=64)
-    expected = esm_merge(zoo["base"], zoo["experts"], windows)
+    expected = esm_merge(zoo["base"], zoo["experts"], windows, alpha=EsmSettings().alpha)
     model = AutoModelForCausalLM.from_pretrained(merged["out"])
     got = model.state_dict()
     assert got.keys() == expected.keys()
@@ -70,8 +71,9 @@ def test_alpha_rescales_only_the_update_and_reuses_the_cache(zoo, merged):
     base = load_file(zoo["base"] / "model.safetensors")
     full = load_file(merged["out"] / "model.safetensors")
     half = load_file(tmp / "out_half" / "model.safetensors")
+    ratio = 0.5 / EsmSettings().alpha
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.norm.weight", "lm_head.weight"):
-        assert torch.allclose(half[name] - base[name], 0.5 * (full[name] - base[name]), atol=1e-6)
+        assert torch.allclose(half[name] - base[name], ratio * (full[name] - base[name]), atol=1e-6)
 
 
 @pytest.mark.parametrize("flags", [["--out-shard-size", "20K"], ["--low-cpu-memory"]])
@@ -97,7 +99,7 @@ def test_embedding_merge_sum_adds_the_vocabulary_task_vectors(zoo, merged):
     summed = load_file(tmp / "out_sum" / "model.safetensors")
     mean = load_file(merged["out"] / "model.safetensors")
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
-        expected = base[name] + sum(e[name] - base[name] for e in experts)
+        expected = base[name] + EsmSettings().alpha * sum(e[name] - base[name] for e in experts)
         assert torch.allclose(summed[name], expected, atol=1e-5)
     assert torch.equal(summed["model.norm.weight"], mean["model.norm.weight"])  # 1-D: mean either way
     name = "model.layers.0.mlp.up_proj.weight"
