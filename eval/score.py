@@ -49,7 +49,8 @@ def score(
     device: str | None = None,
 ) -> dict[str, float]:
     """Accuracy per task (exact match after stripping whitespace for zoo tasks)."""
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1") if include_path else None
+    if include_path:  # local JSONL only: never ask the hub
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import torch
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager

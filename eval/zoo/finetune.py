@@ -7,6 +7,7 @@ expert on the same machine. A checkpoint (weights + optimizer) is kept every
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import torch
@@ -96,7 +97,5 @@ def finetune(
     tokenizer.save_pretrained(scratch)
     scratch.rename(out)
     if partial.exists():
-        import shutil
-
         shutil.rmtree(partial)
     return out
