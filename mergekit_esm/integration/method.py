@@ -59,12 +59,12 @@ def esm_kernel(group: TensorGroup, **_parameters) -> torch.Tensor:
             "mergekit-esm installed; its pre-pass did not run for these models"
         )
     name = group.metadata.name
+    base = group.base.tensor.to(torch.float32)
+    if name in prepared.factors:  # its inputs were checked when the pre-pass read them
+        return base + prepared.target_update(name, base.device) * prepared.factors[name]
     for entry in group.entries:
         ensure_finite(entry.tensor, name, entry.id)
-    base = group.base.tensor.to(torch.float32)
     settings = prepared.inputs.settings
-    if name in prepared.factors:
-        return base + prepared.target_update(name, base.device) * prepared.factors[name]
     deltas = torch.stack([entry.tensor.to(torch.float32) - base for entry in group.non_base])
     vocabulary = group.metadata.vocabulary_axis is not None and base.ndim == 2
     update = deltas.sum(dim=0) if vocabulary and settings.embedding_merge == "sum" else deltas.mean(dim=0)

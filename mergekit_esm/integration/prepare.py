@@ -18,7 +18,7 @@ import tqdm
 from mergekit.common import ModelReference
 from mergekit.io.tasks import LoaderCache
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from mergekit_esm.algebra import essential_subspace, layer_scales, merge_task_factors, svd_subspace
 from mergekit_esm.algebra.subspace import moment_sqrt
@@ -74,10 +74,8 @@ def _merge_layer(inputs: MergeInputs, layer: int, stats: dict[ModelReference, Ca
     moments = {}
     if s.basis == "esd":
         for expert, entry in stats.items():
-            path = entry.path / _layer_file(layer)
-            with safe_open(path, framework="pt") as f:
-                n_tokens = int(f.metadata()["n_tokens"])
-            moments[expert] = (load_file(path, device=inputs.device), n_tokens)
+            with safe_open(entry.path / _layer_file(layer), framework="pt", device=inputs.device) as f:
+                moments[expert] = ({g: f.get_tensor(g) for g in f.keys()}, int(f.metadata()["n_tokens"]))
     roots = {}  # (expert, input group) → √XᵀX, shared by q/k/v and by gate/up
     merged = {}
     for target in inputs.layout.layer_targets(layer):
