@@ -23,12 +23,14 @@ def zoo(tmp_path_factory):
     return {"root": root, "base": base, "experts": experts, "proxy": proxy}
 
 
-def recipe(path: Path, base, experts, parameters=None, **top) -> Path:
+def recipe(path: Path, base, experts, parameters=None, merge_method="esm", **top) -> Path:
+    """A recipe over the tiny zoo; ESM ones calibrate on a few short windows to stay fast."""
+    fast = {"proxy_samples": 4, "proxy_max_tokens": 64} if merge_method == "esm" else {}
     config = {
-        "merge_method": "esm",
+        "merge_method": merge_method,
         "base_model": str(base),
         "models": [{"model": str(e)} for e in experts],
-        "parameters": {"proxy_samples": 4, "proxy_max_tokens": 64, **(parameters or {})},
+        "parameters": {**fast, **(parameters or {})},
         "dtype": "float32",
         **top,
     }

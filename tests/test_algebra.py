@@ -1,17 +1,23 @@
-"""ESM's math against brute force and hand computations on small random inputs (float64)."""
+"""The merge math against brute force, the papers' dense formulas and hand computations,
+on small random inputs (float64)."""
 
 import pytest
 import torch
 
 from mergekit_esm.algebra import (
+    common_and_task_specific_merge,
     eigenvalue_flattening,
     essential_subspace,
+    isotropic_merge,
     layer_scales,
     merge_task_factors,
     polar_orthogonalize,
     polarized_scale,
     svd_subspace,
+    task_singular_vectors_merge,
 )
+from mergekit_esm.algebra.merge import common_space_split, concatenate_factors
+from tests import reference_svd_family as reference
 from tests.reference_esm import esm_weight
 
 D = torch.float64
@@ -49,18 +55,6 @@ def test_esd_beats_svd_on_the_inputs_it_sees():
     assert frob(svd) < frob(esd)  # SVD is optimal for the Frobenius norm instead
 
 
-def _tsv_m_direct(deltas, k):
-    """TSV-M (Gargiulo et al. 2025) written from its paper."""
-    us, ss, vs = [], [], []
-    for d in deltas:
-        u, s, vh = torch.linalg.svd(d, full_matrices=False)
-        us.append(u[:, :k]), ss.append(s[:k]), vs.append(vh[:k])
-    u, s, v = torch.cat(us, 1), torch.cat(ss), torch.cat(vs, 0)
-    pu, _, qu = torch.linalg.svd(u, full_matrices=False)
-    pv, _, qv = torch.linalg.svd(v, full_matrices=False)
-    return (pu @ qu) @ torch.diag(s) @ (pv @ qv)
-
-
 def test_svd_basis_without_scaling_is_tsv_m():
     deltas, _ = _random_inputs(2)
     k = 12 // 3
@@ -71,7 +65,7 @@ def test_svd_basis_without_scaling_is_tsv_m():
         dimension_exponent=0.0,
         combination="tsv",
     )
-    assert torch.allclose(merged, _tsv_m_direct(deltas, k), atol=1e-10)
+    assert torch.allclose(merged, reference.tsv_m(deltas, k), atol=1e-10)
 
 
 @pytest.mark.parametrize(
@@ -146,3 +140,44 @@ def test_wide_output_path_equals_the_direct_eigenproblem():
     assert torch.allclose(f.basis @ f.coords, projector @ delta, atol=1e-9)
     with pytest.raises(ValueError, match="exceeds min"):
         essential_subspace(delta, x.T @ x, n, 9)
+
+
+@pytest.mark.parametrize("shape", [(12, 10), (10, 12)])
+def test_tsv_m_matches_its_dense_formula(shape):
+    deltas, _ = _random_inputs(7, t=4, d_out=shape[0], d_in=shape[1])
+    k = min(shape) // 4
+    assert torch.allclose(task_singular_vectors_merge(deltas, k), reference.tsv_m(deltas, k), atol=1e-10)
+
+
+def test_tsv_m_factors_at_full_rank_without_orthogonalization_are_task_arithmetic():
+    deltas, _ = _random_inputs(8, t=3)
+    p_cat, a_cat = concatenate_factors([svd_subspace(d, 10) for d in deltas])
+    assert torch.allclose(p_cat @ a_cat, sum(deltas), atol=1e-10)
+    # and the orthogonalization is what makes TSV-M differ from it
+    assert not torch.allclose(task_singular_vectors_merge(deltas, 10), sum(deltas), atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(12, 10), (9, 14)])
+def test_iso_c_matches_its_dense_formula_and_has_a_flat_spectrum(shape):
+    deltas, _ = _random_inputs(9, t=3, d_out=shape[0], d_in=shape[1])
+    merged = isotropic_merge(deltas)
+    assert torch.allclose(merged, reference.iso_c(deltas), atol=1e-10)
+    s = torch.linalg.svdvals(merged)
+    assert torch.allclose(s, torch.full_like(s, float(s.mean())), rtol=1e-10)
+    assert torch.allclose(s.mean(), torch.linalg.svdvals(sum(deltas)).mean(), rtol=1e-10)
+
+
+@pytest.mark.parametrize("fraction,t", [(0.8, 4), (0.5, 3), (0.2, 2), (1.0, 3)])
+def test_iso_cts_matches_its_dense_formula(fraction, t):
+    deltas, _ = _random_inputs(10, t=t, d_out=20, d_in=16)
+    merged = common_and_task_specific_merge(deltas, fraction)
+    assert torch.allclose(merged, reference.iso_cts(deltas, fraction), atol=1e-9)
+    s = torch.linalg.svdvals(merged)
+    assert torch.allclose(s, torch.full_like(s, float(s.mean())), rtol=1e-9)  # full rank, flat
+
+
+@pytest.mark.parametrize("rank,t,fraction", [(576, 4, 0.8), (10, 4, 0.8), (7, 3, 0.5), (5, 2, 1.0)])
+def test_common_space_split_fills_the_rank(rank, t, fraction):
+    common, per_task = common_space_split(rank, t, fraction)
+    assert common + t * per_task == rank and common >= 0 and per_task >= 0
+    assert abs(common - rank * fraction) <= t  # close to the asked share

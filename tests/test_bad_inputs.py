@@ -55,14 +55,22 @@ def test_fewer_than_two_experts(tmp_path, models, monkeypatch):
 def test_misspelt_parameter_is_an_error_with_a_suggestion(tmp_path, models, monkeypatch):
     base, experts = models
     message = run(tmp_path, recipe(tmp_path / "r.yml", base, experts, {"gama": 0.2}), monkeypatch)
-    assert "unknown ESM parameter 'gama'" in message and "did you mean 'gamma'" in message
+    assert "unknown parameter 'gama'" in message and "did you mean 'gamma'" in message
+
+
+def test_a_parameter_of_another_method_is_an_error(tmp_path, models, monkeypatch):
+    base, experts = models
+    config = recipe(tmp_path / "r.yml", base, experts, {"gamma": 0.2}, merge_method="tsv")
+    assert "unknown parameter 'gamma' for tsv in `parameters`" in run(tmp_path, config, monkeypatch)
+    config = recipe(tmp_path / "r.yml", base, experts, {"common_space_fraction": 0}, merge_method="iso_cts")
+    assert "iso_cts parameter 'common_space_fraction'" in run(tmp_path, config, monkeypatch)
 
 
 def test_misspelt_per_model_parameter(tmp_path, models, monkeypatch):
     base, experts = models
     config = recipe(tmp_path / "r.yml", base, experts)
     config.write_text(config.read_text().replace(f"- model: {experts[0]}", f"- model: {experts[0]}\n  parameters:\n    proxi: x.txt"))
-    assert "unknown ESM parameter 'proxi'" in run(tmp_path, config, monkeypatch)
+    assert "unknown parameter 'proxi'" in run(tmp_path, config, monkeypatch)
 
 
 def test_invalid_parameter_value(tmp_path, models, monkeypatch):
@@ -209,5 +217,5 @@ def test_real_cli_prints_one_error_line_without_traceback(tmp_path, models):
     result = mergekit_yaml(recipe(tmp_path / "r.yml", base, experts, {"rnak": 4}), tmp_path / "out", tmp_path / "cache")
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
-    assert "Error: unknown ESM parameter 'rnak' in `parameters`: did you mean 'rank'?" in result.stderr
+    assert "Error: unknown parameter 'rnak' for esm in `parameters`: did you mean 'rank'?" in result.stderr
     assert not (tmp_path / "out").exists()

@@ -2,15 +2,21 @@
 
 from pathlib import Path
 
-from mergekit_esm.settings import EsmSettings
+from mergekit_esm.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_readme_lists_every_parameter():
     readme = (ROOT / "README.md").read_text()
-    missing = [name for name in EsmSettings.model_fields if f"| `{name}` |" not in readme]
+    missing = [
+        (method.name, name)
+        for method in METHODS.values()
+        for name in method.settings_type.model_fields
+        if f"| `{name}` |" not in readme
+    ]
     assert not missing
+    assert all(f"`merge_method: {name}`" in readme for name in METHODS)
 
 
 def test_ci_runs_the_readme_test_command():

@@ -1,4 +1,4 @@
-"""The real `mergekit-yaml` merges a tiny LLaMA zoo with ESM; compared with an independent ESM."""
+"""The real `mergekit-yaml` merges a tiny LLaMA zoo; compared with independent dense implementations."""
 
 import hashlib
 
@@ -7,8 +7,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mergekit_esm.settings import EsmSettings
+from mergekit_esm.methods.esm import EsmSettings
 from tests.conftest import PROXY_TEXT, mergekit_yaml, recipe
+from tests import reference_svd_family as reference
 from tests.reference_esm import esm_merge, packed_windows
 
 
@@ -46,10 +47,10 @@ def test_output_is_a_complete_model_with_an_esm_card(merged):
     for name in ("config.json", "model.safetensors", "tokenizer.json", "README.md", "mergekit_config.yml"):
         assert (out / name).exists(), name
     card = (out / "README.md").read_text()
-    assert "ESM (Essential Subspace Merging)" in card and "## ESM settings" in card
+    assert "ESM (Essential Subspace Merging)" in card and "## esm settings" in card
     assert "| gamma | 0.15 |" in card
     assert not [p for p in out.parent.iterdir() if "esm-partial" in p.name]
-    assert "ESM calibration" in merged["result"].stderr and "ESM merging" in merged["result"].stderr
+    assert "ESM calibration" in merged["result"].stderr and "esm merging" in merged["result"].stderr
 
 
 def test_two_runs_give_identical_bytes_and_the_cache_is_reused(zoo, merged):
@@ -112,3 +113,31 @@ def test_svd_basis_runs_without_calibration(zoo, merged):
     result = mergekit_yaml(config, tmp / "out_svd", tmp / "cache_svd")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ESM calibration" not in result.stderr
+
+
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts"])
+def test_svd_family_methods_match_their_dense_formulas(zoo, tmp_path, method):
+    """tsv / iso_c / iso_cts through the real mergekit-yaml against tests/reference_svd_family.py."""
+    parameters = {"alpha": 1.3, **({"common_space_fraction": 0.5} if method == "iso_cts" else {})}
+    config = recipe(tmp_path / f"{method}.yml", zoo["base"], zoo["experts"], parameters, merge_method=method)
+    result = mergekit_yaml(config, tmp_path / "out", tmp_path / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "calibration" not in result.stderr  # only ESM reads proxy text
+
+    base = {k: v.double() for k, v in AutoModelForCausalLM.from_pretrained(zoo["base"]).state_dict().items()}
+    experts = [{k: v.double() for k, v in AutoModelForCausalLM.from_pretrained(e).state_dict().items()} for e in zoo["experts"]]
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    for name, w0 in base.items():
+        deltas = [e[name] - w0 for e in experts]
+        if name.endswith("proj.weight"):
+            update = {
+                "tsv": lambda: reference.tsv_m(deltas, min(w0.shape) // len(deltas)),
+                "iso_c": lambda: reference.iso_c(deltas),
+                "iso_cts": lambda: reference.iso_cts(deltas, 0.5),
+            }[method]()
+        else:
+            update = torch.stack(deltas).mean(0)
+        error = (got[name].double() - (w0 + 1.3 * update)).abs().max().item()
+        assert error <= 1e-5, (name, error)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"## {method} settings" in card and "| alpha | 1.3 |" in card

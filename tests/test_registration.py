@@ -19,11 +19,13 @@ def test_stock_mergekit_sees_esm_and_routes_run_merge():
         "from mergekit.scripts.run_yaml import run_merge\n"
         "spec = m.get('esm').spec\n"
         "print(spec.pretty_name, sorted(p.name for p in spec.parameters))\n"
-        "print(getattr(run_merge, '__wrapped_by_esm__', False), run_merge is mm.run_merge)"
+        "print(getattr(run_merge, '__wrapped_by_esm__', False), run_merge is mm.run_merge)\n"
+        "print([m.get(n).spec.name for n in ('tsv', 'iso_c', 'iso_cts')])"
     )
-    first, second = out.strip().splitlines()
+    first, second, third = out.strip().splitlines()
     assert first.startswith("ESM (Essential Subspace Merging)") and "'gamma'" in first and "'proxy'" in first
     assert second == "True True"
+    assert third == "['tsv', 'iso_c', 'iso_cts']"
 
 
 def test_other_methods_pass_through_untouched(zoo, tmp_path):
@@ -47,5 +49,5 @@ def test_kernel_outside_a_prepared_run_explains_itself():
 
     from mergekit_esm.errors import EsmInputError
 
-    with pytest.raises(EsmInputError, match="runs through mergekit-yaml"):
+    with pytest.raises(EsmInputError, match="run through mergekit-yaml"):
         merge_tensors([torch.zeros(2), torch.ones(2), torch.ones(2)], get("esm"), base_index=0)

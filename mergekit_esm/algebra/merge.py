@@ -6,7 +6,7 @@ from typing import Literal
 import torch
 
 from mergekit_esm.algebra.scaling import eigenvalue_flattening, polarized_scale
-from mergekit_esm.algebra.subspace import TaskFactors
+from mergekit_esm.algebra.subspace import TaskFactors, svd_subspace
 
 Combination = Literal["essential", "tsv"]
 
@@ -66,8 +66,75 @@ def merge_task_factors(
         return polar_orthogonalize(p_cat, keep_scale=True) @ polar_orthogonalize(
             a_cat, keep_scale=True
         )
+    return singular_vector_merge(p_cat, a_cat, isotropic=False)
+
+
+def concatenate_factors(factors: Sequence[TaskFactors]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[P_1 … P_T] and [A_1; …; A_T]. Without orthogonalization, P_cat A_cat = Σ_t P_t A_t."""
+    return torch.cat([f.basis for f in factors], dim=1), torch.cat([f.coords for f in factors], dim=0)
+
+
+def singular_vector_merge(p_cat: torch.Tensor, a_cat: torch.Tensor, *, isotropic: bool) -> torch.Tensor:
+    """polar(P_cat) · diag(σ) · polar(B), where A_cat = diag(σ) B has unit rows.
+
+    The combination step of TSV-M (σ = the kept singular values) and, with isotropic=True,
+    of Iso-CTS (every σ replaced by their mean, a flat spectrum).
+    """
     sigma = torch.linalg.vector_norm(a_cat, dim=1)
     unit_rows = a_cat / torch.where(sigma > 0, sigma, 1.0)[:, None]
+    if isotropic:
+        sigma = torch.full_like(sigma, float(sigma.mean()))
     return (polar_orthogonalize(p_cat, keep_scale=False) * sigma) @ polar_orthogonalize(
         unit_rows, keep_scale=False
     )
+
+
+def task_singular_vectors_merge(deltas: Sequence[torch.Tensor], rank: int) -> torch.Tensor:
+    """TSV-M (Gargiulo et al., CVPR 2025): each ΔW_t's top-k SVD factors, concatenated,
+    both sides orthogonalized, singular values kept. Unchanged experts take no part."""
+    factors = [svd_subspace(d, rank) for d in deltas]
+    factors = [f for f in factors if f.norm > 0]
+    if not factors:
+        return torch.zeros(deltas[0].shape, dtype=torch.float64)
+    return singular_vector_merge(*concatenate_factors(factors), isotropic=False)
+
+
+def isotropic_merge(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Iso-C (Marczak et al., ICML 2025): σ̄ U Vᵀ for Σ_t ΔW_t = U Σ Vᵀ, σ̄ = mean(σ).
+
+    σ̄ averages the non-zero singular values; the paper averages all min(d_out, d_in) of
+    them, which is the same for full-rank sums (every full fine-tune) and avoids adding
+    arbitrary null directions for rank-deficient ones (e.g. LoRA experts).
+    """
+    total = torch.stack([d.to(torch.float64) for d in deltas]).sum(dim=0)
+    return polar_orthogonalize(total, keep_scale=True)
+
+
+def common_space_split(rank: int, n_tasks: int, common_fraction: float) -> tuple[int, int]:
+    """(common directions, directions per task) with common + n_tasks·per_task = rank.
+
+    As the Iso-CTS code does: the common part takes ⌊fraction·rank⌋, rounded so that the
+    rest divides equally among the tasks.
+    """
+    per_task = round((rank - int(rank * common_fraction)) / n_tasks)
+    per_task = min(per_task, rank // n_tasks)
+    return rank - per_task * n_tasks, per_task
+
+
+def common_and_task_specific_merge(deltas: Sequence[torch.Tensor], common_fraction: float) -> torch.Tensor:
+    """Iso-CTS (Marczak et al., ICML 2025): the top singular directions of Σ_t ΔW_t (the
+    common subspace) plus, per task, the top directions of ΔW_t outside it; both sides
+    orthogonalized; spectrum flattened to its mean."""
+    d = [x.to(torch.float64) for x in deltas]
+    d = [x for x in d if x.any()]
+    if not d:
+        return torch.zeros(deltas[0].shape, dtype=torch.float64)
+    common, per_task = common_space_split(min(d[0].shape), len(d), common_fraction)
+    u, s, vh = torch.linalg.svd(torch.stack(d).sum(dim=0), full_matrices=False)
+    u_c = u[:, :common]
+    bases, coords = [u_c], [s[:common, None] * vh[:common]]
+    for x in d:
+        residual = svd_subspace(x - u_c @ (u_c.T @ x), per_task)
+        bases.append(residual.basis)
+        coords.append(residual.coords)
+    return singular_vector_merge(torch.cat(bases, dim=1), torch.cat(coords, dim=0), isotropic=True)

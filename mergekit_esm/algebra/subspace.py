@@ -5,6 +5,7 @@ merge step does not care which basis produced them.
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -27,6 +28,19 @@ def moment_sqrt(input_moment: torch.Tensor) -> torch.Tensor:
     g = input_moment.to(torch.float64)
     eigenvalues, eigenvectors = torch.linalg.eigh((g + g.T) / 2)
     return (eigenvectors * eigenvalues.clamp_min(0).sqrt()) @ eigenvectors.T
+
+
+@dataclass
+class InputMoment:
+    """One expert's inputs to one weight: XᵀX (d_in × d_in) over n_tokens proxy tokens."""
+
+    moment: torch.Tensor
+    n_tokens: int
+
+    @cached_property
+    def root(self) -> torch.Tensor:
+        """√XᵀX, computed once and shared by the weights reading this input (q/k/v, gate/up)."""
+        return moment_sqrt(self.moment)
 
 
 def activation_shift_spectrum(

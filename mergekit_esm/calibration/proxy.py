@@ -5,7 +5,8 @@ import json
 from pathlib import Path
 
 from mergekit_esm.errors import EsmInputError
-from mergekit_esm.settings import BUILTIN_PROXY
+
+BUILTIN_PROXY = "builtin"
 
 
 def _split_paragraphs(text: str) -> list[str]:

@@ -1,4 +1,5 @@
-"""`merge_method: esm` — the mergekit method: its spec (generated from EsmSettings) and kernel.
+"""The mergekit side of each method in mergekit_esm.methods: a spec generated from its
+settings model, and one shared kernel.
 
 The kernel itself is thin: all heavy work happened in the pre-pass (prepare.py), which the
 run_merge wrapper activates for the duration of the merge.
@@ -21,7 +22,7 @@ from mergekit.merge_methods.base import (
 from typing_extensions import Annotated
 
 from mergekit_esm.errors import EsmInputError, ensure_finite
-from mergekit_esm.settings import PER_MODEL_PARAMETERS, EsmSettings
+from mergekit_esm.methods import METHODS, MethodDefinition
 
 if TYPE_CHECKING:  # prepare.py pulls in transformers; the registry import must stay light
     from mergekit_esm.integration.prepare import PreparedMerge
@@ -43,7 +44,7 @@ def activated(prepared: "PreparedMerge"):
             _active.pop(key, None)
 
 
-def esm_kernel(group: TensorGroup, **_parameters) -> torch.Tensor:
+def subspace_kernel(group: TensorGroup, **_parameters) -> torch.Tensor:
     """W0 + α·β_ℓ·ΔW_merged for target linears; W0 + α·(mean or Σ)_t ΔW_t for the rest.
 
     1-D tensors (norms) take the mean of the task vectors, the authors' rule. Vocabulary
@@ -55,8 +56,9 @@ def esm_kernel(group: TensorGroup, **_parameters) -> torch.Tensor:
     prepared = _active.get(frozenset(entry.id for entry in group.entries))
     if prepared is None:
         raise EsmInputError(
-            "merge_method esm runs through mergekit-yaml (or mergekit.merge.run_merge) with "
-            "mergekit-esm installed; its pre-pass did not run for these models"
+            "merge methods from mergekit-esm run through mergekit-yaml (or "
+            "mergekit.merge.run_merge) with mergekit-esm installed; the pre-pass did not run "
+            "for these models"
         )
     name = group.metadata.name
     base = group.base.tensor.to(torch.float32)
@@ -71,16 +73,16 @@ def esm_kernel(group: TensorGroup, **_parameters) -> torch.Tensor:
     return base + settings.alpha * update
 
 
-def _parameter_specs() -> tuple[ParameterSpec, ...]:
+def _parameter_specs(method: MethodDefinition) -> tuple[ParameterSpec, ...]:
+    settings_type = method.settings_type
     specs = []
-    for name, field in EsmSettings.model_fields.items():
+    for name, field in settings_type.model_fields.items():
         value_type = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
-        per_model = name in PER_MODEL_PARAMETERS
         specs.append(
             ParameterSpec(
                 name=name,
                 value_type=value_type,
-                scope=ParameterScope.NON_BASE if per_model else ParameterScope.SHARED,
+                scope=ParameterScope.NON_BASE if name in settings_type.PER_MODEL else ParameterScope.SHARED,
                 default=field.default,
                 description=field.description,
             )
@@ -88,22 +90,20 @@ def _parameter_specs() -> tuple[ParameterSpec, ...]:
     return tuple(specs)
 
 
-def esm_method() -> FunctionalGroupMergeMethod:
+def mergekit_method(method: MethodDefinition) -> FunctionalGroupMergeMethod:
     spec = MergeMethodSpec(
-        name="esm",
-        pretty_name="ESM (Essential Subspace Merging)",
-        reference_url="https://arxiv.org/abs/2602.20208",
+        name=method.name,
+        pretty_name=method.pretty_name,
+        reference_url=method.reference_url,
         contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=2),
-        parameters=_parameter_specs(),
+        parameters=_parameter_specs(method),
     )
-    return FunctionalGroupMergeMethod(spec, esm_kernel)
+    return FunctionalGroupMergeMethod(spec, subspace_kernel)
 
 
 def register_methods(registry) -> None:
     """Called with mergekit.merge_methods.registry once it is imported."""
-    method = esm_method()
-    if method.spec.name not in {m.spec.name for m in registry.registered_methods()}:
-        registry.register(method)
-
-
-ESM_METHOD_NAMES = frozenset({"esm"})
+    known = {m.spec.name for m in registry.registered_methods()}
+    for method in METHODS.values():
+        if method.name not in known:
+            registry.register(mergekit_method(method))

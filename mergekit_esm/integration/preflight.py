@@ -18,19 +18,21 @@ from transformers import AutoTokenizer
 from mergekit_esm.architecture import DecoderLayout
 from mergekit_esm.calibration.proxy import load_documents, token_windows
 from mergekit_esm.errors import EsmInputError
-from mergekit_esm.settings import PER_MODEL_PARAMETERS, EsmSettings, unknown_parameter_message
+from mergekit_esm.methods import METHODS, MergeSettings, MethodDefinition
+from mergekit_esm.methods.base import unknown_parameter_message
 
 
 @dataclass(frozen=True)
 class MergeInputs:
-    """A checked ESM merge: who, with which settings, on which proxy tokens."""
+    """A checked merge: which method, who, with which settings, on which proxy tokens."""
 
+    method: MethodDefinition
     base: ModelReference
     experts: tuple[ModelReference, ...]
-    settings: EsmSettings
+    settings: MergeSettings
     layout: DecoderLayout
-    windows: dict[ModelReference, list[list[int]]]
-    ranks: dict[str, int]  # target tensor name → k
+    windows: dict[ModelReference, list[list[int]]]  # empty for methods that do not calibrate
+    ranks: dict[str, int | None]  # target tensor name → k
     device: str
     trust_remote_code: bool
 
@@ -39,37 +41,43 @@ class MergeInputs:
         return (self.base, *self.experts)
 
 
-def _scalar(name: str, value: Any, where: str) -> Any:
+def _scalar(method: str, name: str, value: Any, where: str) -> Any:
     if isinstance(value, (bool, int, float, str)):
         return value
     raise EsmInputError(
-        f"ESM parameter '{name}' {where} must be a single value, not {value!r} "
-        "(per-layer gradients and filters do not apply to ESM's settings)"
+        f"{method} parameter '{name}' {where} must be a single value, not {value!r} "
+        "(per-layer gradients and filters do not apply to its settings)"
     )
 
 
-def _settings(config: MergeConfiguration) -> tuple[EsmSettings, dict[ModelReference, str]]:
-    allowed = set(EsmSettings.model_fields)
+def _settings(method: MethodDefinition, config: MergeConfiguration) -> tuple[MergeSettings, dict]:
+    """The recipe's global settings and each model's per-model ones (only declared keys)."""
+    settings_type = method.settings_type
+    allowed = set(settings_type.model_fields)
     raw = {}
     for name, value in (config.parameters or {}).items():
         if name not in allowed:
-            raise EsmInputError(unknown_parameter_message(name, "in `parameters`", allowed))
-        raw[name] = _scalar(name, value, "in `parameters`")
+            raise EsmInputError(unknown_parameter_message(name, f"for {method.name} in `parameters`", allowed))
+        raw[name] = _scalar(method.name, name, value, "in `parameters`")
     try:
-        settings = EsmSettings(**raw)
+        settings = settings_type(**raw)
     except ValidationError as error:
         first = error.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
-        raise EsmInputError(f"ESM parameter '{field}': {first['msg']} (got {first.get('input')!r})") from None
-    proxies = {}
+        raise EsmInputError(
+            f"{method.name} parameter '{field}': {first['msg']} (got {first.get('input')!r})"
+        ) from None
+    per_model = {}
     for entry in config.models or []:
         where = f"for model {entry.model}"
         for name, value in (entry.parameters or {}).items():
-            if name not in PER_MODEL_PARAMETERS:
-                raise EsmInputError(unknown_parameter_message(name, where, PER_MODEL_PARAMETERS))
-        proxy = (entry.parameters or {}).get("proxy", settings.proxy)
-        proxies[entry.model] = str(_scalar("proxy", proxy, where))
-    return settings, proxies
+            if name not in settings_type.PER_MODEL:
+                raise EsmInputError(unknown_parameter_message(name, f"for {method.name} {where}", settings_type.PER_MODEL))
+        per_model[entry.model] = {
+            name: _scalar(method.name, name, (entry.parameters or {}).get(name, getattr(settings, name)), where)
+            for name in settings_type.PER_MODEL
+        }
+    return settings, per_model
 
 
 def _open_safetensors_index(model: ModelReference):
@@ -79,7 +87,7 @@ def _open_safetensors_index(model: ModelReference):
         raise EsmInputError(f"cannot open model {model}: {error}") from None
     if not index.is_safetensors:
         raise EsmInputError(
-            f"model {model} has only pickle (.bin) weights: ESM reads safetensors lazily; convert "
+            f"model {model} has only pickle (.bin) weights: mergekit-esm reads safetensors lazily; convert "
             "it by loading it with transformers and calling `model.save_pretrained(path)`"
         )
     return index
@@ -100,13 +108,13 @@ def _check_same_weights(model, base, shapes, base_shapes):
         missing = sorted(base_shapes.keys() - shapes.keys())[:3]
         raise EsmInputError(
             f"model {model} has other tensors than the base {base} (extra: {extra}, missing: "
-            f"{missing}); ESM merges experts fine-tuned from the same base architecture"
+            f"{missing}); mergekit-esm merges experts fine-tuned from the same base architecture"
         )
     for name, shape in shapes.items():
         if shape != base_shapes[name]:
             raise EsmInputError(
                 f"model {model} tensor {name} has shape {list(shape)} but the base has "
-                f"{list(base_shapes[name])}; ESM merges experts with the base's shapes"
+                f"{list(base_shapes[name])}; merges need experts with the base's shapes"
             )
 
 
@@ -115,21 +123,23 @@ def _tokenizer(model: ModelReference, base_path: str, trust_remote_code: bool):
         return AutoTokenizer.from_pretrained(base_path, trust_remote_code=trust_remote_code)
     except Exception as error:
         raise EsmInputError(
-            f"cannot load the tokenizer of {model} ({error}); ESM needs it to tokenize proxy text"
+            f"cannot load the tokenizer of {model} ({error}); it is needed to check the vocabularies and tokenize proxy text"
         ) from None
 
 
 def preflight(config: MergeConfiguration, options: MergeOptions) -> MergeInputs:
+    method = METHODS[config.merge_method]
+    name = method.name
     if config.slices or config.modules:
-        raise EsmInputError("ESM recipes use `models:` (whole models), not `slices:` or `modules:`")
+        raise EsmInputError(f"{name} recipes use `models:` (whole models), not `slices:` or `modules:`")
     if config.base_model is None:
-        raise EsmInputError("ESM needs `base_model:`, the model every expert was fine-tuned from")
+        raise EsmInputError(f"{name} needs `base_model:`, the model every expert was fine-tuned from")
     experts = tuple(dict.fromkeys(m.model for m in config.models or [] if m.model != config.base_model))
     if len(experts) < 2:
         raise EsmInputError(
-            f"ESM merges at least 2 experts besides the base; the recipe lists {len(experts)}"
+            f"{name} merges at least 2 experts besides the base; the recipe lists {len(experts)}"
         )
-    settings, proxies = _settings(config)
+    settings, per_model = _settings(method, config)
 
     LoaderCache().setup(options=options)
     base = config.base_model
@@ -144,7 +154,7 @@ def preflight(config: MergeConfiguration, options: MergeOptions) -> MergeInputs:
         if arch != base_config.architectures:
             raise EsmInputError(
                 f"model {expert} is a {arch} but the base is a {base_config.architectures}; "
-                "ESM merges experts of the base's architecture"
+                f"{name} merges experts of the base's architecture"
             )
         _check_same_weights(expert, base, _tensor_shapes(indexes[expert]), base_shapes)
 
@@ -154,36 +164,37 @@ def preflight(config: MergeConfiguration, options: MergeOptions) -> MergeInputs:
         if any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
             if _tokenizer(expert, path, trust).get_vocab() != tokenizer.get_vocab():
                 raise EsmInputError(
-                    f"model {expert} has another vocabulary than the base {base}; ESM merges "
+                    f"model {expert} has another vocabulary than the base {base}; mergekit-esm merges "
                     "experts that share the base's tokenizer"
                 )
 
     ranks = {}
     for target in layout.targets:
         d_out, d_in = target.shape
-        # ΔW has rank ≤ min(d_out, d_in): directions beyond that carry nothing (ESM.md's
-        # ⌊d_out/T⌋ exceeds d_in for gate/up_proj when T is small).
-        k = settings.rank or max(1, min(d_out // len(experts), d_in))
-        if k > min(d_out, d_in):
+        k = getattr(settings, "rank", None) or method.default_rank(d_out, d_in, len(experts))
+        if k is not None and k > min(d_out, d_in):
             raise EsmInputError(
                 f"rank {k} exceeds what {target.name} ({d_out}×{d_in}) can hold "
                 f"({min(d_out, d_in)}): lower `rank`"
             )
         ranks[target.name] = k
-    needed = max(ranks.values())
     windows = {}
-    for expert in experts:
-        windows[expert] = token_windows(
-            load_documents(proxies[expert]), tokenizer, settings.proxy_samples, settings.proxy_max_tokens
-        )
-        n = sum(len(w) for w in windows[expert])
-        if n < needed:
-            raise EsmInputError(
-                f"proxy '{proxies[expert]}' gives {n} tokens for {expert} but rank {needed} needs at "
-                f"least {needed} (the essential subspace has at most one direction per token): add "
-                "proxy text, raise proxy_samples / proxy_max_tokens, or lower `rank`"
+    if method.calibrates(settings):
+        needed = max(ranks.values())
+        for expert in experts:
+            proxy = per_model[expert]["proxy"]
+            windows[expert] = token_windows(
+                load_documents(proxy), tokenizer, settings.proxy_samples, settings.proxy_max_tokens
             )
+            n = sum(len(w) for w in windows[expert])
+            if n < needed:
+                raise EsmInputError(
+                    f"proxy '{proxy}' gives {n} tokens for {expert} but rank {needed} needs at "
+                    f"least {needed} (the essential subspace has at most one direction per token): add "
+                    "proxy text, raise proxy_samples / proxy_max_tokens, or lower `rank`"
+                )
     return MergeInputs(
+        method=method,
         base=base,
         experts=experts,
         settings=settings,

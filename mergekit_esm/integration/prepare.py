@@ -1,4 +1,4 @@
-"""ESM's pre-pass, run once per merge before mergekit's per-tensor executor starts.
+"""The pre-pass, run once per merge before mergekit's per-tensor executor starts.
 
 mergekit runs one tensor at a time and a method cannot add graph dependencies, but ESM
 needs (1) each expert's calibration statistics and (2) the norms of every layer's merged
@@ -6,7 +6,8 @@ update for layer-level scaling. So the pre-pass computes every target weight's �
 one weight at a time and spills it to the cache (float32, one file per layer); the
 kernel then only applies W0 + α·β·ΔW_merged. Spilling rather than computing twice keeps
 memory at one weight of each model and makes a re-merge with another α or layer
-exponent skip all linear algebra.
+exponent skip all linear algebra. TSV-M and Iso-C/CTS take the same path (no calibration,
+β = 1), so a strength search costs them only the write as well.
 """
 
 import json
@@ -20,8 +21,8 @@ from mergekit.io.tasks import LoaderCache
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mergekit_esm.algebra import essential_subspace, layer_scales, merge_task_factors, svd_subspace
-from mergekit_esm.algebra.subspace import moment_sqrt
+from mergekit_esm.algebra import layer_scales
+from mergekit_esm.algebra.subspace import InputMoment
 from mergekit_esm.cache import CacheEntry, cache_root, files_fingerprint, fingerprint
 from mergekit_esm.calibration.layerwise import layer_input_moments
 from mergekit_esm.errors import EsmInputError, ensure_finite
@@ -68,43 +69,22 @@ def calibrate(inputs: MergeInputs, expert: ModelReference, root: Path) -> CacheE
 
 
 def _merge_layer(inputs: MergeInputs, layer: int, stats: dict[ModelReference, CacheEntry], zero: set):
-    s = inputs.settings
     read_base = _checked_reader(inputs.base, inputs.device)
     readers = {e: _checked_reader(e, inputs.device) for e in inputs.experts}
-    moments = {}
-    if s.basis == "esd":
-        for expert, entry in stats.items():
-            with safe_open(entry.path / _layer_file(layer), framework="pt", device=inputs.device) as f:
-                moments[expert] = ({g: f.get_tensor(g) for g in f.keys()}, int(f.metadata()["n_tokens"]))
-    roots = {}  # (expert, input group) → √XᵀX, shared by q/k/v and by gate/up
+    moments = {}  # expert → input group → XᵀX with its √ computed once for all its readers
+    for expert, entry in stats.items():
+        with safe_open(entry.path / _layer_file(layer), framework="pt", device=inputs.device) as f:
+            n = int(f.metadata()["n_tokens"])
+            moments[expert] = {g: InputMoment(f.get_tensor(g), n) for g in f.keys()}
     merged = {}
     for target in inputs.layout.layer_targets(layer):
         w0 = read_base(target.name).to(torch.float32)
-        k = inputs.ranks[target.name]
-        factors = []
-        for expert in inputs.experts:
-            delta = readers[expert](target.name).to(torch.float32) - w0
-            if delta.any():
-                zero.discard(expert)
-            if s.basis == "esd":
-                g, n = moments[expert]
-                group = target.input_group
-                root = None
-                if target.shape[0] > target.shape[1]:
-                    if (expert, group) not in roots:
-                        roots[expert, group] = moment_sqrt(g[group])
-                    root = roots[expert, group]
-                factors.append(essential_subspace(delta, g[group], n, k, root))
-            else:
-                factors.append(svd_subspace(delta, k))
-            del delta
-        merged[target.name] = merge_task_factors(
-            factors,
-            gamma=s.gamma,
-            task_exponent=s.task_exponent,
-            dimension_exponent=s.dimension_exponent,
-            combination="essential" if s.basis == "esd" else "tsv",
-        ).to(torch.float32).cpu().contiguous()
+        deltas = [readers[e](target.name).to(torch.float32) - w0 for e in inputs.experts]
+        zero.difference_update(e for e, d in zip(inputs.experts, deltas) if d.any())
+        statistics = [moments[e][target.input_group] for e in inputs.experts] if moments else None
+        update = inputs.method.merge_weight(inputs.settings, deltas, inputs.ranks[target.name], statistics)
+        merged[target.name] = update.to(torch.float32).cpu().contiguous()
+        del deltas, update
     return merged
 
 
@@ -113,9 +93,10 @@ def merged_updates(inputs: MergeInputs, stats: dict[ModelReference, CacheEntry],
     s = inputs.settings
     key = fingerprint(
         "deltas",
+        inputs.method.name,
         _model_fingerprint(inputs.base),
         [(str(e), stats[e].path.name if e in stats else _model_fingerprint(e)) for e in inputs.experts],
-        s.model_dump(include={"rank", "gamma", "task_exponent", "dimension_exponent", "basis"}),
+        s.model_dump(exclude=set(s.APPLY_TIME)),
         inputs.ranks,
     )
     entry = CacheEntry(root, "deltas", key)
@@ -124,7 +105,7 @@ def merged_updates(inputs: MergeInputs, stats: dict[ModelReference, CacheEntry],
     zero = set(inputs.experts)
     norms = {}
     with entry.writing() as scratch:
-        for layer in tqdm.trange(inputs.layout.num_layers, desc="ESM merging"):
+        for layer in tqdm.trange(inputs.layout.num_layers, desc=f"{inputs.method.name} merging"):
             merged = _merge_layer(inputs, layer, stats, zero)
             norms.update({name: float(torch.linalg.matrix_norm(d)) for name, d in merged.items()})
             save_file(merged, scratch / _layer_file(layer))
@@ -154,15 +135,13 @@ class PreparedMerge:
 
 def prepare(inputs: MergeInputs) -> PreparedMerge:
     root = cache_root(inputs.settings.cache_dir)
-    stats = {}
-    if inputs.settings.basis == "esd":
-        stats = {expert: calibrate(inputs, expert, root) for expert in inputs.experts}
+    stats = {expert: calibrate(inputs, expert, root) for expert in inputs.windows}
     updates = merged_updates(inputs, stats, root)
     norms = json.loads((updates.path / "norms.json").read_text())
     by_type: dict[str, dict[int, float]] = {}
     for target in inputs.layout.targets:
         by_type.setdefault(target.module_type, {})[target.layer] = norms[target.name]
-    betas = layer_scales(by_type, inputs.settings.layer_exponent)
+    betas = layer_scales(by_type, inputs.settings.layer_exponent_or_off)
     alpha = inputs.settings.alpha
     factors = {t.name: alpha * betas[(t.module_type, t.layer)] for t in inputs.layout.targets}
     return PreparedMerge(inputs=inputs, updates=updates.path, factors=factors)

@@ -1,6 +1,6 @@
 """The run_merge wrapper: preflight, pre-pass, then mergekit's own run into a staging folder.
 
-mergekit's writer is not atomic (shards go straight into the output folder), so ESM runs
+mergekit's writer is not atomic (shards go straight into the output folder), so our methods
 write into a hidden sibling folder that replaces the output only once the merge is whole:
 a crash or Ctrl-C leaves no folder that loads as a model.
 """
@@ -40,13 +40,14 @@ def staged_output(out_path: str):
 
 def _card_section(prepared) -> str:
     inputs = prepared.inputs
+    method = inputs.method
     settings = inputs.settings.model_dump()
     lines = [
         "",
-        "## ESM settings",
+        f"## {method.name} settings",
         "",
-        "Merged with [ESM, Essential Subspace Merging](https://arxiv.org/abs/2602.20208) by "
-        "mergekit-esm: W = W0 + α·β_ℓ·ΔW_merged on q/k/v/o/gate/up/down_proj; "
+        f"Merged with [{method.pretty_name}]({method.reference_url}) by mergekit-esm: "
+        f"{method.formula} on q/k/v/o/gate/up/down_proj; "
         "vocabulary matrices W0 + α·(sum or mean, see embedding_merge) of the task vectors; "
         "norms W0 + α·mean(ΔW_t).",
         "",
@@ -54,19 +55,22 @@ def _card_section(prepared) -> str:
         "|---|---|",
     ]
     lines += [f"| {k} | {v} |" for k, v in settings.items()]
-    ranks = sorted(set(inputs.ranks.values()))
-    lines += [f"| rank used (k per expert) | {', '.join(map(str, ranks))} |", f"| experts | {len(inputs.experts)} |", ""]
+    ranks = sorted({k for k in inputs.ranks.values() if k is not None})
+    if ranks:
+        lines.append(f"| rank used (k per expert) | {', '.join(map(str, ranks))} |")
+    lines += [f"| experts | {len(inputs.experts)} |", ""]
     return "\n".join(lines)
 
 
 def wrap_run_merge(run_merge):
-    """Route ESM recipes through preflight + pre-pass + staging; others pass through."""
+    """Route our methods' recipes through preflight + pre-pass + staging; others pass through."""
 
     @functools.wraps(run_merge)
     def run_merge_with_esm(merge_config, out_path, options, *args, **kwargs):
-        from mergekit_esm.integration.method import ESM_METHOD_NAMES, activated
+        from mergekit_esm.integration.method import activated
+        from mergekit_esm.methods import METHODS
 
-        if merge_config.merge_method not in ESM_METHOD_NAMES:
+        if merge_config.merge_method not in METHODS:
             return run_merge(merge_config, out_path, options, *args, **kwargs)
         from mergekit_esm.integration.preflight import preflight
         from mergekit_esm.integration.prepare import prepare

@@ -1,0 +1,8 @@
+"""The merge methods mergekit-esm adds to mergekit, one module each, by recipe name."""
+
+from mergekit_esm.methods import esm, iso_c, iso_cts, tsv
+from mergekit_esm.methods.base import MergeSettings, MethodDefinition
+
+METHODS: dict[str, MethodDefinition] = {m.METHOD.name: m.METHOD for m in (esm, tsv, iso_c, iso_cts)}
+
+__all__ = ["METHODS", "MergeSettings", "MethodDefinition"]

@@ -1,0 +1,66 @@
+"""What every method of the subspace family shares: common recipe parameters and the shape
+of a method definition (its settings model and one pure per-weight function).
+
+The settings models are the single source of truth for recipe parameters: the mergekit
+method spec is generated from them and the preflight rejects any key they do not declare
+(mergekit itself ignores unknown keys).
+"""
+
+import difflib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Literal, Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class MergeSettings(BaseModel):
+    """Parameters of every method: W = W0 + α·β_ℓ·ΔW_merged (β_ℓ = 1 without layer scaling)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    alpha: float = Field(1.0, ge=0, description="Global strength α: W = W0 + α·ΔW_merged.")
+    embedding_merge: Literal["mean", "sum"] = Field(
+        "mean",
+        description="Vocabulary matrices (embed_tokens, lm_head): mean or sum of the task "
+        "vectors, times α (mean measured as good or better on the zoo; see README).",
+    )
+    cache_dir: Optional[str] = Field(
+        None,
+        description="Where calibration statistics and merged updates are cached; default "
+        "$MERGEKIT_ESM_CACHE or ~/.cache/mergekit-esm.",
+    )
+
+    # Parameters that may also be set per model (the rest are global only).
+    PER_MODEL: ClassVar[frozenset[str]] = frozenset()
+    # Parameters used only when the cached ΔW_merged is applied: changing them re-uses it.
+    APPLY_TIME: ClassVar[frozenset[str]] = frozenset({"alpha", "embedding_merge", "cache_dir"})
+
+    @property
+    def layer_exponent_or_off(self) -> float:
+        return getattr(self, "layer_exponent", 0.0)
+
+
+# ΔW_merged of one target weight from the experts' task matrices ΔW_t (float32, d_out × d_in),
+# the rank k from `default_rank` (or the recipe) and, for methods that calibrate, each
+# expert's input statistics for this weight.
+WeightMerge = Callable[[MergeSettings, Sequence[torch.Tensor], Optional[int], Optional[Sequence]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MethodDefinition:
+    name: str
+    pretty_name: str
+    reference_url: str
+    formula: str  # one line for the model card and README
+    settings_type: type[MergeSettings]
+    merge_weight: WeightMerge
+    default_rank: Callable[[int, int, int], Optional[int]]  # (d_out, d_in, experts) → k
+    calibrates: Callable[[MergeSettings], bool] = lambda settings: False
+
+
+def unknown_parameter_message(name: str, where: str, allowed: frozenset[str] | list[str]) -> str:
+    close = difflib.get_close_matches(name, list(allowed), n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(sorted(allowed))}"
+    return f"unknown parameter '{name}' {where}: {hint}"

@@ -1,0 +1,94 @@
+"""`merge_method: esm` — Essential Subspace Merging (Li et al., CVPR 2026), ../shared/ESM.md."""
+
+from collections.abc import Sequence
+from typing import ClassVar, Literal, Optional
+
+import torch
+from pydantic import Field
+
+from mergekit_esm.algebra import essential_subspace, merge_task_factors, svd_subspace
+from mergekit_esm.algebra.subspace import InputMoment
+from mergekit_esm.calibration.proxy import BUILTIN_PROXY
+from mergekit_esm.methods.base import MergeSettings, MethodDefinition
+
+
+class EsmSettings(MergeSettings):
+    alpha: float = Field(
+        3.0,
+        ge=0,
+        description="Global strength α: W = W0 + α·β_ℓ·ΔW_merged. α=1 is the merged update as "
+        "ESM builds it, without the authors' ViT factor 2 (α=1 here is their α=0.5). Default 3: "
+        "best on the validation split of our expert zoo (see README).",
+    )
+    rank: Optional[int] = Field(
+        None, ge=1, description="Directions kept per expert and weight; default ⌊d_out / T⌋, at most d_in."
+    )
+    gamma: float = Field(0.15, ge=0, description="Eigenvalue flattening exponent γ; 0 turns it off.")
+    task_exponent: float = Field(2.0, description="Task-level polarized scaling exponent; 0 = off.")
+    dimension_exponent: float = Field(
+        2.0, description="Input-dimension-level polarized scaling exponent; 0 = off."
+    )
+    layer_exponent: float = Field(2.0, description="Layer-level polarized scaling exponent; 0 = off.")
+    basis: Literal["esd", "svd"] = Field(
+        "esd",
+        description="esd: essential subspace from proxy activations (ESM); svd: singular "
+        "vectors of ΔW merged the TSV-M way (the paper's SVD ablation rows).",
+    )
+    proxy: str = Field(
+        BUILTIN_PROXY,
+        description="Calibration text: 'builtin' (generic text shipped with the package) or a "
+        "path to a .txt (documents separated by blank lines) or .jsonl file ({\"text\": ...} per "
+        "line). May be set per model.",
+    )
+    proxy_samples: int = Field(32, ge=1, description="Proxy windows per expert (paper: 32).")
+    proxy_max_tokens: int = Field(512, ge=2, description="Tokens per proxy window.")
+
+    PER_MODEL: ClassVar[frozenset[str]] = frozenset({"proxy"})
+    # The proxy reaches ΔW_merged through the calibration statistics' own cache key.
+    APPLY_TIME: ClassVar[frozenset[str]] = MergeSettings.APPLY_TIME | {
+        "layer_exponent",
+        "proxy",
+        "proxy_samples",
+        "proxy_max_tokens",
+    }
+
+
+def merge_weight(
+    settings: EsmSettings,
+    deltas: Sequence[torch.Tensor],
+    rank: Optional[int],
+    inputs: Optional[Sequence[InputMoment]],
+) -> torch.Tensor:
+    if settings.basis == "esd":
+        factors = [
+            essential_subspace(d, i.moment, i.n_tokens, rank, i.root if d.shape[0] > d.shape[1] else None)
+            for d, i in zip(deltas, inputs)
+        ]
+    else:
+        factors = [svd_subspace(d, rank) for d in deltas]
+    return merge_task_factors(
+        factors,
+        gamma=settings.gamma,
+        task_exponent=settings.task_exponent,
+        dimension_exponent=settings.dimension_exponent,
+        combination="essential" if settings.basis == "esd" else "tsv",
+    )
+
+
+def default_rank(d_out: int, d_in: int, experts: int) -> int:
+    # ΔW has rank ≤ min(d_out, d_in): directions beyond that carry nothing (ESM.md's
+    # ⌊d_out/T⌋ exceeds d_in for gate/up_proj when T is small).
+    return max(1, min(d_out // experts, d_in))
+
+
+METHOD = MethodDefinition(
+    name="esm",
+    pretty_name="ESM (Essential Subspace Merging)",
+    reference_url="https://arxiv.org/abs/2602.20208",
+    formula="W = W0 + α·β_ℓ·ΔW_merged, ΔW_merged from each expert's essential subspace of its "
+    "activation shift on proxy text, polarized scaling, then orthogonalization",
+    settings_type=EsmSettings,
+    merge_weight=merge_weight,
+    default_rank=default_rank,
+    calibrates=lambda settings: settings.basis == "esd",
+)

@@ -1,0 +1,33 @@
+"""`merge_method: tsv` — TSV-M, task singular vectors merging (Gargiulo et al., CVPR 2025)."""
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from pydantic import Field
+
+from mergekit_esm.algebra.merge import task_singular_vectors_merge
+from mergekit_esm.methods.base import MergeSettings, MethodDefinition
+
+
+class TsvSettings(MergeSettings):
+    alpha: float = Field(1.0, ge=0, description="Global strength α (TSV-M's default 1).")
+    rank: Optional[int] = Field(
+        None, ge=1, description="Singular directions kept per expert and weight; default ⌊min(d_out, d_in) / T⌋."
+    )
+
+
+def merge_weight(settings: TsvSettings, deltas: Sequence[torch.Tensor], rank: Optional[int], inputs=None) -> torch.Tensor:
+    return task_singular_vectors_merge(deltas, rank)
+
+
+METHOD = MethodDefinition(
+    name="tsv",
+    pretty_name="TSV-M (Task Singular Vectors: Merging)",
+    reference_url="https://arxiv.org/abs/2412.00081",
+    formula="W = W0 + α·polar(U_cat)·Σ_cat·polar(V_cat)ᵀ over each expert's top-k SVD factors",
+    settings_type=TsvSettings,
+    merge_weight=merge_weight,
+    # TSV-M keeps 1/T of each task matrix's singular values.
+    default_rank=lambda d_out, d_in, experts: max(1, min(d_out, d_in) // experts),
+)

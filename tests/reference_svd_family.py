@@ -1,0 +1,40 @@
+"""TSV-M, Iso-C and Iso-CTS written straight from their papers with dense SVDs (float64).
+
+Shares no code with mergekit_esm; polar factors are U Vᵀ of a full SVD, spectra are
+averaged over all min(d_out, d_in) singular values, as the authors' code does.
+"""
+
+import torch
+
+
+def polar(m):
+    u, _, vh = torch.linalg.svd(m, full_matrices=False)
+    return u @ vh
+
+
+def tsv_m(deltas, k):
+    us, ss, vs = [], [], []
+    for d in deltas:
+        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        us.append(u[:, :k]), ss.append(s[:k]), vs.append(vh[:k])
+    return polar(torch.cat(us, 1)) @ torch.diag(torch.cat(ss)) @ polar(torch.cat(vs, 0))
+
+
+def iso_c(deltas):
+    u, s, vh = torch.linalg.svd(sum(deltas), full_matrices=False)
+    return s.mean() * u @ vh
+
+
+def iso_cts(deltas, fraction):
+    r, t = min(deltas[0].shape), len(deltas)
+    common = int(r * fraction)
+    common = r - round((r - common) / t) * t
+    per_task = (r - common) // t
+    u, s, vh = torch.linalg.svd(sum(deltas), full_matrices=False)
+    us, ss, vs = [u[:, :common]], [s[:common]], [vh[:common]]
+    for d in deltas:
+        rest = d - u[:, :common] @ u[:, :common].T @ d
+        ut, st, vt = torch.linalg.svd(rest, full_matrices=False)
+        us.append(ut[:, :per_task]), ss.append(st[:per_task]), vs.append(vt[:per_task])
+    sigma = torch.cat(ss).mean()
+    return sigma * polar(torch.cat(us, 1)) @ polar(torch.cat(vs, 0))
