@@ -1,12 +1,14 @@
-"""Main job: the expert zoo merged with ESM and with mergekit's built-in methods, scored.
+"""Main job: the expert zoo merged with ESM, the SVD-family methods and mergekit's built-in
+methods, scored; plus the paper's ESM ablation.
 
-    python -m eval.compare [--workdir eval/workdir]
+    python -m eval.compare [--workdir eval/workdir] [--methods esm,ties] [--no-ablation]
 
 Stages (each cached under the workdir, so a rerun resumes): build the zoo (base from GGUF +
-one fine-tuned expert per task) → for every method, merge with each setting of its grid
-through `mergekit-yaml` (recipes in recipes/zoo/) and score the validation split → keep the
-setting with the best mean normalized validation accuracy → score it once on the test split
-→ results.md (table) and results.png (chart) in the workdir.
+one fine-tuned expert per task) → for every method (and every ablation row), merge with each
+setting of its grid through `mergekit-yaml` (recipes in recipes/zoo/ and recipes/ablation/)
+and score the validation split → keep the setting with the best mean normalized validation
+accuracy → score it once on the test split → results.md (both tables) and results.png
+(chart) in the workdir.
 """
 
 import argparse
@@ -29,9 +31,16 @@ from eval.zoo.tasks import TASKS
 REPO = Path(__file__).resolve().parents[1]
 
 # The same search budget for every method with a strength knob (5 settings): its scale and,
-# where it has one, its sparsity. Methods without knobs get their one setting.
+# where it has one, its sparsity. Methods without knobs get their one setting. TSV-M and
+# Iso-C/CTS have no measured LLM scale yet, so their α grid spans 10× around their papers'
+# default 1 (ESM's spans 6× around the range its first measurements pointed to).
+ESM_ALPHAS = [{"alpha": a} for a in (0.5, 1.0, 1.5, 2.0, 3.0)]
+SVD_FAMILY_ALPHAS = [{"alpha": a} for a in (0.3, 0.6, 1.0, 1.7, 3.0)]
 GRIDS = {
-    "esm": [{"alpha": a} for a in (0.5, 1.0, 1.5, 2.0, 3.0)],
+    "esm": ESM_ALPHAS,
+    "tsv": SVD_FAMILY_ALPHAS,
+    "iso_c": SVD_FAMILY_ALPHAS,
+    "iso_cts": SVD_FAMILY_ALPHAS,
     "task_arithmetic": [{"weight": w} for w in (0.3, 0.5, 0.7, 1.0, 1.3)],
     "ties": [{"weight": w, "density": d} for w, d in ((1.0, 0.3), (1.0, 0.7), (0.7, 0.5), (1.0, 0.5), (1.3, 0.5))],
     "dare_ties": [{"weight": w, "density": d} for w, d in ((1.0, 0.3), (1.0, 0.7), (0.7, 0.5), (1.0, 0.5), (1.3, 0.5))],
@@ -42,14 +51,30 @@ GRIDS = {
     "linear": [{}],
 }
 
+# The paper's ablation (basis × scaling), rows as in its table; each row searches α over
+# ESM's grid. The last row is plain ESM, so it reuses the esm results.
+ABLATION = {
+    "SVD, no scaling": "svd_no_scaling",
+    "SVD + scaling": "svd_all_scaling",
+    "ESD, no scaling": "esd_no_scaling",
+    "ESD + layer scaling": "esd_layer_scaling",
+    "ESD + all scaling": "esm",
+}
+GRIDS.update({name: ESM_ALPHAS for name in ABLATION.values() if name not in GRIDS})
+
+
+def recipe_file(name: str) -> Path:
+    zoo = REPO / "recipes" / "zoo" / f"{name}.yml"
+    return zoo if zoo.exists() else REPO / "recipes" / "ablation" / f"{name}.yml"
+
 
 def _label(setting: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in setting.items()) or "defaults"
 
 
 def merge(method: str, setting: dict, zoo: dict, workdir: Path) -> tuple[Path, float]:
-    """Merge through the real mergekit-yaml from recipes/zoo/<method>.yml; cached by recipe."""
-    config = yaml.safe_load((REPO / "recipes" / "zoo" / f"{method}.yml").read_text())
+    """Merge through the real mergekit-yaml from the method's recipe; cached by recipe."""
+    config = yaml.safe_load(recipe_file(method).read_text())
     config["base_model"] = str(zoo["base"].resolve())
     config["models"] = [{"model": str(zoo["experts"][t].resolve())} for t in TASKS]
     config["parameters"] = {**(config.get("parameters") or {}), **setting}
@@ -100,7 +125,7 @@ class Results:
         self.path.write_text(json.dumps(self.data, indent=1))
 
 
-def run(workdir: Path, methods: list[str]) -> Path:
+def run(workdir: Path, methods: list[str], ablation: bool) -> Path:
     workdir.mkdir(parents=True, exist_ok=True)
     results = Results(workdir / "results.json")
     timings = results.get("timings") or {}
@@ -125,8 +150,8 @@ def run(workdir: Path, methods: list[str]) -> Path:
     base_test = scored("test", "base", zoo["base"], tasks)
     timings.setdefault("score_base_and_experts_s", round(time.perf_counter() - t, 1))
 
-    test_rows, settings = {"base (no merge)": base_test}, {}
-    for method in methods:
+    def search(method: str) -> tuple[dict[str, float], str]:
+        """Best setting of the method's grid on validation; its test scores and label."""
         t = time.perf_counter()
         best = None
         for setting in GRIDS[method]:
@@ -140,33 +165,49 @@ def run(workdir: Path, methods: list[str]) -> Path:
             if best is None or quality > best[0]:
                 best = (quality, setting, label)
         _, setting, label = best
-        path, _ = merge(method, setting, zoo, workdir)
-        test_rows[method] = scored("test", label, path, tasks)
-        settings[method] = _label(setting)
-        for other in (workdir / "merges" / method).iterdir():  # keep only the chosen merge
-            if other != path:
-                shutil.rmtree(other)
+        test = results.get("test", label)
+        if test is None:
+            path, _ = merge(method, setting, zoo, workdir)
+            test = scored("test", label, path, tasks)
+            for other in (workdir / "merges" / method).iterdir():  # keep only the chosen merge
+                if other != path:
+                    shutil.rmtree(other)
         timings.setdefault(f"{method}_search_and_test_s", round(time.perf_counter() - t, 1))
-    results.put(timings, "timings")
+        results.put(timings, "timings")
+        return test, _label(setting)
 
-    table = markdown_table(test_rows, expert_test, settings)
-    chart = bar_chart(test_rows, expert_test, workdir / "results.png", "Zoo merges (test split): ESM vs mergekit")
-    report = workdir / "results.md"
-    report.write_text(
+    test_rows, settings = {"base (no merge)": base_test}, {}
+    for method in methods:
+        test_rows[method], settings[method] = search(method)
+    report = (
         "Test accuracy (%) per task; mean normalized = mean of merged / own expert. "
-        "Settings chosen on the validation split.\n\n" + table + f"\n\n![chart]({chart.name})\n\nTimings (s): "
-        + json.dumps(timings) + "\n"
+        "Settings chosen on the validation split.\n\n" + markdown_table(test_rows, expert_test, settings)
     )
-    print(report.read_text())
-    return report
+    chart = bar_chart(test_rows, expert_test, workdir / "results.png", "Zoo merges (test split): ESM vs others")
+    report += f"\n\n![chart]({chart.name})\n"
+    if ablation:
+        rows, row_settings = {}, {}
+        for title, name in ABLATION.items():
+            rows[title], row_settings[title] = search(name)
+        report += (
+            "\n### ESM ablation (basis × scaling; α chosen on validation per row)\n\n"
+            + markdown_table(rows, expert_test, row_settings, ordered=False)
+            + "\n"
+        )
+    report += "\nTimings (s): " + json.dumps(timings) + "\n"
+    (workdir / "results.md").write_text(report)
+    print(report)
+    return workdir / "results.md"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=REPO / "eval" / "workdir")
-    parser.add_argument("--methods", default=",".join(GRIDS), help="comma-separated subset of: " + ", ".join(GRIDS))
+    methods = [m for m in GRIDS if m not in ABLATION.values() or m == "esm"]
+    parser.add_argument("--methods", default=",".join(methods), help="comma-separated subset of: " + ", ".join(methods))
+    parser.add_argument("--no-ablation", action="store_true", help="skip the ESM ablation rows")
     args = parser.parse_args()
-    run(args.workdir, args.methods.split(","))
+    run(args.workdir, args.methods.split(","), ablation=not args.no_ablation)
 
 
 if __name__ == "__main__":

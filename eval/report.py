@@ -9,13 +9,17 @@ def normalized(scores: dict[str, float], expert_scores: dict[str, float]) -> flo
     return sum(ratios) / len(ratios) if ratios else 0.0
 
 
-def markdown_table(rows: dict[str, dict[str, float]], expert_scores: dict[str, float], settings: dict[str, str]) -> str:
-    """rows: label → {task: accuracy}; expert_scores: task → own expert's accuracy."""
+def markdown_table(
+    rows: dict[str, dict[str, float]], expert_scores: dict[str, float], settings: dict[str, str], ordered: bool = True
+) -> str:
+    """rows: label → {task: accuracy}; expert_scores: task → own expert's accuracy.
+
+    ordered: best first; otherwise the rows keep their given order (the ablation table)."""
     tasks = list(expert_scores)
     head = "| model | setting (chosen on validation) | " + " | ".join(tasks) + " | mean | mean normalized |"
     lines = [head, "|" + "---|" * (len(tasks) + 4)]
-    ordered = sorted(rows, key=lambda r: -normalized(rows[r], expert_scores))
-    for label in ordered:
+    labels = sorted(rows, key=lambda r: -normalized(rows[r], expert_scores)) if ordered else list(rows)
+    for label in labels:
         scores = rows[label]
         cells = " | ".join(f"{100 * scores[t]:.1f}" for t in tasks)
         mean = 100 * sum(scores[t] for t in tasks) / len(tasks)

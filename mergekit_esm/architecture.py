@@ -45,7 +45,7 @@ class DecoderLayout:
     config: PretrainedConfig
 
     @cached_property
-    def _meta(self) -> tuple[str, str, int, tuple[TargetWeight, ...]]:
+    def _meta(self) -> tuple[str, str, int, tuple[TargetWeight, ...], tuple[str, str]]:
         try:
             model = build_meta_model(self.config)
         except Exception as error:  # transformers raises many types for unknown configs
@@ -63,7 +63,9 @@ class DecoderLayout:
             None,
         )
         embed = model.get_input_embeddings()
-        embed_name = next(n for n, p in model.named_parameters() if p is embed.weight)
+        parameters = dict(model.named_parameters())  # tied weights appear once, under the embedding
+        embed_name = next(n for n, p in parameters.items() if p is embed.weight)
+        head_name = next(n for n, p in parameters.items() if p is model.get_output_embeddings().weight)
         targets = []
         if layers_name is not None:
             for index, layer in enumerate(model.get_submodule(layers_name)):
@@ -86,7 +88,10 @@ class DecoderLayout:
                 f"architecture {self.config.architectures} lacks ESM's target linears "
                 f"({missing}); ESM supports LLaMA-family models (q/k/v/o_proj, gate/up/down_proj)"
             )
-        return layers_name, embed_name, len(model.get_submodule(layers_name)), tuple(targets)
+        norm_name = f"{layers_name.rsplit('.', 1)[0]}.norm.weight"
+        if norm_name not in parameters:
+            raise EsmInputError(f"architecture {self.config.architectures} has no final norm at {norm_name}")
+        return layers_name, embed_name, len(model.get_submodule(layers_name)), tuple(targets), (norm_name, head_name)
 
     @property
     def layers_name(self) -> str:
@@ -103,6 +108,11 @@ class DecoderLayout:
     @property
     def targets(self) -> tuple[TargetWeight, ...]:
         return self._meta[3]
+
+    @property
+    def head_names(self) -> tuple[str, str]:
+        """(final norm weight, output projection weight); the latter is embed_name when tied."""
+        return self._meta[4]
 
     @cached_property
     def layer_of(self) -> dict[str, int]:

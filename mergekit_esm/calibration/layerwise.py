@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from mergekit_esm.architecture import DecoderLayout, build_meta_model
 
@@ -20,6 +21,68 @@ class LayerMoments:
     n_tokens: int
 
 
+class LayerStack:
+    """The model's decoder layers on the meta device, run on token windows one layer at a time.
+
+    Each layer's weights are loaded just before it runs and released after, so memory holds
+    one layer plus the windows' hidden states, at any depth. Windows are whole causal
+    sequences (no padding, no mask).
+    """
+
+    def __init__(self, layout: DecoderLayout, device: str | torch.device = "cpu"):
+        self.layout, self.device = layout, device
+        self.model = build_meta_model(layout.config)
+        rotary_meta = getattr(self.model.get_submodule(layout.layers_name.rsplit(".", 1)[0]), "rotary_emb")
+        self.rotary = type(rotary_meta)(config=layout.config).to(device)
+        self.layers = self.model.get_submodule(layout.layers_name)
+        self._positions: dict[int, tuple] = {}
+
+    def embed(self, embedding: torch.Tensor, windows: list[list[int]]) -> list[torch.Tensor]:
+        return [embedding[torch.tensor(w)].to(self.device, torch.float32)[None] for w in windows]
+
+    def _position(self, h: torch.Tensor):
+        length = h.shape[1]
+        if length not in self._positions:
+            ids = torch.arange(length, device=self.device)[None]
+            self._positions[length] = (ids, self.rotary(h, ids))
+        return self._positions[length]
+
+    def load_layer(self, index: int, read_tensor: Callable[[str], torch.Tensor]) -> nn.Module:
+        layer = self.layers[index]
+        prefix = f"{self.layout.layers_name}.{index}."
+        layer.load_state_dict(
+            {n: read_tensor(prefix + n).to(self.device, torch.float32) for n, _ in layer.named_parameters()},
+            assign=True,
+        )
+        return layer
+
+    def run_layer(self, layer: nn.Module, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for h in hidden:
+            ids, pe = self._position(h)
+            out.append(layer(h, position_ids=ids, position_embeddings=pe))
+        return out
+
+    def release(self, index: int) -> None:
+        self.layers[index].to("meta")
+
+    def next_token_loss(
+        self, hidden: list[torch.Tensor], windows: list[list[int]], norm: torch.Tensor, head: torch.Tensor
+    ) -> float:
+        """Mean cross-entropy of each window's next tokens from the last hidden states."""
+        final_norm = self.model.get_submodule(self.layout.head_names[0].removesuffix(".weight"))
+        final_norm.load_state_dict({"weight": norm.to(self.device, torch.float32)}, assign=True)
+        total, count = 0.0, 0
+        head = head.to(self.device, torch.float32)
+        for h, w in zip(hidden, windows):
+            logits = final_norm(h)[0, :-1] @ head.T
+            target = torch.tensor(w[1:], device=self.device)
+            total += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
+            count += len(w) - 1
+        final_norm.to("meta")
+        return total / count
+
+
 @torch.inference_mode()
 def layer_input_moments(
     read_tensor: Callable[[str], torch.Tensor],
@@ -28,32 +91,11 @@ def layer_input_moments(
     device: str | torch.device = "cpu",
 ) -> Iterator[LayerMoments]:
     """Yield each layer's input second moments, in layer order, for this expert's weights."""
-    model = build_meta_model(layout.config)
-    embed = read_tensor(layout.embed_name)
-    hidden = [embed[torch.tensor(w)].to(device, torch.float32)[None] for w in windows]
-    del embed
+    stack = LayerStack(layout, device)
+    hidden = stack.embed(read_tensor(layout.embed_name), windows)
     n_tokens = sum(len(w) for w in windows)
-
-    rotary_meta = getattr(model.get_submodule(layout.layers_name.rsplit(".", 1)[0]), "rotary_emb")
-    rotary = type(rotary_meta)(config=layout.config).to(device)
-    position_embeddings = {}
-    for h in hidden:
-        length = h.shape[1]
-        if length not in position_embeddings:
-            ids = torch.arange(length, device=device)[None]
-            position_embeddings[length] = (ids, rotary(h, ids))
-
-    layers = model.get_submodule(layout.layers_name)
     for index in range(layout.num_layers):
-        layer = layers[index]
-        prefix = f"{layout.layers_name}.{index}."
-        layer.load_state_dict(
-            {
-                name: read_tensor(prefix + name).to(device, torch.float32)
-                for name, _ in layer.named_parameters()
-            },
-            assign=True,
-        )
+        layer = stack.load_layer(index, read_tensor)
         moments: dict[str, torch.Tensor] = {}
         hooks = []
         for target in layout.layer_targets(index):
@@ -63,17 +105,15 @@ def layer_input_moments(
             # Summed in float64: the cut at rank k is sensitive to XᵀX where eigenvalues
             # cluster near λ_k (on the test zoo float32 sums moved merged weights by 4e-5).
             acc = moments[target.input_group] = torch.zeros(d_in, d_in, device=device, dtype=torch.float64)
-            module = model.get_submodule(target.name.removesuffix(".weight"))
+            module = stack.model.get_submodule(target.name.removesuffix(".weight"))
 
             def accumulate(_module, args, acc=acc, d_in=d_in):
                 x = args[0].reshape(-1, d_in).to(torch.float64)
                 acc.addmm_(x.T, x)
 
             hooks.append(module.register_forward_pre_hook(accumulate))
-        for i, h in enumerate(hidden):
-            ids, pe = position_embeddings[h.shape[1]]
-            hidden[i] = layer(h, position_ids=ids, position_embeddings=pe)
+        hidden = stack.run_layer(layer, hidden)
         for hook in hooks:
             hook.remove()
-        layer.to("meta")  # release this layer's weights before loading the next
+        stack.release(index)  # release this layer's weights before loading the next
         yield LayerMoments(layer=index, moments=moments, n_tokens=n_tokens)

@@ -45,14 +45,7 @@ def activated(prepared: "PreparedMerge"):
 
 
 def subspace_kernel(group: TensorGroup, **_parameters) -> torch.Tensor:
-    """W0 + α·β_ℓ·ΔW_merged for target linears; W0 + α·(mean or Σ)_t ΔW_t for the rest.
-
-    1-D tensors (norms) take the mean of the task vectors, the authors' rule. Vocabulary
-    matrices do too by default (`embedding_merge`): the authors' TSV-M fallback for 2-D
-    tensors would need an SVD per expert of a 128k-row matrix, more than the rest of the
-    merge costs, and on the zoo the sum (what TSV-M approaches for disjoint row updates)
-    scored no better than the mean.
-    """
+    """W0 + α·update, the update as PreparedMerge.update defines it."""
     prepared = _active.get(frozenset(entry.id for entry in group.entries))
     if prepared is None:
         raise EsmInputError(
@@ -62,15 +55,10 @@ def subspace_kernel(group: TensorGroup, **_parameters) -> torch.Tensor:
         )
     name = group.metadata.name
     base = group.base.tensor.to(torch.float32)
-    if name in prepared.factors:  # its inputs were checked when the pre-pass read them
-        return base + prepared.target_update(name, base.device) * prepared.factors[name]
-    for entry in group.entries:
-        ensure_finite(entry.tensor, name, entry.id)
-    settings = prepared.inputs.settings
-    deltas = torch.stack([entry.tensor.to(torch.float32) - base for entry in group.non_base])
-    vocabulary = group.metadata.vocabulary_axis is not None and base.ndim == 2
-    update = deltas.sum(dim=0) if vocabulary and settings.embedding_merge == "sum" else deltas.mean(dim=0)
-    return base + settings.alpha * update
+    if name not in prepared.betas:  # target inputs were checked when the pre-pass read them
+        for entry in group.entries:
+            ensure_finite(entry.tensor, name, entry.id)
+    return base + prepared.alpha * prepared.update(name, base, [e.tensor for e in group.non_base])
 
 
 def _parameter_specs(method: MethodDefinition) -> tuple[ParameterSpec, ...]:

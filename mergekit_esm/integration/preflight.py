@@ -16,7 +16,7 @@ from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from mergekit_esm.architecture import DecoderLayout
-from mergekit_esm.calibration.proxy import load_documents, token_windows
+from mergekit_esm.calibration.proxy import SELF_PROXY, load_documents, token_windows
 from mergekit_esm.errors import EsmInputError
 from mergekit_esm.methods import METHODS, MergeSettings, MethodDefinition
 from mergekit_esm.methods.base import unknown_parameter_message
@@ -31,10 +31,12 @@ class MergeInputs:
     experts: tuple[ModelReference, ...]
     settings: MergeSettings
     layout: DecoderLayout
-    windows: dict[ModelReference, list[list[int]]]  # empty for methods that do not calibrate
+    # proxy token windows per calibrated expert; None where the expert writes its own (proxy: self)
+    windows: dict[ModelReference, list[list[int]] | None]
     ranks: dict[str, int | None]  # target tensor name → k
     device: str
     trust_remote_code: bool
+    tokenizer: Any
 
     @property
     def models(self) -> tuple[ModelReference, ...]:
@@ -183,10 +185,14 @@ def preflight(config: MergeConfiguration, options: MergeOptions) -> MergeInputs:
         needed = max(ranks.values())
         for expert in experts:
             proxy = per_model[expert]["proxy"]
-            windows[expert] = token_windows(
-                load_documents(proxy), tokenizer, settings.proxy_samples, settings.proxy_max_tokens
-            )
-            n = sum(len(w) for w in windows[expert])
+            if proxy == SELF_PROXY:  # sampled in the pre-pass, always samples × max_tokens long
+                windows[expert] = None
+                n = settings.proxy_samples * settings.proxy_max_tokens
+            else:
+                windows[expert] = token_windows(
+                    load_documents(proxy), tokenizer, settings.proxy_samples, settings.proxy_max_tokens
+                )
+                n = sum(len(w) for w in windows[expert])
             if n < needed:
                 raise EsmInputError(
                     f"proxy '{proxy}' gives {n} tokens for {expert} but rank {needed} needs at "
@@ -203,5 +209,6 @@ def preflight(config: MergeConfiguration, options: MergeOptions) -> MergeInputs:
         ranks=ranks,
         device=str(options.device or "cpu"),
         trust_remote_code=trust,
+        tokenizer=tokenizer,
     )
 

@@ -25,6 +25,7 @@ from mergekit_esm.algebra import layer_scales
 from mergekit_esm.algebra.subspace import InputMoment
 from mergekit_esm.cache import CacheEntry, cache_root, files_fingerprint, fingerprint
 from mergekit_esm.calibration.layerwise import layer_input_moments
+from mergekit_esm.calibration.self_proxy import self_generated_windows
 from mergekit_esm.errors import EsmInputError, ensure_finite
 from mergekit_esm.integration.preflight import MergeInputs
 
@@ -50,14 +51,38 @@ def _checked_reader(model: ModelReference, device: str):
     return read
 
 
+def self_written_windows(inputs: MergeInputs, expert: ModelReference, root: Path) -> list[list[int]]:
+    """proxy: self — the expert's own samples, cached by model and generation options."""
+    s = inputs.settings
+    options = s.model_dump(include={"proxy_samples", "proxy_max_tokens", "self_proxy_prompt", "self_proxy_temperature", "self_proxy_seed"})
+    entry = CacheEntry(root, "self-proxy", fingerprint("self-proxy", _model_fingerprint(expert), options))
+    if not entry.complete:
+        path = LoaderCache().get(expert).index.base_path
+        windows = self_generated_windows(
+            path,
+            inputs.tokenizer,
+            s.proxy_samples,
+            s.proxy_max_tokens,
+            s.self_proxy_temperature,
+            s.self_proxy_prompt,
+            s.self_proxy_seed,
+            inputs.device,
+            inputs.trust_remote_code,
+        )
+        with entry.writing() as scratch:
+            (scratch / "windows.json").write_text(json.dumps(windows))
+    return json.loads((entry.path / "windows.json").read_text())
+
+
 def calibrate(inputs: MergeInputs, expert: ModelReference, root: Path) -> CacheEntry:
     """Each expert's per-layer XᵀX on its own proxy windows, cached by model and tokens."""
-    entry = CacheEntry(root, "stats", fingerprint("stats", _model_fingerprint(expert), inputs.windows[expert]))
+    windows = inputs.windows[expert]
+    if windows is None:
+        windows = self_written_windows(inputs, expert, root)
+    entry = CacheEntry(root, "stats", fingerprint("stats", _model_fingerprint(expert), windows))
     if entry.complete:
         return entry
-    layers = layer_input_moments(
-        _checked_reader(expert, inputs.device), inputs.layout, inputs.windows[expert], inputs.device
-    )
+    layers = layer_input_moments(_checked_reader(expert, inputs.device), inputs.layout, windows, inputs.device)
     with entry.writing() as scratch:
         for result in tqdm.tqdm(layers, total=inputs.layout.num_layers, desc=f"ESM calibration {expert}"):
             save_file(
@@ -96,7 +121,7 @@ def merged_updates(inputs: MergeInputs, stats: dict[ModelReference, CacheEntry],
         inputs.method.name,
         _model_fingerprint(inputs.base),
         [(str(e), stats[e].path.name if e in stats else _model_fingerprint(e)) for e in inputs.experts],
-        s.model_dump(exclude=set(s.APPLY_TIME)),
+        s.model_dump(exclude=set(s.OUTSIDE_UPDATE_KEY)),
         inputs.ranks,
     )
     entry = CacheEntry(root, "deltas", key)
@@ -121,16 +146,34 @@ def merged_updates(inputs: MergeInputs, stats: dict[ModelReference, CacheEntry],
 
 @dataclass
 class PreparedMerge:
-    """What the kernel needs: where each ΔW_merged lies and its final factor α·β."""
+    """What the kernel needs: where each ΔW_merged lies, its layer scale β, and α."""
 
     inputs: MergeInputs
     updates: Path
-    factors: dict[str, float]  # target tensor name → α·β_ℓ
+    betas: dict[str, float]  # target tensor name → β_ℓ
+    alpha: float
 
-    def target_update(self, name: str, device: torch.device) -> torch.Tensor:
+    def target_update(self, name: str, device: torch.device | str) -> torch.Tensor:
         layer = self.inputs.layout.layer_of[name]
         with safe_open(self.updates / _layer_file(layer), framework="pt", device=str(device)) as f:
             return f.get_tensor(name)
+
+    def update(self, name: str, base: torch.Tensor, experts: list[torch.Tensor]) -> torch.Tensor:
+        """This tensor's update before α (W = W0 + α·update), float32.
+
+        Target linears: β_ℓ·ΔW_merged (cached; `experts` is not read). Other tensors: the
+        mean of the task vectors, the authors' rule for 1-D tensors; vocabulary matrices
+        too by default (`embedding_merge`): the authors' TSV-M fallback for 2-D tensors
+        would need an SVD per expert of a 128k-row matrix, more than the rest of the merge
+        costs, and on the zoo the sum (what TSV-M approaches for disjoint row updates)
+        scored no better than the mean.
+        """
+        if name in self.betas:
+            return self.target_update(name, base.device) * self.betas[name]
+        deltas = torch.stack([e.to(torch.float32) - base for e in experts])
+        layout = self.inputs.layout
+        vocabulary = base.ndim == 2 and name in (layout.embed_name, layout.head_names[1])
+        return deltas.sum(dim=0) if vocabulary and self.inputs.settings.embedding_merge == "sum" else deltas.mean(dim=0)
 
 
 def prepare(inputs: MergeInputs) -> PreparedMerge:
@@ -142,6 +185,9 @@ def prepare(inputs: MergeInputs) -> PreparedMerge:
     for target in inputs.layout.targets:
         by_type.setdefault(target.module_type, {})[target.layer] = norms[target.name]
     betas = layer_scales(by_type, inputs.settings.layer_exponent_or_off)
-    alpha = inputs.settings.alpha
-    factors = {t.name: alpha * betas[(t.module_type, t.layer)] for t in inputs.layout.targets}
-    return PreparedMerge(inputs=inputs, updates=updates.path, factors=factors)
+    return PreparedMerge(
+        inputs=inputs,
+        updates=updates.path,
+        betas={t.name: betas[(t.module_type, t.layer)] for t in inputs.layout.targets},
+        alpha=inputs.settings.alpha,
+    )

@@ -34,8 +34,9 @@ class MergeSettings(BaseModel):
 
     # Parameters that may also be set per model (the rest are global only).
     PER_MODEL: ClassVar[frozenset[str]] = frozenset()
-    # Parameters used only when the cached ΔW_merged is applied: changing them re-uses it.
-    APPLY_TIME: ClassVar[frozenset[str]] = frozenset({"alpha", "embedding_merge", "cache_dir"})
+    # Parameters that are not part of the merged updates' cache key: used only when the cached
+    # ΔW_merged is applied, or already part of the calibration statistics' key.
+    OUTSIDE_UPDATE_KEY: ClassVar[frozenset[str]] = frozenset({"alpha", "embedding_merge", "cache_dir"})
 
     @property
     def layer_exponent_or_off(self) -> float:

@@ -8,7 +8,7 @@ from pydantic import Field
 
 from mergekit_esm.algebra import essential_subspace, merge_task_factors, svd_subspace
 from mergekit_esm.algebra.subspace import InputMoment
-from mergekit_esm.calibration.proxy import BUILTIN_PROXY
+from mergekit_esm.calibration.proxy import BUILTIN_PROXY, PromptMode
 from mergekit_esm.methods.base import MergeSettings, MethodDefinition
 
 
@@ -36,20 +36,31 @@ class EsmSettings(MergeSettings):
     )
     proxy: str = Field(
         BUILTIN_PROXY,
-        description="Calibration text: 'builtin' (generic text shipped with the package) or a "
-        "path to a .txt (documents separated by blank lines) or .jsonl file ({\"text\": ...} per "
-        "line). May be set per model.",
+        description="Calibration text: 'builtin' (generic text shipped with the package), "
+        "'self' (each expert samples its own text), or a path to a .txt (documents separated by "
+        "blank lines) or .jsonl file ({\"text\": ...} or chat {\"messages\": [...]} per line). "
+        "May be set per model.",
     )
     proxy_samples: int = Field(32, ge=1, description="Proxy windows per expert (paper: 32).")
     proxy_max_tokens: int = Field(512, ge=2, description="Tokens per proxy window.")
+    self_proxy_prompt: PromptMode = Field(
+        "generic",
+        description="proxy: self — start each sample from a few short generic requests (through "
+        "the chat template when the tokenizer has one) or from BOS alone ('bos').",
+    )
+    self_proxy_temperature: float = Field(1.0, gt=0, description="proxy: self — sampling temperature.")
+    self_proxy_seed: int = Field(0, description="proxy: self — sampling seed (same seed, same text).")
 
     PER_MODEL: ClassVar[frozenset[str]] = frozenset({"proxy"})
     # The proxy reaches ΔW_merged through the calibration statistics' own cache key.
-    APPLY_TIME: ClassVar[frozenset[str]] = MergeSettings.APPLY_TIME | {
+    OUTSIDE_UPDATE_KEY: ClassVar[frozenset[str]] = MergeSettings.OUTSIDE_UPDATE_KEY | {
         "layer_exponent",
         "proxy",
         "proxy_samples",
         "proxy_max_tokens",
+        "self_proxy_prompt",
+        "self_proxy_temperature",
+        "self_proxy_seed",
     }
 
 
