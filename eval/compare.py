@@ -72,11 +72,18 @@ def _label(setting: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in setting.items()) or "defaults"
 
 
-def merge(method: str, setting: dict, zoo: dict, workdir: Path) -> tuple[Path, float]:
-    """Merge through the real mergekit-yaml from the method's recipe; cached by recipe."""
+def merge(
+    method: str, setting: dict, zoo: dict, workdir: Path, model_parameters: dict[str, dict] | None = None
+) -> tuple[Path, float]:
+    """Merge through the real mergekit-yaml from the method's recipe; cached by recipe.
+
+    model_parameters: task → that expert's per-model parameters (e.g. its own proxy)."""
     config = yaml.safe_load(recipe_file(method).read_text())
     config["base_model"] = str(zoo["base"].resolve())
-    config["models"] = [{"model": str(zoo["experts"][t].resolve())} for t in TASKS]
+    config["models"] = [
+        {"model": str(zoo["experts"][t].resolve()), **({"parameters": model_parameters[t]} if model_parameters else {})}
+        for t in TASKS
+    ]
     config["parameters"] = {**(config.get("parameters") or {}), **setting}
     text = yaml.safe_dump(config, sort_keys=False)
     key = hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -125,30 +132,50 @@ class Results:
         self.path.write_text(json.dumps(self.data, indent=1))
 
 
-def run(workdir: Path, methods: list[str], ablation: bool) -> Path:
-    workdir.mkdir(parents=True, exist_ok=True)
-    results = Results(workdir / "results.json")
-    timings = results.get("timings") or {}
-    start = time.perf_counter()
-    zoo = build_zoo(workdir)
-    timings.setdefault("zoo_s", round(time.perf_counter() - start, 1))
-    include = write_task_configs(zoo["data"], workdir / "tasks")
-    tasks = list(TASKS)
-    val_tasks = [t + "_val" for t in tasks]
+class Zoo:
+    """The built zoo, its task YAMLs and the cached scores (results.json) of a workdir."""
 
-    def scored(split: str, label: str, model: Path, names: list[str]) -> dict[str, float]:
-        cached = results.get(split, label)
+    def __init__(self, workdir: Path):
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        self.results = Results(workdir / "results.json")
+        self.timings = self.results.get("timings") or {}
+        start = time.perf_counter()
+        self.models = build_zoo(workdir)
+        self.timings.setdefault("zoo_s", round(time.perf_counter() - start, 1))
+        self.include = write_task_configs(self.models["data"], workdir / "tasks")
+        self.tasks = list(TASKS)
+        t = time.perf_counter()
+        experts = self.models["experts"]
+        self.expert_val = {x: self.scored("val", f"expert:{x}", experts[x], [x])[x] for x in self.tasks}
+        self.expert_test = {x: self.scored("test", f"expert:{x}", experts[x], [x])[x] for x in self.tasks}
+        self.base_test = self.scored("test", "base", self.models["base"])
+        self.timings.setdefault("score_base_and_experts_s", round(time.perf_counter() - t, 1))
+
+    def scored(self, split: str, label: str, model: Path, tasks: list[str] | None = None) -> dict[str, float]:
+        """Accuracy per task (default: all) on the split ("val" or "test"), cached under the label."""
+        cached = self.results.get(split, label)
         if cached is None:
-            raw = score(model, names, include)
+            tasks = tasks or self.tasks
+            names = [t + "_val" for t in tasks] if split == "val" else tasks
+            raw = score(model, names, self.include)
             cached = {n.removesuffix("_val"): v for n, v in raw.items()}
-            results.put(cached, split, label)
+            self.results.put(cached, split, label)
         return cached
 
-    t = time.perf_counter()
-    expert_val = {t_: scored("val", f"expert:{t_}", zoo["experts"][t_], [t_ + "_val"])[t_] for t_ in tasks}
-    expert_test = {t_: scored("test", f"expert:{t_}", zoo["experts"][t_], [t_])[t_] for t_ in tasks}
-    base_test = scored("test", "base", zoo["base"], tasks)
-    timings.setdefault("score_base_and_experts_s", round(time.perf_counter() - t, 1))
+    def merged_val(self, method: str, setting: dict, label: str, model_parameters=None) -> dict[str, float]:
+        val = self.results.get("val", label)
+        if val is None:
+            path, merge_s = merge(method, setting, self.models, self.workdir, model_parameters)
+            self.results.put(round(merge_s, 1), "merge_s", label)
+            val = self.scored("val", label, path)
+        return val
+
+
+def run(workdir: Path, methods: list[str], ablation: bool) -> Path:
+    zoo = Zoo(workdir)
+    results, timings, tasks = zoo.results, zoo.timings, zoo.tasks
+    expert_val, expert_test, base_test = zoo.expert_val, zoo.expert_test, zoo.base_test
 
     def search(method: str) -> tuple[dict[str, float], str]:
         """Best setting of the method's grid on validation; its test scores and label."""
@@ -156,19 +183,15 @@ def run(workdir: Path, methods: list[str], ablation: bool) -> Path:
         best = None
         for setting in GRIDS[method]:
             label = f"{method}[{_label(setting)}]"
-            val = results.get("val", label)
-            if val is None:
-                path, merge_s = merge(method, setting, zoo, workdir)
-                results.put(round(merge_s, 1), "merge_s", label)
-                val = scored("val", label, path, val_tasks)
+            val = zoo.merged_val(method, setting, label)
             quality = normalized(val, expert_val)
             if best is None or quality > best[0]:
                 best = (quality, setting, label)
         _, setting, label = best
         test = results.get("test", label)
         if test is None:
-            path, _ = merge(method, setting, zoo, workdir)
-            test = scored("test", label, path, tasks)
+            path, _ = merge(method, setting, zoo.models, workdir)
+            test = zoo.scored("test", label, path)
             for other in (workdir / "merges" / method).iterdir():  # keep only the chosen merge
                 if other != path:
                     shutil.rmtree(other)

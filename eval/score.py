@@ -10,12 +10,13 @@ validation split (used for hyper-parameter search).
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import yaml
 
-METRIC = "exact_match,strip"
+from mergekit_esm.strength.lm_eval_score import score
+
+__all__ = ["score", "write_task_configs"]
 
 
 def write_task_configs(data: dict[str, dict[str, Path]], out: Path) -> Path:
@@ -38,42 +39,6 @@ def write_task_configs(data: dict[str, dict[str, Path]], out: Path) -> Path:
             }
             (out / f"{task}{suffix}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return out
-
-
-def score(
-    model: str | Path,
-    tasks: list[str],
-    include_path: Path | None = None,
-    batch_size: int = 32,
-    limit: int | None = None,
-    device: str | None = None,
-) -> dict[str, float]:
-    """Accuracy per task (exact match after stripping whitespace for zoo tasks)."""
-    if include_path:  # local JSONL only: never ask the hub
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    import torch
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    manager = TaskManager(include_path=str(include_path) if include_path else None)
-    result = simple_evaluate(
-        model="hf",
-        model_args={"pretrained": str(model), "dtype": "float32"},
-        tasks=tasks,
-        task_manager=manager,
-        batch_size=batch_size,
-        device=device,
-        limit=limit,
-        log_samples=False,
-        bootstrap_iters=0,
-    )
-    scores = {}
-    for task in tasks:
-        metrics = result["results"][task]
-        key = METRIC if METRIC in metrics else next(k for k in metrics if k != "alias" and "stderr" not in k)
-        scores[task] = float(metrics[key])
-    return scores
 
 
 def main():

@@ -66,21 +66,20 @@ class LayerStack:
     def release(self, index: int) -> None:
         self.layers[index].to("meta")
 
-    def next_token_loss(
+    def token_losses(
         self, hidden: list[torch.Tensor], windows: list[list[int]], norm: torch.Tensor, head: torch.Tensor
-    ) -> float:
-        """Mean cross-entropy of each window's next tokens from the last hidden states."""
+    ) -> torch.Tensor:
+        """Cross-entropy of every next token of every window (concatenated, float32, CPU)."""
         final_norm = self.model.get_submodule(self.layout.head_names[0].removesuffix(".weight"))
         final_norm.load_state_dict({"weight": norm.to(self.device, torch.float32)}, assign=True)
-        total, count = 0.0, 0
         head = head.to(self.device, torch.float32)
+        losses = []
         for h, w in zip(hidden, windows):
             logits = final_norm(h)[0, :-1] @ head.T
             target = torch.tensor(w[1:], device=self.device)
-            total += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
-            count += len(w) - 1
+            losses.append(torch.nn.functional.cross_entropy(logits, target, reduction="none").cpu())
         final_norm.to("meta")
-        return total / count
+        return torch.cat(losses)
 
 
 @torch.inference_mode()

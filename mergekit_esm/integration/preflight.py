@@ -65,7 +65,7 @@ def _settings(method: MethodDefinition, config: MergeConfiguration) -> tuple[Mer
         settings = settings_type(**raw)
     except ValidationError as error:
         first = error.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
+        field = str(first["loc"][0])
         raise EsmInputError(
             f"{method.name} parameter '{field}': {first['msg']} (got {first.get('input')!r})"
         ) from None

@@ -11,6 +11,7 @@ exponent skip all linear algebra. TSV-M and Iso-C/CTS take the same path (no cal
 """
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from mergekit_esm.cache import CacheEntry, cache_root, files_fingerprint, finger
 from mergekit_esm.calibration.layerwise import layer_input_moments
 from mergekit_esm.calibration.self_proxy import self_generated_windows
 from mergekit_esm.errors import EsmInputError, ensure_finite
+from mergekit_esm.strength.auto import auto_alpha
 from mergekit_esm.integration.preflight import MergeInputs
 
 
@@ -40,7 +42,7 @@ def _model_fingerprint(model: ModelReference) -> list:
     return [str(model), files_fingerprint(index.base_path, files)]
 
 
-def _checked_reader(model: ModelReference, device: str):
+def checked_reader(model: ModelReference, device: str):
     loader = LoaderCache().get(model)
 
     def read(name: str) -> torch.Tensor:
@@ -51,18 +53,21 @@ def _checked_reader(model: ModelReference, device: str):
     return read
 
 
-def self_written_windows(inputs: MergeInputs, expert: ModelReference, root: Path) -> list[list[int]]:
-    """proxy: self — the expert's own samples, cached by model and generation options."""
+def self_written_windows(
+    inputs: MergeInputs, expert: ModelReference, root: Path, samples: int, max_tokens: int
+) -> list[list[int]]:
+    """The expert's own samples (proxy: self, alpha: auto), cached by model and options."""
     s = inputs.settings
-    options = s.model_dump(include={"proxy_samples", "proxy_max_tokens", "self_proxy_prompt", "self_proxy_temperature", "self_proxy_seed"})
-    entry = CacheEntry(root, "self-proxy", fingerprint("self-proxy", _model_fingerprint(expert), options))
+    options = s.model_dump(include={"self_proxy_prompt", "self_proxy_temperature", "self_proxy_seed"})
+    key = fingerprint("self-proxy", _model_fingerprint(expert), options, samples, max_tokens)
+    entry = CacheEntry(root, "self-proxy", key)
     if not entry.complete:
         path = LoaderCache().get(expert).index.base_path
         windows = self_generated_windows(
             path,
             inputs.tokenizer,
-            s.proxy_samples,
-            s.proxy_max_tokens,
+            samples,
+            max_tokens,
             s.self_proxy_temperature,
             s.self_proxy_prompt,
             s.self_proxy_seed,
@@ -78,11 +83,12 @@ def calibrate(inputs: MergeInputs, expert: ModelReference, root: Path) -> CacheE
     """Each expert's per-layer XᵀX on its own proxy windows, cached by model and tokens."""
     windows = inputs.windows[expert]
     if windows is None:
-        windows = self_written_windows(inputs, expert, root)
+        s = inputs.settings
+        windows = self_written_windows(inputs, expert, root, s.proxy_samples, s.proxy_max_tokens)
     entry = CacheEntry(root, "stats", fingerprint("stats", _model_fingerprint(expert), windows))
     if entry.complete:
         return entry
-    layers = layer_input_moments(_checked_reader(expert, inputs.device), inputs.layout, windows, inputs.device)
+    layers = layer_input_moments(checked_reader(expert, inputs.device), inputs.layout, windows, inputs.device)
     with entry.writing() as scratch:
         for result in tqdm.tqdm(layers, total=inputs.layout.num_layers, desc=f"ESM calibration {expert}"):
             save_file(
@@ -94,8 +100,8 @@ def calibrate(inputs: MergeInputs, expert: ModelReference, root: Path) -> CacheE
 
 
 def _merge_layer(inputs: MergeInputs, layer: int, stats: dict[ModelReference, CacheEntry], zero: set):
-    read_base = _checked_reader(inputs.base, inputs.device)
-    readers = {e: _checked_reader(e, inputs.device) for e in inputs.experts}
+    read_base = checked_reader(inputs.base, inputs.device)
+    readers = {e: checked_reader(e, inputs.device) for e in inputs.experts}
     moments = {}  # expert → input group → XᵀX with its √ computed once for all its readers
     for expert, entry in stats.items():
         with safe_open(entry.path / _layer_file(layer), framework="pt", device=inputs.device) as f:
@@ -152,6 +158,7 @@ class PreparedMerge:
     updates: Path
     betas: dict[str, float]  # target tensor name → β_ℓ
     alpha: float
+    alpha_search: dict[float, float] | None = None  # alpha: auto — every α tried → its loss
 
     def target_update(self, name: str, device: torch.device | str) -> torch.Tensor:
         layer = self.inputs.layout.layer_of[name]
@@ -185,9 +192,18 @@ def prepare(inputs: MergeInputs) -> PreparedMerge:
     for target in inputs.layout.targets:
         by_type.setdefault(target.module_type, {})[target.layer] = norms[target.name]
     betas = layer_scales(by_type, inputs.settings.layer_exponent_or_off)
-    return PreparedMerge(
+    s = inputs.settings
+    prepared = PreparedMerge(
         inputs=inputs,
         updates=updates.path,
         betas={t.name: betas[(t.module_type, t.layer)] for t in inputs.layout.targets},
-        alpha=inputs.settings.alpha,
+        alpha=s.alpha if s.alpha != "auto" else float("nan"),
     )
+    if s.alpha == "auto":
+        windows = {
+            e: self_written_windows(inputs, e, root, s.auto_alpha_samples, s.auto_alpha_max_tokens)
+            for e in inputs.experts
+        }
+        prepared.alpha, prepared.alpha_search = auto_alpha(prepared, windows)
+        print(f"{inputs.method.name} alpha: auto chose α = {prepared.alpha:.4g}", file=sys.stderr)
+    return prepared

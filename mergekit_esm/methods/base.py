@@ -9,10 +9,12 @@ method spec is generated from them and the preflight rejects any key they do not
 import difflib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Optional
+from typing import Annotated, ClassVar, Literal, Optional, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+
+from mergekit_esm.calibration.proxy import PromptMode
 
 
 class MergeSettings(BaseModel):
@@ -20,12 +22,26 @@ class MergeSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    alpha: float = Field(1.0, ge=0, description="Global strength α: W = W0 + α·ΔW_merged.")
+    alpha: Union[Annotated[float, Field(ge=0)], Literal["auto"]] = Field(
+        1.0, description="Global strength α: W = W0 + α·ΔW_merged; 'auto' chooses it without labels."
+    )
     embedding_merge: Literal["mean", "sum"] = Field(
         "mean",
         description="Vocabulary matrices (embed_tokens, lm_head): mean or sum of the task "
         "vectors, times α (mean measured as good or better on the zoo; see README).",
     )
+    auto_alpha_samples: int = Field(
+        8, ge=1, description="alpha: auto — samples each expert writes to judge the merge by."
+    )
+    auto_alpha_max_tokens: int = Field(128, ge=2, description="alpha: auto — tokens per sample.")
+    self_proxy_prompt: PromptMode = Field(
+        "generic",
+        description="Expert-written text (proxy: self, alpha: auto): start each sample from a few "
+        "short generic requests (through the chat template when the tokenizer has one) or from "
+        "BOS alone ('bos').",
+    )
+    self_proxy_temperature: float = Field(1.0, gt=0, description="Expert-written text: sampling temperature.")
+    self_proxy_seed: int = Field(0, description="Expert-written text: sampling seed (same seed, same text).")
     cache_dir: Optional[str] = Field(
         None,
         description="Where calibration statistics and merged updates are cached; default "
@@ -36,7 +52,18 @@ class MergeSettings(BaseModel):
     PER_MODEL: ClassVar[frozenset[str]] = frozenset()
     # Parameters that are not part of the merged updates' cache key: used only when the cached
     # ΔW_merged is applied, or already part of the calibration statistics' key.
-    OUTSIDE_UPDATE_KEY: ClassVar[frozenset[str]] = frozenset({"alpha", "embedding_merge", "cache_dir"})
+    OUTSIDE_UPDATE_KEY: ClassVar[frozenset[str]] = frozenset(
+        {
+            "alpha",
+            "embedding_merge",
+            "cache_dir",
+            "auto_alpha_samples",
+            "auto_alpha_max_tokens",
+            "self_proxy_prompt",
+            "self_proxy_temperature",
+            "self_proxy_seed",
+        }
+    )
 
     @property
     def layer_exponent_or_off(self) -> float:

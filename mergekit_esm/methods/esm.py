@@ -1,24 +1,23 @@
 """`merge_method: esm` — Essential Subspace Merging (Li et al., CVPR 2026), ../shared/ESM.md."""
 
 from collections.abc import Sequence
-from typing import ClassVar, Literal, Optional
+from typing import Annotated, ClassVar, Literal, Optional, Union
 
 import torch
 from pydantic import Field
 
 from mergekit_esm.algebra import essential_subspace, merge_task_factors, svd_subspace
 from mergekit_esm.algebra.subspace import InputMoment
-from mergekit_esm.calibration.proxy import BUILTIN_PROXY, PromptMode
+from mergekit_esm.calibration.proxy import BUILTIN_PROXY
 from mergekit_esm.methods.base import MergeSettings, MethodDefinition
 
 
 class EsmSettings(MergeSettings):
-    alpha: float = Field(
+    alpha: Union[Annotated[float, Field(ge=0)], Literal["auto"]] = Field(
         3.0,
-        ge=0,
-        description="Global strength α: W = W0 + α·β_ℓ·ΔW_merged. α=1 is the merged update as "
-        "ESM builds it, without the authors' ViT factor 2 (α=1 here is their α=0.5). Default 3: "
-        "best on the validation split of our expert zoo (see README).",
+        description="Global strength α: W = W0 + α·β_ℓ·ΔW_merged, or 'auto'. α=1 is the merged "
+        "update as ESM builds it, without the authors' ViT factor 2 (α=1 here is their α=0.5). "
+        "Default 3: best on the validation split of our expert zoo (see README).",
     )
     rank: Optional[int] = Field(
         None, ge=1, description="Directions kept per expert and weight; default ⌊d_out / T⌋, at most d_in."
@@ -43,13 +42,6 @@ class EsmSettings(MergeSettings):
     )
     proxy_samples: int = Field(32, ge=1, description="Proxy windows per expert (paper: 32).")
     proxy_max_tokens: int = Field(512, ge=2, description="Tokens per proxy window.")
-    self_proxy_prompt: PromptMode = Field(
-        "generic",
-        description="proxy: self — start each sample from a few short generic requests (through "
-        "the chat template when the tokenizer has one) or from BOS alone ('bos').",
-    )
-    self_proxy_temperature: float = Field(1.0, gt=0, description="proxy: self — sampling temperature.")
-    self_proxy_seed: int = Field(0, description="proxy: self — sampling seed (same seed, same text).")
 
     PER_MODEL: ClassVar[frozenset[str]] = frozenset({"proxy"})
     # The proxy reaches ΔW_merged through the calibration statistics' own cache key.
@@ -58,9 +50,6 @@ class EsmSettings(MergeSettings):
         "proxy",
         "proxy_samples",
         "proxy_max_tokens",
-        "self_proxy_prompt",
-        "self_proxy_temperature",
-        "self_proxy_seed",
     }
 
 
