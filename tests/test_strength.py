@@ -125,3 +125,43 @@ def test_self_prediction_losses_match_whole_merged_models(zoo, tmp_path, monkeyp
                     logits = model(ids).logits[0, :-1]
                 expected.append(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none"))
             assert torch.allclose(losses[alpha][expert], torch.cat(expected), atol=1e-4)
+
+
+def test_auto_alpha_agrees_with_a_brute_force_search_over_a_fine_grid(zoo, tmp_path, monkeypatch):
+    """auto_alpha's pick scores as well on its criterion as the best of a fine α grid."""
+    from mergekit_esm.integration.preflight import checked_reader
+    from mergekit_esm.strength import auto
+
+    prepared, _ = _prepared(zoo, tmp_path, monkeypatch, {})
+    inputs = prepared.inputs
+    g = torch.Generator().manual_seed(1)
+    # each expert's "own samples": text it predicts better than the base does
+    windows = {e: [torch.randint(0, 256, (48,), generator=g).tolist() for _ in range(3)] for e in inputs.experts}
+    margin = 0.02  # tiny random models differ from their base by little
+    chosen, tried = auto.auto_alpha(prepared, windows, refine_steps=6, margin=margin)
+
+    grid = [0.1 * i for i in range(1, 100)]
+    losses = auto.self_prediction_losses(prepared, windows, [0.0, *grid])
+    base = losses.pop(0.0)
+    own = {e: auto.model_token_losses(checked_reader(e, "cpu"), inputs.layout, windows[e]) for e in windows}
+    brute = {a: auto.distinctive_token_loss(v, base, own, margin) for a, v in losses.items()}
+    best = min(brute, key=brute.get)
+    assert tried[chosen] <= brute[best] + 1e-3 * abs(brute[best]), (chosen, best)
+    assert abs(math.log(chosen / best)) < 0.2, (chosen, best)
+
+
+def test_alpha_auto_end_to_end_writes_the_chosen_alpha_into_the_card(zoo, tmp_path, monkeypatch):
+    from mergekit.scripts.run_yaml import main as mergekit_yaml_main
+
+    from mergekit_esm.strength import auto
+
+    monkeypatch.setenv("MERGEKIT_ESM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(auto, "DISTINCTIVE_MARGIN", 0.02)  # tiny random experts differ by little
+    parameters = {"alpha": "auto", "auto_alpha_samples": 2, "auto_alpha_max_tokens": 32, "proxy": str(zoo["proxy"])}
+    config = recipe(tmp_path / "auto.yml", zoo["base"], zoo["experts"], parameters, merge_method="esm")
+    result = CliRunner().invoke(mergekit_yaml_main, [str(config), str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output[-2000:]
+    card = (tmp_path / "out" / "README.md").read_text()
+    line = next(l for l in card.splitlines() if l.startswith("| α chosen by alpha: auto |"))
+    chosen = float(line.split("|")[2].split()[0])
+    assert 0.25 / 2 <= chosen <= 8 * 2 and "| alpha | auto |" in card

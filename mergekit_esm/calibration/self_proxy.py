@@ -116,7 +116,7 @@ def self_generated_windows(
             trust_remote_code=trust_remote_code,
         ).eval()
         sequences = generate_sequences(
-            model, tokenizer, prompt_ids(tokenizer, mode), min(samples, 16), max_tokens, temperature, seed
+            model, tokenizer, prompt_ids(tokenizer, mode), min(samples, 32), max_tokens, temperature, seed
         )
         budget = samples * max_tokens
         progress = tqdm.tqdm(total=budget, desc=f"ESM self-proxy {model_path}", unit="tok")

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 from mergekit.io.tasks import LoaderCache
@@ -17,7 +18,7 @@ from transformers import AutoTokenizer
 
 from mergekit_esm.architecture import DecoderLayout
 from mergekit_esm.calibration.proxy import SELF_PROXY, load_documents, token_windows
-from mergekit_esm.errors import EsmInputError
+from mergekit_esm.errors import EsmInputError, ensure_finite
 from mergekit_esm.methods import METHODS, MergeSettings, MethodDefinition
 from mergekit_esm.methods.base import unknown_parameter_message
 
@@ -41,6 +42,17 @@ class MergeInputs:
     @property
     def models(self) -> tuple[ModelReference, ...]:
         return (self.base, *self.experts)
+
+
+def checked_reader(model: ModelReference, device: str):
+    loader = LoaderCache().get(model)
+
+    def read(name: str) -> torch.Tensor:
+        tensor = loader.get_tensor(name, device=device)
+        ensure_finite(tensor, name, model)
+        return tensor
+
+    return read
 
 
 def _scalar(method: str, name: str, value: Any, where: str) -> Any:

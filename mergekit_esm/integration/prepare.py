@@ -27,9 +27,9 @@ from mergekit_esm.algebra.subspace import InputMoment
 from mergekit_esm.cache import CacheEntry, cache_root, files_fingerprint, fingerprint
 from mergekit_esm.calibration.layerwise import layer_input_moments
 from mergekit_esm.calibration.self_proxy import self_generated_windows
-from mergekit_esm.errors import EsmInputError, ensure_finite
+from mergekit_esm.errors import EsmInputError
 from mergekit_esm.strength.auto import auto_alpha
-from mergekit_esm.integration.preflight import MergeInputs
+from mergekit_esm.integration.preflight import MergeInputs, checked_reader
 
 
 def _layer_file(layer: int) -> str:
@@ -40,17 +40,6 @@ def _model_fingerprint(model: ModelReference) -> list:
     index = LoaderCache().get(model).index
     files = sorted(set(index.tensor_paths.values())) + ["config.json"]
     return [str(model), files_fingerprint(index.base_path, files)]
-
-
-def checked_reader(model: ModelReference, device: str):
-    loader = LoaderCache().get(model)
-
-    def read(name: str) -> torch.Tensor:
-        tensor = loader.get_tensor(name, device=device)
-        ensure_finite(tensor, name, model)
-        return tensor
-
-    return read
 
 
 def self_written_windows(
