@@ -165,3 +165,12 @@ def test_alpha_auto_end_to_end_writes_the_chosen_alpha_into_the_card(zoo, tmp_pa
     line = next(l for l in card.splitlines() if l.startswith("| α chosen by alpha: auto |"))
     chosen = float(line.split("|")[2].split()[0])
     assert 0.25 / 2 <= chosen <= 8 * 2 and "| alpha | auto |" in card
+
+
+def test_every_method_accepts_alpha_auto():
+    from mergekit_esm.methods import METHODS
+
+    for method in METHODS.values():
+        assert method.settings_type(alpha="auto").alpha == "auto", method.name
+        with pytest.raises(ValueError):
+            method.settings_type(alpha=-1)

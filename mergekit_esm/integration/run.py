@@ -57,7 +57,7 @@ def _card_section(prepared) -> str:
     lines += [f"| {k} | {v} |" for k, v in settings.items()]
     if prepared.alpha_search:
         tried = ", ".join(f"{a:.3g}: {loss:.4f}" for a, loss in sorted(prepared.alpha_search.items()))
-        lines.append(f"| α chosen by alpha: auto | {prepared.alpha:.4g} (self-prediction loss per α tried: {tried}) |")
+        lines.append(f"| α chosen by alpha: auto | {prepared.alpha:.4g} (distinctive-token loss per α tried: {tried}) |")
     ranks = sorted({k for k in inputs.ranks.values() if k is not None})
     if ranks:
         lines.append(f"| rank used (k per expert) | {', '.join(map(str, ranks))} |")

@@ -1,7 +1,7 @@
 """`merge_method: tsv` — TSV-M, task singular vectors merging (Gargiulo et al., CVPR 2025)."""
 
 from collections.abc import Sequence
-from typing import Optional
+from typing import Annotated, Literal, Optional, Union
 
 import torch
 from pydantic import Field
@@ -11,7 +11,9 @@ from mergekit_esm.methods.base import MergeSettings, MethodDefinition
 
 
 class TsvSettings(MergeSettings):
-    alpha: float = Field(1.0, ge=0, description="Global strength α (TSV-M's default 1).")
+    alpha: Union[Annotated[float, Field(ge=0)], Literal["auto"]] = Field(
+        1.0, description="Global strength α (TSV-M's default 1), or 'auto'."
+    )
     rank: Optional[int] = Field(
         None, ge=1, description="Singular directions kept per expert and weight; default ⌊min(d_out, d_in) / T⌋."
     )
