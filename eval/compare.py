@@ -185,7 +185,7 @@ class Zoo:
 
 def run(workdir: Path, methods: list[str], ablation: bool) -> Path:
     zoo = Zoo(workdir)
-    results, timings, tasks = zoo.results, zoo.timings, zoo.tasks
+    results, timings = zoo.results, zoo.timings
     expert_val, expert_test, base_test = zoo.expert_val, zoo.expert_test, zoo.base_test
 
     def search(method: str) -> tuple[dict[str, float], str]:

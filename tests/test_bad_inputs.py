@@ -6,7 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from mergekit.scripts.run_yaml import main as mergekit_yaml_main
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import LlamaForCausalLM, MistralConfig
 
 from tests.conftest import mergekit_yaml, recipe

@@ -54,7 +54,6 @@ def generate_sequences(
     model, tokenizer, prompts: list[list[int]], batch_size: int, max_tokens: int, temperature: float, seed: int
 ) -> Iterator[list[int]]:
     """Endless seeded samples (prompt + continuation, cut after the first EOS), in batches."""
-    generator_seed = seed
     device = model.device
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -64,7 +63,7 @@ def generate_sequences(
         width = max(len(p) for p in batch)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-        torch.manual_seed(generator_seed + batch_index)  # same samples for the same seed
+        torch.manual_seed(seed + batch_index)  # same samples for the same seed
         out = model.generate(
             input_ids=ids,
             attention_mask=mask,

@@ -56,7 +56,6 @@ def self_prediction_losses(prepared, windows: dict, alphas: list[float]) -> dict
             for e in experts:
                 hidden[a, e] = stack.run_layer(layer, hidden[a, e])
             stack.release(index)
-        del parts
     norm_name, head_name = layout.head_names
     norm, head = update(norm_name), update(head_name)
     return {
