@@ -33,6 +33,7 @@ GENERIC_PROMPTS = (
     "Show what you have learned.",
 )
 
+
 def prompt_ids(tokenizer, mode: PromptMode) -> list[list[int]]:
     """Token ids that start each sampled sequence.
 

@@ -28,8 +28,8 @@ from mergekit_esm.cache import CacheEntry, cache_root, files_fingerprint, finger
 from mergekit_esm.calibration.layerwise import layer_input_moments
 from mergekit_esm.calibration.self_proxy import self_generated_windows
 from mergekit_esm.errors import EsmInputError
-from mergekit_esm.strength.auto import auto_alpha
 from mergekit_esm.integration.preflight import MergeInputs, checked_reader
+from mergekit_esm.strength.auto import auto_alpha
 
 
 def _layer_file(layer: int) -> str:

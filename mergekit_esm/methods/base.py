@@ -17,12 +17,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from mergekit_esm.calibration.proxy import PromptMode
 
 
+# A global strength: a non-negative number, or "auto" (strength/auto.py chooses it).
+Strength = Union[Annotated[float, Field(ge=0)], Literal["auto"]]
+
+
 class MergeSettings(BaseModel):
     """Parameters of every method: W = W0 + α·β_ℓ·ΔW_merged (β_ℓ = 1 without layer scaling)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    alpha: Union[Annotated[float, Field(ge=0)], Literal["auto"]] = Field(
+    alpha: Strength = Field(
         1.0, description="Global strength α: W = W0 + α·ΔW_merged; 'auto' chooses it without labels."
     )
     embedding_merge: Literal["mean", "sum"] = Field(

@@ -1,7 +1,7 @@
 """`merge_method: esm` — Essential Subspace Merging (Li et al., CVPR 2026), ../shared/ESM.md."""
 
 from collections.abc import Sequence
-from typing import Annotated, ClassVar, Literal, Optional, Union
+from typing import ClassVar, Literal, Optional
 
 import torch
 from pydantic import Field
@@ -9,11 +9,11 @@ from pydantic import Field
 from mergekit_esm.algebra import essential_subspace, merge_task_factors, svd_subspace
 from mergekit_esm.algebra.subspace import InputMoment
 from mergekit_esm.calibration.proxy import BUILTIN_PROXY
-from mergekit_esm.methods.base import MergeSettings, MethodDefinition
+from mergekit_esm.methods.base import MergeSettings, MethodDefinition, Strength
 
 
 class EsmSettings(MergeSettings):
-    alpha: Union[Annotated[float, Field(ge=0)], Literal["auto"]] = Field(
+    alpha: Strength = Field(
         3.0,
         description="Global strength α: W = W0 + α·β_ℓ·ΔW_merged, or 'auto'. α=1 is the merged "
         "update as ESM builds it, without the authors' ViT factor 2 (α=1 here is their α=0.5). "

@@ -1,17 +1,17 @@
 """`merge_method: tsv` — TSV-M, task singular vectors merging (Gargiulo et al., CVPR 2025)."""
 
 from collections.abc import Sequence
-from typing import Annotated, Literal, Optional, Union
+from typing import Optional
 
 import torch
 from pydantic import Field
 
 from mergekit_esm.algebra.merge import task_singular_vectors_merge
-from mergekit_esm.methods.base import MergeSettings, MethodDefinition
+from mergekit_esm.methods.base import MergeSettings, MethodDefinition, Strength
 
 
 class TsvSettings(MergeSettings):
-    alpha: Union[Annotated[float, Field(ge=0)], Literal["auto"]] = Field(
+    alpha: Strength = Field(
         1.0, description="Global strength α (TSV-M's default 1), or 'auto'."
     )
     rank: Optional[int] = Field(
