@@ -182,6 +182,16 @@ class Zoo:
             val = self.scored("val", label, path)
         return val
 
+    def merged_test(self, method: str, setting: dict, label: str, model_parameters=None) -> tuple[dict[str, float], Path]:
+        """Test scores of a merge (merged only when not cached) and its folder (the method's
+        merges folder when the scores were cached)."""
+        path = self.workdir / "merges" / method
+        test = self.results.get("test", label)
+        if test is None:
+            path, _ = merge(method, setting, self.models, self.workdir, model_parameters)
+            test = self.scored("test", label, path)
+        return test, path
+
 
 def run(workdir: Path, methods: list[str], ablation: bool) -> Path:
     zoo = Zoo(workdir)
@@ -199,11 +209,9 @@ def run(workdir: Path, methods: list[str], ablation: bool) -> Path:
             if best is None or quality > best[0]:
                 best = (quality, setting, label)
         _, setting, label = best
-        test = results.get("test", label)
-        if test is None:
-            path, _ = merge(method, setting, zoo.models, workdir)
-            test = zoo.scored("test", label, path)
-            for other in (workdir / "merges" / method).iterdir():  # keep only the chosen merge
+        test, path = zoo.merged_test(method, setting, label)
+        if path.parent.name == method:  # merged just now: keep only the chosen merge
+            for other in path.parent.iterdir():
                 if other != path:
                     shutil.rmtree(other)
         timings.setdefault(f"{method}_search_and_test_s", round(time.perf_counter() - t, 1))

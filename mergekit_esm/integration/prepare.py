@@ -12,6 +12,7 @@ exponent skip all linear algebra. TSV-M and Iso-C/CTS take the same path (no cal
 
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,7 @@ def self_written_windows(
     entry = CacheEntry(root, "self-proxy", key)
     if not entry.complete:
         path = LoaderCache().get(expert).index.base_path
+        start = time.perf_counter()
         windows = self_generated_windows(
             path,
             inputs.tokenizer,
@@ -63,8 +65,19 @@ def self_written_windows(
             inputs.device,
             inputs.trust_remote_code,
         )
+        seconds = time.perf_counter() - start
+        print(f"ESM self-proxy: {expert} wrote {samples} × {max_tokens} tokens in {seconds:.0f} s", file=sys.stderr)
         with entry.writing() as scratch:
             (scratch / "windows.json").write_text(json.dumps(windows))
+            # What generation cost, for the model card's reader and eval/compare_proxies.
+            record = {
+                "model": str(expert),
+                "samples": samples,
+                "max_tokens": max_tokens,
+                "seconds": round(seconds, 1),
+                "device": inputs.device,
+            }
+            (scratch / "generation.json").write_text(json.dumps(record))
     return json.loads((entry.path / "windows.json").read_text())
 
 
