@@ -17,10 +17,15 @@ from mergekit_esm.algebra import (
     task_singular_vectors_merge,
 )
 from mergekit_esm.algebra.merge import common_space_split, concatenate_factors
+from mergekit_esm.algebra.subspace import InputMoment
 from tests import reference_svd_family as reference
 from tests.reference_esm import esm_weight
 
 D = torch.float64
+
+
+def _moment(x):
+    return InputMoment(x.shape[0], moment=x.T @ x)
 
 
 def _random_inputs(seed, t=3, d_out=12, d_in=10, n=40):
@@ -34,7 +39,7 @@ def _random_inputs(seed, t=3, d_out=12, d_in=10, n=40):
 def test_esd_truncation_error_is_the_dropped_eigenvalues(rank):
     (delta,), (x,) = _random_inputs(0, t=1)
     n = x.shape[0]
-    f = essential_subspace(delta, x.T @ x, n, rank)
+    f = essential_subspace(delta, _moment(x), rank)
     # brute force: the full spectrum of ΔOᵀΔO/(n−1) from the activations themselves
     shift = x @ delta.T
     full = torch.linalg.eigvalsh(shift.T @ shift / (n - 1)).flip(0)
@@ -47,7 +52,7 @@ def test_esd_truncation_error_is_the_dropped_eigenvalues(rank):
 
 def test_esd_beats_svd_on_the_inputs_it_sees():
     (delta,), (x,) = _random_inputs(1, t=1)
-    esd = essential_subspace(delta, x.T @ x, x.shape[0], 3)
+    esd = essential_subspace(delta, _moment(x), 3)
     svd = svd_subspace(delta, 3)
     err = lambda f: torch.linalg.matrix_norm(x @ (delta - f.basis @ f.coords).T)
     assert err(esd) < err(svd)
@@ -74,7 +79,7 @@ def test_svd_basis_without_scaling_is_tsv_m():
 def test_essential_merge_matches_direct_formula(gamma, p_task, p_dim):
     deltas, xs = _random_inputs(3)
     k = 12 // 3
-    factors = [essential_subspace(d, x.T @ x, x.shape[0], k) for d, x in zip(deltas, xs)]
+    factors = [essential_subspace(d, _moment(x), k) for d, x in zip(deltas, xs)]
     merged = merge_task_factors(factors, gamma=gamma, task_exponent=p_task, dimension_exponent=p_dim)
     assert torch.allclose(merged, esm_weight(deltas, xs, k, gamma, p_task, p_dim), atol=1e-10)
 
@@ -117,7 +122,7 @@ def test_polar_orthogonalize_ignores_null_directions():
 def test_an_expert_that_left_a_weight_unchanged_gives_a_finite_merge():
     deltas, xs = _random_inputs(5)
     deltas[1] = torch.zeros_like(deltas[1])
-    factors = [essential_subspace(d, x.T @ x, x.shape[0], 4) for d, x in zip(deltas, xs)]
+    factors = [essential_subspace(d, _moment(x), 4) for d, x in zip(deltas, xs)]
     merged = merge_task_factors(factors, gamma=0.15, task_exponent=2.0, dimension_exponent=2.0)
     assert torch.isfinite(merged).all() and merged.abs().sum() > 0
     # the unchanged expert adds nothing: same result as merging the other two alone
@@ -130,7 +135,7 @@ def test_wide_output_path_equals_the_direct_eigenproblem():
     """gate/up_proj (d_out > d_in) use the thin SVD of ΔW·√XᵀX: same subspace as eigh(S)."""
     (delta,), (x,) = _random_inputs(6, t=1, d_out=30, d_in=8, n=50)
     n = x.shape[0]
-    f = essential_subspace(delta, x.T @ x, n, 5)
+    f = essential_subspace(delta, _moment(x), 5)
     shift = x @ delta.T
     lam, vec = torch.linalg.eigh(shift.T @ shift / (n - 1))
     lam, vec = lam.flip(0), vec.flip(1)
@@ -139,7 +144,32 @@ def test_wide_output_path_equals_the_direct_eigenproblem():
     assert torch.allclose(f.basis @ f.basis.T, projector, atol=1e-9)
     assert torch.allclose(f.basis @ f.coords, projector @ delta, atol=1e-9)
     with pytest.raises(ValueError, match="exceeds min"):
-        essential_subspace(delta, x.T @ x, n, 9)
+        essential_subspace(delta, _moment(x), 9)
+
+
+@pytest.mark.parametrize(
+    "d_out,d_in,n",
+    [(12, 10, 40), (30, 8, 50), (12, 40, 9), (30, 40, 9), (30, 40, 25)],
+    ids=["square-ish", "wide output", "few tokens", "wide output, token space", "wide output, few tokens"],
+)
+def test_every_eigenproblem_route_gives_the_brute_force_subspace(d_out, d_in, n):
+    """S's eigenproblem is solved in output space (d_out²), in input space (√XᵀX) or in token
+    space (X held when n < d_in): all must give the eigenpairs of ΔOᵀΔO/(n−1) and an
+    orthonormal basis; X held and XᵀX held must agree."""
+    (delta,), (x,) = _random_inputs(8, t=1, d_out=d_out, d_in=d_in, n=n)
+    shift = x @ delta.T
+    lam, vec = torch.linalg.eigh(shift.T @ shift / (n - 1))
+    lam, vec = lam.flip(0), vec.flip(1)
+    rank = min(d_out, d_in, n) // 2
+    projector = vec[:, :rank] @ vec[:, :rank].T
+    held = {"XᵀX": _moment(x)}
+    if n < d_in:  # calibration holds X only when it is the smaller
+        held["X"] = InputMoment(n, tokens=x)
+    for form, inputs in held.items():
+        f = essential_subspace(delta, inputs, rank)
+        assert torch.allclose(f.eigenvalues, lam[:rank], rtol=1e-8), form
+        assert torch.allclose(f.basis.T @ f.basis, torch.eye(rank, dtype=D), atol=1e-10), form
+        assert torch.allclose(f.basis @ f.basis.T, projector, atol=1e-8), form
 
 
 @pytest.mark.parametrize("shape", [(12, 10), (10, 12)])

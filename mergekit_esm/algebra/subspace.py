@@ -21,10 +21,7 @@ class TaskFactors:
 
 
 def moment_sqrt(input_moment: torch.Tensor) -> torch.Tensor:
-    """R with R Rᵀ = XᵀX (symmetric square root, float64; XᵀX may be singular when n < d_in).
-
-    Computed once per expert, layer and input and shared by the weights reading that input.
-    """
+    """R with R Rᵀ = XᵀX (symmetric square root, float64; XᵀX may be singular when n < d_in)."""
     g = input_moment.to(torch.float64)
     eigenvalues, eigenvectors = torch.linalg.eigh((g + g.T) / 2)
     return (eigenvectors * eigenvalues.clamp_min(0).sqrt()) @ eigenvectors.T
@@ -32,58 +29,74 @@ def moment_sqrt(input_moment: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class InputMoment:
-    """One expert's inputs to one weight: XᵀX (d_in × d_in) over n_tokens proxy tokens."""
+    """One expert's inputs X (n × d_in) to one weight, held as whichever is smaller: X itself
+    (n < d_in, e.g. few proxy tokens into down_proj's wide input) or XᵀX (d_in × d_in).
 
-    moment: torch.Tensor
+    Stored in float32 (half the memory while T experts' statistics wait for the merge of
+    their layer); the solvers work in float64.
+    """
+
     n_tokens: int
+    moment: torch.Tensor | None = None  # XᵀX
+    tokens: torch.Tensor | None = None  # X
+
+    @property
+    def rank_bound(self) -> int:
+        """Rows of `factor`: min(n, d_in), the most directions these inputs can reveal."""
+        return self.tokens.shape[0] if self.tokens is not None else self.moment.shape[0]
 
     @cached_property
-    def root(self) -> torch.Tensor:
-        """√XᵀX, computed once and shared by the weights reading this input (q/k/v, gate/up)."""
-        return moment_sqrt(self.moment)
+    def factor(self) -> torch.Tensor:
+        """F (rank_bound × d_in) with FᵀF = XᵀX, float64: X itself, or √XᵀX. Computed once and
+        shared by the weights reading this input (q/k/v, gate/up)."""
+        return self.tokens.to(torch.float64) if self.tokens is not None else moment_sqrt(self.moment)
+
+    def output_covariance(self, delta: torch.Tensor) -> torch.Tensor:
+        """ΔW XᵀX ΔWᵀ (d_out × d_out, float64), without forming √XᵀX."""
+        if self.tokens is not None:
+            shift = delta @ self.factor.T
+            return shift @ shift.T
+        return delta @ self.moment.to(torch.float64) @ delta.T
 
 
-def activation_shift_spectrum(
-    delta: torch.Tensor,
-    input_moment: torch.Tensor,
-    n_tokens: int,
-    moment_root: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigen-decomposition of S = ΔW (XᵀX) ΔWᵀ / (n−1), the uncentered covariance of ΔO = X ΔWᵀ.
-
-    Returns (eigenvalues descending, clamped at 0; eigenvectors as columns), float64, with
-    min(d_out, d_in) pairs: S has rank ≤ d_in. Only XᵀX is needed, so the proxy tokens never
-    have to be held at once. For a wide output (d_out > d_in, e.g. gate/up_proj) the thin SVD
-    of ΔW·R (R Rᵀ = XᵀX, d_out × d_in) replaces the d_out × d_out eigenproblem: same
-    eigenpairs, O(d_out·d_in²) instead of O(d_out³).
-    """
-    if n_tokens < 2:
-        raise ValueError(f"need at least 2 proxy tokens, got {n_tokens}")
-    d = delta.to(torch.float64)
-    d_out, d_in = d.shape
-    if d_out > d_in:
-        root = moment_sqrt(input_moment) if moment_root is None else moment_root
-        u, s, _ = torch.linalg.svd(d @ root, full_matrices=False)
-        return s**2 / (n_tokens - 1), u
-    cov = d @ input_moment.to(torch.float64) @ d.T / (n_tokens - 1)
-    eigenvalues, eigenvectors = torch.linalg.eigh((cov + cov.T) / 2)  # exact symmetry for eigh
+def _descending_eigh(symmetric: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    eigenvalues, eigenvectors = torch.linalg.eigh((symmetric + symmetric.T) / 2)  # exact symmetry for eigh
     return eigenvalues.flip(0).clamp_min(0), eigenvectors.flip(1)
 
 
-def essential_subspace(
-    delta: torch.Tensor,
-    input_moment: torch.Tensor,
-    n_tokens: int,
-    rank: int,
-    moment_root: torch.Tensor | None = None,
-) -> TaskFactors:
+def activation_shift_spectrum(delta: torch.Tensor, inputs: InputMoment) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigen-decomposition of S = ΔW (XᵀX) ΔWᵀ / (n−1), the uncentered covariance of ΔO = X ΔWᵀ.
+
+    Returns (eigenvalues descending, clamped at 0; eigenvectors as columns), float64, with
+    min(d_out, m) pairs, m = min(n, d_in) ≥ rank(S). The smaller of two equivalent
+    eigenproblems is solved: S itself (d_out × d_out), or, for a wide output (gate/up_proj,
+    d_out > m), the m × m Gram matrix YᵀY of Y = ΔW Fᵀ (FᵀF = XᵀX), whose eigenvectors V give
+    S's as Y V / σ. That is O(d_out·m²) instead of O(d_out³); in token space when X is held.
+    """
+    n = inputs.n_tokens
+    if n < 2:
+        raise ValueError(f"need at least 2 proxy tokens, got {n}")
+    d = delta.to(torch.float64)
+    if d.shape[0] <= inputs.rank_bound:
+        eigenvalues, eigenvectors = _descending_eigh(inputs.output_covariance(d))
+        return eigenvalues / (n - 1), eigenvectors
+    y = d @ inputs.factor.T
+    eigenvalues, v = _descending_eigh(y.T @ y)
+    u = y @ (v / eigenvalues.sqrt().clamp_min(torch.finfo(torch.float64).tiny))
+    # Y V / σ is orthonormal up to rounding that grows as σ → 0; QR restores it exactly and
+    # keeps every direction's sign (R's diagonal is positive where Y V / σ is accurate).
+    q, r = torch.linalg.qr(u)
+    return eigenvalues / (n - 1), q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, 1.0)
+
+
+def essential_subspace(delta: torch.Tensor, inputs: InputMoment, rank: int) -> TaskFactors:
     """ESD: keep the k directions of the output space that carry most of the activation shift.
 
     Truncation error is exact: ‖X (ΔW − P̂Â)ᵀ‖_F² = (n−1) Σ_{i>k} λ_i.
     """
-    eigenvalues, eigenvectors = activation_shift_spectrum(delta, input_moment, n_tokens, moment_root)
+    eigenvalues, eigenvectors = activation_shift_spectrum(delta, inputs)
     if rank > eigenvectors.shape[1]:
-        raise ValueError(f"rank {rank} exceeds min(d_out, d_in) = {eigenvectors.shape[1]}")
+        raise ValueError(f"rank {rank} exceeds min(d_out, d_in, n) = {eigenvectors.shape[1]}")
     basis = eigenvectors[:, :rank]
     d = delta.to(torch.float64)
     return TaskFactors(

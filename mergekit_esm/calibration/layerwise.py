@@ -1,4 +1,4 @@
-"""Run proxy tokens through one expert a decoder layer at a time and collect XᵀX.
+"""Run proxy tokens through one expert a decoder layer at a time and collect its inputs' statistics.
 
 Only one layer's weights and the proxy hidden states are in memory at once, so peak
 memory does not grow with depth. Weights are read through a caller-supplied function
@@ -11,14 +11,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mergekit_esm.algebra.subspace import InputMoment
 from mergekit_esm.architecture import DecoderLayout, build_meta_model
 
 
 @dataclass
 class LayerMoments:
     layer: int
-    moments: dict[str, torch.Tensor]  # input group → XᵀX (d_in × d_in), summed in float64
-    n_tokens: int
+    moments: dict[str, InputMoment]  # input group → X or XᵀX, whichever is smaller
 
 
 class LayerStack:
@@ -82,6 +82,34 @@ class LayerStack:
         return torch.cat(losses)
 
 
+class _InputCollector:
+    """Forward pre-hook that gathers one input group's activations over all windows: the rows
+    of X when there are fewer tokens than input dimensions, else XᵀX summed in float64 (the
+    cut at rank k is sensitive to XᵀX where eigenvalues cluster near λ_k), then kept in
+    float32 (InputMoment)."""
+
+    def __init__(self, n_tokens: int, d_in: int, device):
+        self.n_tokens, self.d_in, self.filled = n_tokens, d_in, 0
+        if n_tokens < d_in:
+            self.tokens = torch.empty(n_tokens, d_in, device=device, dtype=torch.float32)
+        else:
+            self.moment = torch.zeros(d_in, d_in, device=device, dtype=torch.float64)
+
+    def __call__(self, _module, args):
+        x = args[0].reshape(-1, self.d_in)
+        if hasattr(self, "tokens"):
+            self.tokens[self.filled : self.filled + x.shape[0]] = x
+            self.filled += x.shape[0]
+        else:
+            x = x.to(torch.float64)
+            self.moment.addmm_(x.T, x)
+
+    def result(self) -> InputMoment:
+        if hasattr(self, "tokens"):
+            return InputMoment(self.n_tokens, tokens=self.tokens)
+        return InputMoment(self.n_tokens, moment=self.moment.float())
+
+
 @torch.inference_mode()
 def layer_input_moments(
     read_tensor: Callable[[str], torch.Tensor],
@@ -89,30 +117,29 @@ def layer_input_moments(
     windows: list[list[int]],
     device: str | torch.device = "cpu",
 ) -> Iterator[LayerMoments]:
-    """Yield each layer's input second moments, in layer order, for this expert's weights."""
+    """Yield each layer's input statistics, in layer order, for this expert's weights.
+
+    Memory: one layer's weights, the windows' hidden states (n × hidden, float32) and this
+    layer's statistics (float64 while summing); nothing grows with depth.
+    """
     stack = LayerStack(layout, device)
     hidden = stack.embed(read_tensor(layout.embed_name), windows)
     n_tokens = sum(len(w) for w in windows)
     for index in range(layout.num_layers):
         layer = stack.load_layer(index, read_tensor)
-        moments: dict[str, torch.Tensor] = {}
+        collectors: dict[str, _InputCollector] = {}
         hooks = []
         for target in layout.layer_targets(index):
-            if target.input_group in moments:
+            if target.input_group in collectors:
                 continue  # q/k/v and gate/up read the same activation: count it once
-            d_in = target.shape[1]
-            # Summed in float64: the cut at rank k is sensitive to XᵀX where eigenvalues
-            # cluster near λ_k (on the test zoo float32 sums moved merged weights by 4e-5).
-            acc = moments[target.input_group] = torch.zeros(d_in, d_in, device=device, dtype=torch.float64)
+            collector = collectors[target.input_group] = _InputCollector(n_tokens, target.shape[1], device)
             module = stack.model.get_submodule(target.name.removesuffix(".weight"))
-
-            def accumulate(_module, args, acc=acc, d_in=d_in):
-                x = args[0].reshape(-1, d_in).to(torch.float64)
-                acc.addmm_(x.T, x)
-
-            hooks.append(module.register_forward_pre_hook(accumulate))
+            hooks.append(module.register_forward_pre_hook(collector))
         hidden = stack.run_layer(layer, hidden)
         for hook in hooks:
             hook.remove()
         stack.release(index)  # release this layer's weights before loading the next
-        yield LayerMoments(layer=index, moments=moments, n_tokens=n_tokens)
+        moments = {group: c.result() for group, c in collectors.items()}
+        del collectors, collector  # free the float64 sums before the caller runs another expert
+        yield LayerMoments(layer=index, moments=moments)
+        del moments  # the caller holds them until it has merged this layer

@@ -24,7 +24,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mergekit_esm.algebra import layer_scales
-from mergekit_esm.algebra.subspace import InputMoment
 from mergekit_esm.cache import CacheEntry, cache_root, files_fingerprint, fingerprint
 from mergekit_esm.calibration.layerwise import layer_input_moments
 from mergekit_esm.calibration.self_proxy import self_generated_windows
@@ -81,34 +80,18 @@ def self_written_windows(
     return json.loads((entry.path / "windows.json").read_text())
 
 
-def calibrate(inputs: MergeInputs, expert: ModelReference, root: Path) -> CacheEntry:
-    """Each expert's per-layer XᵀX on its own proxy windows, cached by model and tokens."""
+def calibration_windows(inputs: MergeInputs, expert: ModelReference, root: Path) -> list[list[int]]:
+    """The proxy token windows this expert is calibrated on (sampled first for proxy: self)."""
     windows = inputs.windows[expert]
     if windows is None:
         s = inputs.settings
         windows = self_written_windows(inputs, expert, root, s.proxy_samples, s.proxy_max_tokens)
-    entry = CacheEntry(root, "stats", fingerprint("stats", _model_fingerprint(expert), windows))
-    if entry.complete:
-        return entry
-    layers = layer_input_moments(checked_reader(expert, inputs.device), inputs.layout, windows, inputs.device)
-    with entry.writing() as scratch:
-        for result in tqdm.tqdm(layers, total=inputs.layout.num_layers, desc=f"ESM calibration {expert}"):
-            save_file(
-                {g: m.cpu().contiguous() for g, m in result.moments.items()},
-                scratch / _layer_file(result.layer),
-                metadata={"n_tokens": str(result.n_tokens)},
-            )
-    return entry
+    return windows
 
 
-def _merge_layer(inputs: MergeInputs, layer: int, stats: dict[ModelReference, CacheEntry], zero: set):
+def _merge_layer(inputs: MergeInputs, layer: int, moments: dict[ModelReference, dict], zero: set):
     read_base = checked_reader(inputs.base, inputs.device)
     readers = {e: checked_reader(e, inputs.device) for e in inputs.experts}
-    moments = {}  # expert → input group → XᵀX with its √ computed once for all its readers
-    for expert, entry in stats.items():
-        with safe_open(entry.path / _layer_file(layer), framework="pt", device=inputs.device) as f:
-            n = int(f.metadata()["n_tokens"])
-            moments[expert] = {g: InputMoment(f.get_tensor(g), n) for g in f.keys()}
     merged = {}
     for target in inputs.layout.layer_targets(layer):
         w0 = read_base(target.name).to(torch.float32)
@@ -121,25 +104,38 @@ def _merge_layer(inputs: MergeInputs, layer: int, stats: dict[ModelReference, Ca
     return merged
 
 
-def merged_updates(inputs: MergeInputs, stats: dict[ModelReference, CacheEntry], root: Path) -> CacheEntry:
-    """ΔW_merged of every target weight (before α and β), cached; plus their norms."""
+def merged_updates(inputs: MergeInputs, root: Path) -> CacheEntry:
+    """ΔW_merged of every target weight (before α and β), cached; plus their norms.
+
+    Calibration runs in step with the merge: each expert's forward pass advances one layer,
+    that layer's statistics are merged and dropped. So memory holds one layer's statistics per
+    expert (never the whole model's) and nothing but the merged updates reaches the disk.
+    """
     s = inputs.settings
+    windows = {e: calibration_windows(inputs, e, root) for e in inputs.windows}
     key = fingerprint(
         "deltas",
         inputs.method.name,
         _model_fingerprint(inputs.base),
-        [(str(e), stats[e].path.name if e in stats else _model_fingerprint(e)) for e in inputs.experts],
+        [(str(e), _model_fingerprint(e), windows.get(e)) for e in inputs.experts],
         s.model_dump(exclude=set(s.OUTSIDE_UPDATE_KEY)),
         inputs.ranks,
     )
     entry = CacheEntry(root, "deltas", key)
     if entry.complete:
         return entry
+    statistics = {
+        e: layer_input_moments(checked_reader(e, inputs.device), inputs.layout, w, inputs.device)
+        for e, w in windows.items()
+    }
     zero = set(inputs.experts)
     norms = {}
+    work = "calibrating and merging" if statistics else "merging"
     with entry.writing() as scratch:
-        for layer in tqdm.trange(inputs.layout.num_layers, desc=f"{inputs.method.name} merging"):
-            merged = _merge_layer(inputs, layer, stats, zero)
+        for layer in tqdm.trange(inputs.layout.num_layers, desc=f"{inputs.method.name} {work}", unit="layer"):
+            moments = {e: next(layers).moments for e, layers in statistics.items()}
+            merged = _merge_layer(inputs, layer, moments, zero)
+            del moments
             norms.update({name: float(torch.linalg.matrix_norm(d)) for name, d in merged.items()})
             save_file(merged, scratch / _layer_file(layer))
             del merged
@@ -187,8 +183,7 @@ class PreparedMerge:
 
 def prepare(inputs: MergeInputs) -> PreparedMerge:
     root = cache_root(inputs.settings.cache_dir)
-    stats = {expert: calibrate(inputs, expert, root) for expert in inputs.windows}
-    updates = merged_updates(inputs, stats, root)
+    updates = merged_updates(inputs, root)
     norms = json.loads((updates.path / "norms.json").read_text())
     by_type: dict[str, dict[int, float]] = {}
     for target in inputs.layout.targets:

@@ -60,10 +60,7 @@ def merge_weight(
     inputs: Optional[Sequence[InputMoment]],
 ) -> torch.Tensor:
     if settings.basis == "esd":
-        factors = [
-            essential_subspace(d, i.moment, i.n_tokens, rank, i.root if d.shape[0] > d.shape[1] else None)
-            for d, i in zip(deltas, inputs)
-        ]
+        factors = [essential_subspace(d, i, rank) for d, i in zip(deltas, inputs)]
     else:
         factors = [svd_subspace(d, rank) for d in deltas]
     return merge_task_factors(
