@@ -15,12 +15,22 @@ def polar_orthogonalize(x: torch.Tensor, keep_scale: bool) -> torch.Tensor:
     """Closest matrix with orthonormal columns/rows (Procrustes): U Vᵀ for x = U Σ Vᵀ.
 
     keep_scale multiplies by mean(Σ), ESM's whitening that keeps the factor's overall size.
-    Computed from the eigen-decomposition of the smaller Gram matrix (xᵀx or x xᵀ), about
-    twice as fast as an SVD of x on CPU; in float64 it agrees with U Vᵀ to ~1e-9.
-    Directions at numerical zero (σ² ≤ σ²_max·size·eps) are left out, and out of the mean:
-    their U, V are arbitrary, and a task that left a weight unchanged must not add them.
+    Every kept direction gets weight 1, however small its σ, so accuracy is set by how well
+    the smallest σ are resolved (concatenated bases of T experts overlap: σ_min/σ_max ~ 1e-4
+    is common). In float64: from the eigen-decomposition of the smaller Gram matrix, about
+    twice as fast as an SVD on CPU and within ~1e-9 of U Vᵀ. In float32 the Gram matrix would
+    square the condition number and lose directions below ~3% of σ_max, so the SVD is used.
+    Directions at numerical zero (σ ≤ σ_max·size·eps, or σ² ≤ σ²_max·size·eps through the
+    Gram matrix) are left out, and out of the mean: their U, V are arbitrary, and a task that
+    left a weight unchanged must not add them.
     """
-    x = x.to(torch.float64)
+    if x.dtype != torch.float64:
+        u, sigma, vh = torch.linalg.svd(x, full_matrices=False)
+        if sigma.numel() == 0 or sigma[0] <= 0:
+            return torch.zeros_like(x)
+        kept = sigma > sigma[0] * max(x.shape) * torch.finfo(x.dtype).eps
+        q = u[:, kept] @ vh[kept]
+        return q * sigma[kept].mean() if keep_scale else q
     tall = x.shape[0] >= x.shape[1]
     gram = x.T @ x if tall else x @ x.T
     eigenvalues, eigenvectors = torch.linalg.eigh((gram + gram.T) / 2)
@@ -48,10 +58,10 @@ def merge_task_factors(
     rows; with SVD factors and every scaling off this is exactly TSV-M.
     An expert that left this weight unchanged takes no part: its basis would be arbitrary.
     """
-    shape = (factors[0].basis.shape[0], factors[0].coords.shape[1])
+    zero = torch.zeros(factors[0].basis.shape[0], factors[0].coords.shape[1], dtype=factors[0].basis.dtype)
     factors = [f for f in factors if f.norm > 0]
     if not factors:
-        return torch.zeros(shape, dtype=torch.float64)
+        return zero
     bases, coords = [], []
     for f in factors:
         e = eigenvalue_flattening(f.eigenvalues, gamma)
@@ -95,7 +105,7 @@ def task_singular_vectors_merge(deltas: Sequence[torch.Tensor], rank: int) -> to
     factors = [svd_subspace(d, rank) for d in deltas]
     factors = [f for f in factors if f.norm > 0]
     if not factors:
-        return torch.zeros(deltas[0].shape, dtype=torch.float64)
+        return torch.zeros_like(deltas[0])
     return singular_vector_merge(*concatenate_factors(factors), isotropic=False)
 
 
@@ -106,7 +116,7 @@ def isotropic_merge(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     them, which is the same for full-rank sums (every full fine-tune) and avoids adding
     arbitrary null directions for rank-deficient ones (e.g. LoRA experts).
     """
-    total = torch.stack([d.to(torch.float64) for d in deltas]).sum(dim=0)
+    total = torch.stack(list(deltas)).sum(dim=0)
     return polar_orthogonalize(total, keep_scale=True)
 
 
@@ -125,10 +135,9 @@ def common_and_task_specific_merge(deltas: Sequence[torch.Tensor], common_fracti
     """Iso-CTS (Marczak et al., ICML 2025): the top singular directions of Σ_t ΔW_t (the
     common subspace) plus, per task, the top directions of ΔW_t outside it; both sides
     orthogonalized; spectrum flattened to its mean."""
-    d = [x.to(torch.float64) for x in deltas]
-    d = [x for x in d if x.any()]
+    d = [x for x in deltas if x.any()]
     if not d:
-        return torch.zeros(deltas[0].shape, dtype=torch.float64)
+        return torch.zeros_like(deltas[0])
     common, per_task = common_space_split(min(d[0].shape), len(d), common_fraction)
     u, s, vh = torch.linalg.svd(torch.stack(d).sum(dim=0), full_matrices=False)
     u_c = u[:, :common]

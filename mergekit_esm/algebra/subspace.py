@@ -1,11 +1,11 @@
 """Per-task subspaces of a task matrix ΔW (d_out × d_in, PyTorch convention y = x Wᵀ).
 
 Both decompositions return the same factor form, ΔW ≈ P̂ Â with orthonormal P̂, so the
-merge step does not care which basis produced them.
+merge step does not care which basis produced them. Everything in `algebra` computes in
+the dtype of the task matrices it is given: the caller chooses the precision (`precision`).
 """
 
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,8 +21,8 @@ class TaskFactors:
 
 
 def moment_sqrt(input_moment: torch.Tensor) -> torch.Tensor:
-    """R with R Rᵀ = XᵀX (symmetric square root, float64; XᵀX may be singular when n < d_in)."""
-    g = input_moment.to(torch.float64)
+    """R with R Rᵀ = XᵀX (symmetric square root; XᵀX may be singular when n < d_in)."""
+    g = input_moment
     eigenvalues, eigenvectors = torch.linalg.eigh((g + g.T) / 2)
     return (eigenvectors * eigenvalues.clamp_min(0).sqrt()) @ eigenvectors.T
 
@@ -33,30 +33,33 @@ class InputMoment:
     (n < d_in, e.g. few proxy tokens into down_proj's wide input) or XᵀX (d_in × d_in).
 
     Stored in float32 (half the memory while T experts' statistics wait for the merge of
-    their layer); the solvers work in float64.
+    their layer); the solvers work in the task matrix's dtype.
     """
 
     n_tokens: int
     moment: torch.Tensor | None = None  # XᵀX
     tokens: torch.Tensor | None = None  # X
+    _factors: dict = field(default_factory=dict, repr=False)
 
     @property
     def rank_bound(self) -> int:
         """Rows of `factor`: min(n, d_in), the most directions these inputs can reveal."""
         return self.tokens.shape[0] if self.tokens is not None else self.moment.shape[0]
 
-    @cached_property
-    def factor(self) -> torch.Tensor:
-        """F (rank_bound × d_in) with FᵀF = XᵀX, float64: X itself, or √XᵀX. Computed once and
+    def factor(self, dtype: torch.dtype) -> torch.Tensor:
+        """F (rank_bound × d_in) with FᵀF = XᵀX: X itself, or √XᵀX. Computed once per dtype and
         shared by the weights reading this input (q/k/v, gate/up)."""
-        return self.tokens.to(torch.float64) if self.tokens is not None else moment_sqrt(self.moment)
+        if dtype not in self._factors:
+            held = self.tokens if self.tokens is not None else self.moment
+            self._factors[dtype] = held.to(dtype) if self.tokens is not None else moment_sqrt(held.to(dtype))
+        return self._factors[dtype]
 
     def output_covariance(self, delta: torch.Tensor) -> torch.Tensor:
-        """ΔW XᵀX ΔWᵀ (d_out × d_out, float64), without forming √XᵀX."""
+        """ΔW XᵀX ΔWᵀ (d_out × d_out), without forming √XᵀX."""
         if self.tokens is not None:
-            shift = delta @ self.factor.T
+            shift = delta @ self.factor(delta.dtype).T
             return shift @ shift.T
-        return delta @ self.moment.to(torch.float64) @ delta.T
+        return delta @ self.moment.to(delta.dtype) @ delta.T
 
 
 def _descending_eigh(symmetric: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +70,7 @@ def _descending_eigh(symmetric: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 def activation_shift_spectrum(delta: torch.Tensor, inputs: InputMoment) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigen-decomposition of S = ΔW (XᵀX) ΔWᵀ / (n−1), the uncentered covariance of ΔO = X ΔWᵀ.
 
-    Returns (eigenvalues descending, clamped at 0; eigenvectors as columns), float64, with
+    Returns (eigenvalues descending, clamped at 0; eigenvectors as columns) with
     min(d_out, m) pairs, m = min(n, d_in) ≥ rank(S). The smaller of two equivalent
     eigenproblems is solved: S itself (d_out × d_out), or, for a wide output (gate/up_proj,
     d_out > m), the m × m Gram matrix YᵀY of Y = ΔW Fᵀ (FᵀF = XᵀX), whose eigenvectors V give
@@ -76,13 +79,13 @@ def activation_shift_spectrum(delta: torch.Tensor, inputs: InputMoment) -> tuple
     n = inputs.n_tokens
     if n < 2:
         raise ValueError(f"need at least 2 proxy tokens, got {n}")
-    d = delta.to(torch.float64)
+    d = delta
     if d.shape[0] <= inputs.rank_bound:
         eigenvalues, eigenvectors = _descending_eigh(inputs.output_covariance(d))
         return eigenvalues / (n - 1), eigenvectors
-    y = d @ inputs.factor.T
+    y = d @ inputs.factor(d.dtype).T
     eigenvalues, v = _descending_eigh(y.T @ y)
-    u = y @ (v / eigenvalues.sqrt().clamp_min(torch.finfo(torch.float64).tiny))
+    u = y @ (v / eigenvalues.sqrt().clamp_min(torch.finfo(d.dtype).tiny))
     # Y V / σ is orthonormal up to rounding that grows as σ → 0; QR restores it exactly and
     # keeps every direction's sign (R's diagonal is positive where Y V / σ is accurate).
     q, r = torch.linalg.qr(u)
@@ -98,7 +101,7 @@ def essential_subspace(delta: torch.Tensor, inputs: InputMoment, rank: int) -> T
     if rank > eigenvectors.shape[1]:
         raise ValueError(f"rank {rank} exceeds min(d_out, d_in, n) = {eigenvectors.shape[1]}")
     basis = eigenvectors[:, :rank]
-    d = delta.to(torch.float64)
+    d = delta
     return TaskFactors(
         basis=basis,
         coords=basis.T @ d,
@@ -109,7 +112,7 @@ def essential_subspace(delta: torch.Tensor, inputs: InputMoment, rank: int) -> T
 
 def svd_subspace(delta: torch.Tensor, rank: int) -> TaskFactors:
     """TSV-M's per-task factors: the k leading left singular vectors (eigenvalues σ²)."""
-    d = delta.to(torch.float64)
+    d = delta
     u, s, vh = torch.linalg.svd(d, full_matrices=False)
     return TaskFactors(
         basis=u[:, :rank],

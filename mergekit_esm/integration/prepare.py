@@ -92,10 +92,11 @@ def calibration_windows(inputs: MergeInputs, expert: ModelReference, root: Path)
 def _merge_layer(inputs: MergeInputs, layer: int, moments: dict[ModelReference, dict], zero: set):
     read_base = checked_reader(inputs.base, inputs.device)
     readers = {e: checked_reader(e, inputs.device) for e in inputs.experts}
+    dtype = inputs.settings.compute_dtype(inputs.device)
     merged = {}
     for target in inputs.layout.layer_targets(layer):
-        w0 = read_base(target.name).to(torch.float32)
-        deltas = [readers[e](target.name).to(torch.float32) - w0 for e in inputs.experts]
+        w0 = read_base(target.name).to(dtype)
+        deltas = [readers[e](target.name).to(dtype) - w0 for e in inputs.experts]
         zero.difference_update(e for e, d in zip(inputs.experts, deltas) if d.any())
         statistics = [moments[e][target.input_group] for e in inputs.experts] if moments else None
         update = inputs.method.merge_weight(inputs.settings, deltas, inputs.ranks[target.name], statistics)
@@ -119,6 +120,7 @@ def merged_updates(inputs: MergeInputs, root: Path) -> CacheEntry:
         _model_fingerprint(inputs.base),
         [(str(e), _model_fingerprint(e), windows.get(e)) for e in inputs.experts],
         s.model_dump(exclude=set(s.OUTSIDE_UPDATE_KEY)),
+        str(s.compute_dtype(inputs.device)),
         inputs.ranks,
     )
     entry = CacheEntry(root, "deltas", key)
