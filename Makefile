@@ -25,4 +25,4 @@ alpha-study: $(STAMP)  # score vs α for ESM and TSV-M, and where alpha: auto la
 	$(VENV)/bin/python -m eval.alpha_study
 
 bench: $(STAMP)
-	$(VENV)/bin/python eval/bench_merge.py
+	$(VENV)/bin/python -m eval.bench_scale

@@ -32,14 +32,14 @@ def polar_orthogonalize(x: torch.Tensor, keep_scale: bool) -> torch.Tensor:
         q = u[:, kept] @ vh[kept]
         return q * sigma[kept].mean() if keep_scale else q
     tall = x.shape[0] >= x.shape[1]
-    gram = x.T @ x if tall else x @ x.T
-    eigenvalues, eigenvectors = torch.linalg.eigh((gram + gram.T) / 2)
+    eigenvalues, eigenvectors = torch.linalg.eigh(x.T @ x if tall else x @ x.T)  # eigh reads one triangle
     if eigenvalues.numel() == 0 or eigenvalues[-1] <= 0:
         return torch.zeros_like(x)
-    kept = eigenvalues > eigenvalues[-1] * max(x.shape) * torch.finfo(x.dtype).eps
-    v, sigma = eigenvectors[:, kept], eigenvalues[kept].sqrt()
-    inverse_root = (v / sigma) @ v.T  # (gram)^{-1/2} on the kept directions
-    q = x @ inverse_root if tall else inverse_root @ x
+    # eigenvalues ascend, so the kept ones are a suffix: v is a view, not a copy (memory at d_ff²)
+    first = int((eigenvalues <= eigenvalues[-1] * max(x.shape) * torch.finfo(x.dtype).eps).sum())
+    v, sigma = eigenvectors[:, first:], eigenvalues[first:].sqrt()
+    # x (xᵀx)^{-1/2} restricted to the kept directions, without forming the square r × r matrix
+    q = ((x @ v) / sigma) @ v.T if tall else v @ ((v.T @ x) / sigma[:, None])
     return q * sigma.mean() if keep_scale else q
 
 

@@ -23,7 +23,7 @@ class TaskFactors:
 def moment_sqrt(input_moment: torch.Tensor) -> torch.Tensor:
     """R with R Rᵀ = XᵀX (symmetric square root; XᵀX may be singular when n < d_in)."""
     g = input_moment
-    eigenvalues, eigenvectors = torch.linalg.eigh((g + g.T) / 2)
+    eigenvalues, eigenvectors = torch.linalg.eigh(g)
     return (eigenvectors * eigenvalues.clamp_min(0).sqrt()) @ eigenvectors.T
 
 
@@ -63,7 +63,7 @@ class InputMoment:
 
 
 def _descending_eigh(symmetric: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    eigenvalues, eigenvectors = torch.linalg.eigh((symmetric + symmetric.T) / 2)  # exact symmetry for eigh
+    eigenvalues, eigenvectors = torch.linalg.eigh(symmetric)  # reads the lower triangle only
     return eigenvalues.flip(0).clamp_min(0), eigenvectors.flip(1)
 
 

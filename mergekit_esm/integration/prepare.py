@@ -93,15 +93,24 @@ def _merge_layer(inputs: MergeInputs, layer: int, moments: dict[ModelReference, 
     read_base = checked_reader(inputs.base, inputs.device)
     readers = {e: checked_reader(e, inputs.device) for e in inputs.experts}
     dtype = inputs.settings.compute_dtype(inputs.device)
+    # Wide-output weights (gate/up_proj) need the largest workspace (T·k = d_ff columns to
+    # orthogonalize): merge them last, when the other inputs' statistics (down_proj's d_ff²
+    # among them) have been dropped after their last reader.
+    targets = sorted(inputs.layout.layer_targets(layer), key=lambda t: t.shape[0] > t.shape[1])
+    last_reader = {t.input_group: t.name for t in targets}
     merged = {}
-    for target in inputs.layout.layer_targets(layer):
+    for target in targets:
         w0 = read_base(target.name).to(dtype)
         deltas = [readers[e](target.name).to(dtype) - w0 for e in inputs.experts]
+        del w0
         zero.difference_update(e for e, d in zip(inputs.experts, deltas) if d.any())
         statistics = [moments[e][target.input_group] for e in inputs.experts] if moments else None
         update = inputs.method.merge_weight(inputs.settings, deltas, inputs.ranks[target.name], statistics)
         merged[target.name] = update.to(torch.float32).cpu().contiguous()
-        del deltas, update
+        del deltas, update, statistics
+        if last_reader[target.input_group] == target.name:
+            for by_group in moments.values():
+                del by_group[target.input_group]
     return merged
 
 

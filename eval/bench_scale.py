@@ -1,0 +1,218 @@
+"""Benchmark at scale: ESM against mergekit `ties` on random LLaMA-shaped checkpoints.
+
+    python -m eval.bench_scale --shape test                 # hidden 512: depth L and 2L
+    python -m eval.bench_scale --shape 1b --layers 4,8      # TinyLlama-1.1B widths
+    python -m eval.bench_scale --shape 8b --cuda            # Llama-3-8B shape, on a GPU machine
+
+For each depth it writes a base and T experts (bf16 safetensors, one shard per layer, written
+tensor by tensor so the generator stays small; experts = base + a random full-rank
+perturbation), times reading every input tensor once (the disk limit), then runs `ties` and
+`esm` (defaults: built-in proxy, 32 × 512 tokens) each in a fresh `mergekit-yaml` process
+with an empty cache, recording wall time, peak RSS and peak GPU memory. The page cache is
+dropped before each measurement when the user may (root), so every run reads from disk.
+Prints a markdown table and writes it, with the raw rows, to --out.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import psutil
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import LlamaConfig
+
+from tests.tiny_models import byte_tokenizer
+
+SHAPES = {
+    "test": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                 num_key_value_heads=2, vocab_size=8192),
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, vocab_size=32000),  # TinyLlama-1.1B
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256),  # Llama-3-8B
+}
+
+# Runs mergekit-yaml in this process and reports its peak memory on stderr.
+MEASURE = """
+import resource, sys, torch
+from mergekit.scripts.run_yaml import main
+try:
+    main(sys.argv[1:], standalone_mode=False)
+finally:
+    print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+    if torch.cuda.is_available():
+        print("PEAK_GPU_B", torch.cuda.max_memory_allocated(), file=sys.stderr)
+"""
+
+
+def layer_tensors(config: LlamaConfig, layer: int) -> dict[str, tuple[int, ...]]:
+    h, f = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    p = f"model.layers.{layer}."
+    return {
+        p + "self_attn.q_proj.weight": (h, h),
+        p + "self_attn.k_proj.weight": (kv, h),
+        p + "self_attn.v_proj.weight": (kv, h),
+        p + "self_attn.o_proj.weight": (h, h),
+        p + "mlp.gate_proj.weight": (f, h),
+        p + "mlp.up_proj.weight": (f, h),
+        p + "mlp.down_proj.weight": (h, f),
+        p + "input_layernorm.weight": (h,),
+        p + "post_attention_layernorm.weight": (h,),
+    }
+
+
+def _tensor(name: str, shape: tuple[int, ...], seed: int, scale: float) -> torch.Tensor:
+    g = torch.Generator().manual_seed(zlib.crc32(f"{name}/{seed}".encode()))
+    if len(shape) == 1:
+        return torch.ones(shape) if seed == 0 else torch.zeros(shape)
+    return torch.randn(shape, generator=g) * scale
+
+
+def write_model(path: Path, config: LlamaConfig, expert: int) -> None:
+    """Base (expert 0) or base + perturbation, one safetensors shard per layer, bf16."""
+    path.mkdir(parents=True)
+    shards = {"embed": {"model.embed_tokens.weight": (config.vocab_size, config.hidden_size)},
+              "head": {"model.norm.weight": (config.hidden_size,),
+                       "lm_head.weight": (config.vocab_size, config.hidden_size)}}
+    shards.update({f"layer{i:03d}": layer_tensors(config, i) for i in range(config.num_hidden_layers)})
+    index = {}
+    for shard, tensors in shards.items():
+        state = {}
+        for name, shape in tensors.items():
+            w = _tensor(name, shape, 0, 0.02)
+            if expert:
+                w += _tensor(name, shape, expert, 0.002)
+            state[name] = w.to(torch.bfloat16)
+        file = f"{shard}.safetensors"
+        save_file(state, path / file, metadata={"format": "pt"})
+        index.update({name: file for name in state})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    config.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+
+
+def drop_page_cache() -> bool:
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        return True
+    except OSError:
+        return False
+
+
+def read_all_once(models: list[Path]) -> float:
+    start = time.perf_counter()
+    for model in models:
+        for shard in sorted(model.glob("*.safetensors")):
+            with safe_open(shard, framework="pt") as f:
+                for name in f.keys():
+                    f.get_tensor(name)
+    return time.perf_counter() - start
+
+
+def run_merge(method: str, base: Path, experts: list[Path], root: Path, flags: list[str]) -> dict:
+    params = "    parameters: {weight: 1.0, density: 0.5}\n" if method == "ties" else ""
+    recipe = root / f"{method}.yml"
+    recipe.write_text(
+        f"merge_method: {method}\nbase_model: {base}\ndtype: bfloat16\nmodels:\n"
+        + "".join(f"  - model: {e}\n{params}" for e in experts)
+    )
+    out, cache = root / f"out_{method}", root / f"cache_{method}"
+    env = {**os.environ, "MERGEKIT_ESM_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    start = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(recipe), str(out), *flags], capture_output=True, text=True, env=env
+    )
+    wall = time.perf_counter() - start
+    if result.returncode != 0:
+        raise SystemExit(f"{method} failed:\n{result.stderr[-3000:]}")
+    tail = result.stderr.rsplit("PEAK_RSS_KB", 1)[1].split()
+    row = {"method": method, "wall_s": round(wall, 1), "peak_rss_mib": round(int(tail[0]) / 1024)}
+    if "PEAK_GPU_B" in result.stderr:
+        row["peak_gpu_mib"] = round(int(result.stderr.rsplit("PEAK_GPU_B", 1)[1].split()[0]) / 2**20)
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(cache, ignore_errors=True)
+    return row
+
+
+def machine() -> str:
+    cpu = f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB"
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} ({cpu})"
+    return f"CPU only ({cpu})"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=SHAPES, default="test")
+    parser.add_argument("--layers", help="comma-separated depths (default: the shape's L and 2L for test, L otherwise)")
+    parser.add_argument("--experts", type=int, default=4)
+    parser.add_argument("--methods", default="ties,esm")
+    parser.add_argument("--cuda", action="store_true", help="pass --cuda to mergekit-yaml")
+    parser.add_argument("--out-shard-size", default="500M",
+                        help="mergekit's --out-shard-size for both methods: a shard is buffered in RAM until written")
+    parser.add_argument("--workdir", type=Path, default=None, help="where checkpoints go (default: a temp dir)")
+    parser.add_argument("--out", type=Path, default=Path("eval/results/bench_scale.md"))
+    args = parser.parse_args()
+
+    shape = SHAPES[args.shape]
+    depth = shape["num_hidden_layers"]
+    depths = [int(x) for x in args.layers.split(",")] if args.layers else ([depth, 2 * depth] if args.shape == "test" else [depth])
+    flags = ["--out-shard-size", args.out_shard_size, *(["--cuda"] if args.cuda else [])]
+    rows = []
+    for layers in depths:
+        config = LlamaConfig(**{**shape, "num_hidden_layers": layers}, tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
+        with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+            root = Path(tmp)
+            start = time.perf_counter()
+            models = [root / ("base" if i == 0 else f"expert{i}") for i in range(args.experts + 1)]
+            for i, path in enumerate(models):
+                write_model(path, config, i)
+            params = sum(torch.Size(s).numel() for i in range(layers) for s in layer_tensors(config, i).values())
+            params += 2 * config.vocab_size * config.hidden_size
+            print(f"{layers} layers, {params / 1e9:.2f}B parameters: wrote {len(models)} models in "
+                  f"{time.perf_counter() - start:.0f} s", flush=True)
+            cold = drop_page_cache()
+            rows.append({"layers": layers, "params_b": round(params / 1e9, 2), "method": "read inputs once",
+                         "wall_s": round(read_all_once(models), 1)})
+            print(json.dumps(rows[-1]), flush=True)
+            for method in args.methods.split(","):
+                drop_page_cache()
+                rows.append({"layers": layers, "params_b": round(params / 1e9, 2),
+                             **run_merge(method, models[0], models[1:], root, flags)})
+                print(json.dumps(rows[-1]), flush=True)
+
+    header = (f"Shape `{args.shape}` ({', '.join(f'{k}={v}' for k, v in shape.items() if k != 'num_hidden_layers')}), "
+              f"{args.experts} experts, bf16; flags {' '.join(flags)}; page cache "
+              f"{'dropped before each run' if cold else 'not dropped (not root)'}; {machine()}.\n\n")
+    table = "| layers | params | run | wall s | peak RSS MiB | peak GPU MiB |\n|---|---|---|---|---|---|\n" + "".join(
+        f"| {r['layers']} | {r['params_b']}B | {r['method']} | {r['wall_s']} | {r.get('peak_rss_mib', '')} | "
+        f"{r.get('peak_gpu_mib', '')} |\n" for r in rows)
+    ratios = []
+    for layers in depths:
+        by = {r["method"]: r for r in rows if r["layers"] == layers}
+        if {"esm", "ties"} <= by.keys():
+            ratios.append(f"ESM/ties time at {layers} layers: {by['esm']['wall_s'] / by['ties']['wall_s']:.2f}×")
+    esm = [r for r in rows if r["method"] == "esm"]
+    if len(esm) > 1:
+        ratios.append(f"ESM peak RSS at {esm[-1]['layers']} vs {esm[0]['layers']} layers: "
+                      f"{esm[-1]['peak_rss_mib'] / esm[0]['peak_rss_mib']:.2f}×")
+    report = header + table + "\n" + "\n".join(ratios) + "\n"
+    print("\n" + report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report + "\n<!-- rows: " + json.dumps(rows) + " -->\n")
+
+
+if __name__ == "__main__":
+    main()
