@@ -1,6 +1,6 @@
 """Merging the experts' factors of one weight into a single update ΔW_merged."""
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import torch
@@ -44,7 +44,7 @@ def polar_orthogonalize(x: torch.Tensor, keep_scale: bool) -> torch.Tensor:
 
 
 def merge_task_factors(
-    factors: Sequence[TaskFactors],
+    factors: Iterable[TaskFactors],
     *,
     gamma: float,
     task_exponent: float,
@@ -57,20 +57,26 @@ def merge_task_factors(
     combination="tsv" (TSV-M): polar(P_cat) diag(σ) polar(B) where A_cat = diag(σ) B has unit
     rows; with SVD factors and every scaling off this is exactly TSV-M.
     An expert that left this weight unchanged takes no part: its basis would be arbitrary.
+    `factors` is consumed one at a time, so a generator keeps only one expert's factors alive.
     """
-    zero = torch.zeros(factors[0].basis.shape[0], factors[0].coords.shape[1], dtype=factors[0].basis.dtype)
-    factors = [f for f in factors if f.norm > 0]
-    if not factors:
-        return zero
-    bases, coords = [], []
+    bases, coords, norms = [], [], []
     for f in factors:
-        e = eigenvalue_flattening(f.eigenvalues, gamma)
-        bases.append(f.basis * e)
-        coords.append(f.coords * e[:, None])
-    task = polarized_scale(torch.stack([f.norm for f in factors]), task_exponent)
+        shape, dtype = (f.basis.shape[0], f.coords.shape[1]), f.basis.dtype
+        if f.norm > 0:
+            e = eigenvalue_flattening(f.eigenvalues, gamma)
+            bases.append(f.basis * e)
+            coords.append(f.coords * e[:, None])
+            norms.append(f.norm)
+        del f
+    if not bases:
+        return torch.zeros(shape, dtype=dtype)
     p_cat = torch.cat(bases, dim=1)
-    a_cat = torch.cat([c * s for c, s in zip(coords, task)], dim=0)
-    a_cat = a_cat * polarized_scale(torch.linalg.vector_norm(a_cat, dim=0), dimension_exponent)
+    del bases
+    for c, s in zip(coords, polarized_scale(torch.stack(norms), task_exponent)):
+        c.mul_(s)
+    a_cat = torch.cat(coords, dim=0)
+    del coords
+    a_cat.mul_(polarized_scale(torch.linalg.vector_norm(a_cat, dim=0), dimension_exponent))
 
     if combination == "essential":
         return polar_orthogonalize(p_cat, keep_scale=True) @ polar_orthogonalize(
@@ -116,7 +122,9 @@ def isotropic_merge(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     them, which is the same for full-rank sums (every full fine-tune) and avoids adding
     arbitrary null directions for rank-deficient ones (e.g. LoRA experts).
     """
-    total = torch.stack(list(deltas)).sum(dim=0)
+    total = None
+    for d in deltas:  # one task matrix at a time (they may be read on demand)
+        total = d.clone() if total is None else total.add_(d)
     return polar_orthogonalize(total, keep_scale=True)
 
 

@@ -13,6 +13,7 @@ exponent skip all linear algebra. TSV-M and Iso-C/CTS take the same path (no cal
 import json
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,9 +90,30 @@ def calibration_windows(inputs: MergeInputs, expert: ModelReference, root: Path)
     return windows
 
 
+class TaskMatrices(Sequence):
+    """ΔW_t = W_t − W0 of one weight for every expert, read when accessed: methods that go
+    through them in turn (ESM, TSV-M, Iso-C) hold one at a time, not T. Records which
+    experts changed the weight."""
+
+    def __init__(self, inputs: MergeInputs, name: str, dtype: torch.dtype):
+        self.name, self.dtype = name, dtype
+        self.readers = [checked_reader(e, inputs.device) for e in inputs.experts]
+        self.base = checked_reader(inputs.base, inputs.device)(name).to(dtype)
+        self.changed: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.readers)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        delta = self.readers[index](self.name).to(self.dtype) - self.base
+        if delta.any():
+            self.changed.add(index)
+        return delta
+
+
 def _merge_layer(inputs: MergeInputs, layer: int, moments: dict[ModelReference, dict], zero: set):
-    read_base = checked_reader(inputs.base, inputs.device)
-    readers = {e: checked_reader(e, inputs.device) for e in inputs.experts}
     dtype = inputs.settings.compute_dtype(inputs.device)
     # Wide-output weights (gate/up_proj) need the largest workspace (T·k = d_ff columns to
     # orthogonalize): merge them last, when the other inputs' statistics (down_proj's d_ff²
@@ -100,13 +122,11 @@ def _merge_layer(inputs: MergeInputs, layer: int, moments: dict[ModelReference, 
     last_reader = {t.input_group: t.name for t in targets}
     merged = {}
     for target in targets:
-        w0 = read_base(target.name).to(dtype)
-        deltas = [readers[e](target.name).to(dtype) - w0 for e in inputs.experts]
-        del w0
-        zero.difference_update(e for e, d in zip(inputs.experts, deltas) if d.any())
+        deltas = TaskMatrices(inputs, target.name, dtype)
         statistics = [moments[e][target.input_group] for e in inputs.experts] if moments else None
         update = inputs.method.merge_weight(inputs.settings, deltas, inputs.ranks[target.name], statistics)
         merged[target.name] = update.to(torch.float32).cpu().contiguous()
+        zero.difference_update(inputs.experts[i] for i in deltas.changed)
         del deltas, update, statistics
         if last_reader[target.input_group] == target.name:
             for by_group in moments.values():

@@ -59,10 +59,11 @@ def merge_weight(
     rank: Optional[int],
     inputs: Optional[Sequence[InputMoment]],
 ) -> torch.Tensor:
+    # generators: one expert's task matrix and factors in memory at a time
     if settings.basis == "esd":
-        factors = [essential_subspace(d, i, rank) for d, i in zip(deltas, inputs)]
+        factors = (essential_subspace(d, i, rank) for d, i in zip(deltas, inputs))
     else:
-        factors = [svd_subspace(d, rank) for d in deltas]
+        factors = (svd_subspace(d, rank) for d in deltas)
     return merge_task_factors(
         factors,
         gamma=settings.gamma,
