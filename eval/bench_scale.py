@@ -42,14 +42,27 @@ SHAPES = {
                num_key_value_heads=8, vocab_size=128256),  # Llama-3-8B
 }
 
-# Runs mergekit-yaml in this process and reports its peak memory on stderr.
+# Runs mergekit-yaml in this process and reports its peak memory on stderr. Besides the peak
+# RSS (ru_maxrss) it samples RssAnon: RSS also counts the pages of the memory-mapped
+# safetensors files that mergekit's loader keeps open, which is page cache the kernel can
+# reclaim, not memory the merge holds.
 MEASURE = """
-import resource, sys, torch
+import resource, sys, threading, time, torch
 from mergekit.scripts.run_yaml import main
+peak_anon = 0
+def sample():
+    global peak_anon
+    while True:
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                peak_anon = max(peak_anon, int(line.split()[1]))
+        time.sleep(0.05)
+threading.Thread(target=sample, daemon=True).start()
 try:
     main(sys.argv[1:], standalone_mode=False)
 finally:
     print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+    print("PEAK_ANON_KB", peak_anon, file=sys.stderr)
     if torch.cuda.is_available():
         print("PEAK_GPU_B", torch.cuda.max_memory_allocated(), file=sys.stderr)
 """
@@ -137,10 +150,17 @@ def run_merge(method: str, base: Path, experts: list[Path], root: Path, flags: l
     wall = time.perf_counter() - start
     if result.returncode != 0:
         raise SystemExit(f"{method} failed:\n{result.stderr[-3000:]}")
-    tail = result.stderr.rsplit("PEAK_RSS_KB", 1)[1].split()
-    row = {"method": method, "wall_s": round(wall, 1), "peak_rss_mib": round(int(tail[0]) / 1024)}
+    def reported(key: str) -> int:
+        return int(result.stderr.rsplit(key, 1)[1].split()[0])
+
+    row = {
+        "method": method,
+        "wall_s": round(wall, 1),
+        "peak_rss_mib": round(reported("PEAK_RSS_KB") / 1024),
+        "peak_anon_mib": round(reported("PEAK_ANON_KB") / 1024),
+    }
     if "PEAK_GPU_B" in result.stderr:
-        row["peak_gpu_mib"] = round(int(result.stderr.rsplit("PEAK_GPU_B", 1)[1].split()[0]) / 2**20)
+        row["peak_gpu_mib"] = round(reported("PEAK_GPU_B") / 2**20)
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(cache, ignore_errors=True)
     return row
@@ -196,9 +216,15 @@ def main():
     header = (f"Shape `{args.shape}` ({', '.join(f'{k}={v}' for k, v in shape.items() if k != 'num_hidden_layers')}), "
               f"{args.experts} experts, bf16; flags {' '.join(flags)}; page cache "
               f"{'dropped before each run' if cold else 'not dropped (not root)'}; {machine()}.\n\n")
-    table = "| layers | params | run | wall s | peak RSS MiB | peak GPU MiB |\n|---|---|---|---|---|---|\n" + "".join(
-        f"| {r['layers']} | {r['params_b']}B | {r['method']} | {r['wall_s']} | {r.get('peak_rss_mib', '')} | "
-        f"{r.get('peak_gpu_mib', '')} |\n" for r in rows)
+    table = (
+        "| layers | params | run | wall s | peak RSS MiB | peak anonymous RSS MiB | peak GPU MiB |\n"
+        "|---|---|---|---|---|---|---|\n"
+        + "".join(
+            f"| {r['layers']} | {r['params_b']}B | {r['method']} | {r['wall_s']} | {r.get('peak_rss_mib', '')} | "
+            f"{r.get('peak_anon_mib', '')} | {r.get('peak_gpu_mib', '')} |\n"
+            for r in rows
+        )
+    )
     ratios = []
     for layers in depths:
         by = {r["method"]: r for r in rows if r["layers"] == layers}
@@ -207,7 +233,8 @@ def main():
     esm = [r for r in rows if r["method"] == "esm"]
     if len(esm) > 1:
         ratios.append(f"ESM peak RSS at {esm[-1]['layers']} vs {esm[0]['layers']} layers: "
-                      f"{esm[-1]['peak_rss_mib'] / esm[0]['peak_rss_mib']:.2f}×")
+                      f"{esm[-1]['peak_rss_mib'] / esm[0]['peak_rss_mib']:.2f}× (anonymous: "
+                      f"{esm[-1]['peak_anon_mib'] / esm[0]['peak_anon_mib']:.2f}×)")
     report = header + table + "\n" + "\n".join(ratios) + "\n"
     print("\n" + report)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -85,6 +85,14 @@ def test_essential_merge_matches_direct_formula(gamma, p_task, p_dim):
     assert torch.allclose(merged, esm_weight(deltas, xs, k, gamma, p_task, p_dim), atol=1e-10)
 
 
+def test_factors_may_arrive_as_a_stream():
+    """The pre-pass hands merge_task_factors a generator (one expert's factors alive at a time)."""
+    deltas, xs = _random_inputs(10)
+    factors = [essential_subspace(d, _moment(x), 4) for d, x in zip(deltas, xs)]
+    settings = dict(gamma=0.15, task_exponent=2.0, dimension_exponent=2.0)
+    assert torch.equal(merge_task_factors(iter(factors), **settings), merge_task_factors(factors, **settings))
+
+
 def test_polarized_scale_by_hand():
     got = polarized_scale(torch.tensor([1.0, 3.0], dtype=D), 2.0)
     assert torch.allclose(got, torch.tensor([0.25, 2.25], dtype=D))  # ([1,3]/2)^2

@@ -57,11 +57,12 @@ class LayerStack:
         return layer
 
     def run_layer(self, layer: nn.Module, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
-        out = []
-        for h in hidden:
+        """Each window through the layer, replacing its hidden state in `hidden` as it goes:
+        old and new states of all windows are never held together."""
+        for i, h in enumerate(hidden):
             ids, pe = self._position(h)
-            out.append(layer(h, position_ids=ids, position_embeddings=pe))
-        return out
+            hidden[i] = layer(h, position_ids=ids, position_embeddings=pe)
+        return hidden
 
     def release(self, index: int) -> None:
         self.layers[index].to("meta")

@@ -206,10 +206,12 @@ class PreparedMerge:
         """
         if name in self.betas:
             return self.target_update(name, base.device) * self.betas[name]
-        deltas = torch.stack([e.to(torch.float32) - base for e in experts])
+        total = torch.zeros_like(base)
+        for e in experts:  # summed in place: a vocabulary matrix is the largest tensor there is
+            total.add_(e.to(torch.float32)).sub_(base)
         layout = self.inputs.layout
         vocabulary = base.ndim == 2 and name in (layout.embed_name, layout.head_names[1])
-        return deltas.sum(dim=0) if vocabulary and self.inputs.settings.embedding_merge == "sum" else deltas.mean(dim=0)
+        return total if vocabulary and self.inputs.settings.embedding_merge == "sum" else total.div_(len(experts))
 
 
 def prepare(inputs: MergeInputs) -> PreparedMerge:
