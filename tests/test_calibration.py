@@ -81,7 +81,7 @@ def test_layerwise_moments_equal_full_model_forward(tmp_path, windows):
             inputs = result.moments[t.input_group]
             assert inputs.n_tokens == n
             assert (inputs.tokens is not None) == (n < t.shape[1]), t.name  # the smaller form
-            x = inputs.factor
+            x = inputs.factor(torch.float64)
             assert x.shape == (min(n, t.shape[1]), t.shape[1])
             assert torch.allclose(x.T @ x, expected[t.name], rtol=1e-4, atol=1e-4), t.name
             seen += 1
