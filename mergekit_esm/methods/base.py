@@ -54,14 +54,14 @@ class MergeSettings(BaseModel):
     )
     cache_dir: Optional[str] = Field(
         None,
-        description="Where calibration statistics and merged updates are cached; default "
+        description="Where expert-written samples and merged updates are cached; default "
         "$MERGEKIT_ESM_CACHE or ~/.cache/mergekit-esm.",
     )
 
     # Parameters that may also be set per model (the rest are global only).
     PER_MODEL: ClassVar[frozenset[str]] = frozenset()
     # Parameters that are not part of the merged updates' cache key: used only when the cached
-    # ΔW_merged is applied, or already part of the calibration statistics' key.
+    # ΔW_merged is applied, or already in the key as the proxy tokens they produce.
     OUTSIDE_UPDATE_KEY: ClassVar[frozenset[str]] = frozenset(
         {
             "alpha",

@@ -44,7 +44,7 @@ class EsmSettings(MergeSettings):
     proxy_max_tokens: int = Field(512, ge=2, description="Tokens per proxy window.")
 
     PER_MODEL: ClassVar[frozenset[str]] = frozenset({"proxy"})
-    # The proxy reaches ΔW_merged through the calibration statistics' own cache key.
+    # The proxy reaches ΔW_merged's cache key as the token windows it produces.
     OUTSIDE_UPDATE_KEY: ClassVar[frozenset[str]] = MergeSettings.OUTSIDE_UPDATE_KEY | {
         "layer_exponent",
         "proxy",
