@@ -1,4 +1,4 @@
-"""Content-keyed on-disk cache for calibration statistics and merged updates.
+"""Content-keyed on-disk cache for expert-written samples and merged updates.
 
 An entry is a directory named by a hash of everything that determines its content; it is
 written under a temporary name and renamed when complete, so an interrupted run never

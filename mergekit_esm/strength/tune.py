@@ -1,6 +1,6 @@
 """`mergekit-esm tune`: the paper's golden-section search over α on a labeled validation set.
 
-Each trial merges with one α (the calibration statistics and merged updates are cached, so a
+Each trial merges with one α (the merged updates are cached, so a
 trial costs only the final scaling, mergekit's write and the evaluation) and scores the
 merge with lm-eval. Only the best model so far is kept on disk.
 """
