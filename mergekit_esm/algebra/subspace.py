@@ -22,8 +22,7 @@ class TaskFactors:
 
 def moment_sqrt(input_moment: torch.Tensor) -> torch.Tensor:
     """R with R Rᵀ = XᵀX (symmetric square root; XᵀX may be singular when n < d_in)."""
-    g = input_moment
-    eigenvalues, eigenvectors = torch.linalg.eigh(g)
+    eigenvalues, eigenvectors = torch.linalg.eigh(input_moment)
     return (eigenvectors * eigenvalues.clamp_min(0).sqrt()) @ eigenvectors.T
 
 
@@ -50,8 +49,9 @@ class InputMoment:
         """F (rank_bound × d_in) with FᵀF = XᵀX: X itself, or √XᵀX. Computed once per dtype and
         shared by the weights reading this input (q/k/v, gate/up)."""
         if dtype not in self._factors:
-            held = self.tokens if self.tokens is not None else self.moment
-            self._factors[dtype] = held.to(dtype) if self.tokens is not None else moment_sqrt(held.to(dtype))
+            self._factors[dtype] = (
+                self.tokens.to(dtype) if self.tokens is not None else moment_sqrt(self.moment.to(dtype))
+            )
         return self._factors[dtype]
 
     def output_covariance(self, delta: torch.Tensor) -> torch.Tensor:
@@ -79,13 +79,12 @@ def activation_shift_spectrum(delta: torch.Tensor, inputs: InputMoment) -> tuple
     n = inputs.n_tokens
     if n < 2:
         raise ValueError(f"need at least 2 proxy tokens, got {n}")
-    d = delta
-    if d.shape[0] <= inputs.rank_bound:
-        eigenvalues, eigenvectors = _descending_eigh(inputs.output_covariance(d))
+    if delta.shape[0] <= inputs.rank_bound:
+        eigenvalues, eigenvectors = _descending_eigh(inputs.output_covariance(delta))
         return eigenvalues / (n - 1), eigenvectors
-    y = d @ inputs.factor(d.dtype).T
+    y = delta @ inputs.factor(delta.dtype).T
     eigenvalues, v = _descending_eigh(y.T @ y)
-    u = y @ (v / eigenvalues.sqrt().clamp_min(torch.finfo(d.dtype).tiny))
+    u = y @ (v / eigenvalues.sqrt().clamp_min(torch.finfo(delta.dtype).tiny))
     # Y V / σ is orthonormal up to rounding that grows as σ → 0; QR restores it exactly and
     # keeps every direction's sign (R's diagonal is positive where Y V / σ is accurate).
     q, r = torch.linalg.qr(u)
@@ -101,19 +100,17 @@ def essential_subspace(delta: torch.Tensor, inputs: InputMoment, rank: int) -> T
     if rank > eigenvectors.shape[1]:
         raise ValueError(f"rank {rank} exceeds min(d_out, d_in, n) = {eigenvectors.shape[1]}")
     basis = eigenvectors[:, :rank]
-    d = delta
     return TaskFactors(
         basis=basis,
-        coords=basis.T @ d,
+        coords=basis.T @ delta,
         eigenvalues=eigenvalues[:rank],
-        norm=torch.linalg.matrix_norm(d),
+        norm=torch.linalg.matrix_norm(delta),
     )
 
 
 def svd_subspace(delta: torch.Tensor, rank: int) -> TaskFactors:
     """TSV-M's per-task factors: the k leading left singular vectors (eigenvalues σ²)."""
-    d = delta
-    u, s, vh = torch.linalg.svd(d, full_matrices=False)
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     return TaskFactors(
         basis=u[:, :rank],
         coords=s[:rank, None] * vh[:rank],
