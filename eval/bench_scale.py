@@ -85,11 +85,16 @@ def layer_tensors(config: LlamaConfig, layer: int) -> dict[str, tuple[int, ...]]
     }
 
 
+# Drawn on the GPU when there is one: at the 8B shape, CPU sampling alone would take minutes.
+# (The weights then differ between CPU and GPU machines; both are random of the same law.)
+GENERATOR_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _tensor(name: str, shape: tuple[int, ...], seed: int, scale: float) -> torch.Tensor:
-    g = torch.Generator().manual_seed(zlib.crc32(f"{name}/{seed}".encode()))
+    g = torch.Generator(GENERATOR_DEVICE).manual_seed(zlib.crc32(f"{name}/{seed}".encode()))
     if len(shape) == 1:
         return torch.ones(shape) if seed == 0 else torch.zeros(shape)
-    return torch.randn(shape, generator=g) * scale
+    return torch.randn(shape, generator=g, device=GENERATOR_DEVICE) * scale
 
 
 def write_model(path: Path, config: LlamaConfig, expert: int) -> None:
@@ -106,7 +111,7 @@ def write_model(path: Path, config: LlamaConfig, expert: int) -> None:
             w = _tensor(name, shape, 0, 0.02)
             if expert:
                 w += _tensor(name, shape, expert, 0.002)
-            state[name] = w.to(torch.bfloat16)
+            state[name] = w.to(torch.bfloat16).cpu()
         file = f"{shard}.safetensors"
         save_file(state, path / file, metadata={"format": "pt"})
         index.update({name: file for name in state})
@@ -199,6 +204,8 @@ def main():
             models = [root / ("base" if i == 0 else f"expert{i}") for i in range(args.experts + 1)]
             for i, path in enumerate(models):
                 write_model(path, config, i)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the merges run in subprocesses: leave them the GPU
             params = sum(torch.Size(s).numel() for i in range(layers) for s in layer_tensors(config, i).values())
             params += 2 * config.vocab_size * config.hidden_size
             print(f"{layers} layers, {params / 1e9:.2f}B parameters: wrote {len(models)} models in "

@@ -16,7 +16,7 @@ from mergekit_esm.algebra import (
     svd_subspace,
     task_singular_vectors_merge,
 )
-from mergekit_esm.algebra.merge import common_space_split, concatenate_factors
+from mergekit_esm.algebra.merge import common_space_split, concatenate_factors, newton_polar
 from mergekit_esm.algebra.subspace import InputMoment
 from mergekit_esm.methods.esm import EsmSettings
 from tests import reference_svd_family as reference
@@ -117,15 +117,31 @@ def test_layer_scales_by_hand_compare_only_the_same_module_type():
     assert all(v == 1.0 for v in layer_scales(norms, 0.0).values())
 
 
-def test_polar_orthogonalize_ignores_null_directions():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["Gram route", "Newton route falls back"])
+def test_polar_orthogonalize_ignores_null_directions(dtype):
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(8, 3, generator=g, dtype=D) @ torch.randn(3, 6, generator=g, dtype=D)  # rank 3
+    x = (torch.randn(8, 3, generator=g, dtype=D) @ torch.randn(3, 6, generator=g, dtype=D)).to(dtype)  # rank 3
     q = polar_orthogonalize(x, keep_scale=False)
     assert torch.linalg.matrix_rank(q) == 3
     s = torch.linalg.svdvals(q)
-    assert torch.allclose(s[:3], torch.ones(3, dtype=D), atol=1e-10)
+    assert torch.allclose(s[:3], torch.ones(3, dtype=dtype), atol=1e-5 if dtype == torch.float32 else 1e-10)
     full = polar_orthogonalize(torch.randn(8, 6, generator=g, dtype=D), keep_scale=False)
     assert torch.allclose(full.T @ full, torch.eye(6, dtype=D), atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(40, 40), (60, 25), (25, 60)], ids=["square", "tall", "wide"])
+def test_newton_polar_matches_the_svd_polar_factor(shape):
+    """The float32 route (scaled Newton on the QR-reduced square factor) against U Vᵀ and
+    mean σ from a float64 SVD, on a matrix with σ_min/σ_max = 1e-3."""
+    g = torch.Generator().manual_seed(11)
+    u, _ = torch.linalg.qr(torch.randn(shape[0], min(shape), generator=g, dtype=D))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], min(shape), generator=g, dtype=D))
+    sigma = torch.logspace(0, -3, min(shape), dtype=D)
+    x = (u * sigma) @ v.T
+    assert newton_polar(x.float()) is not None  # the Newton route, not its fallback
+    q = polar_orthogonalize(x.float(), keep_scale=True).double()
+    expected = (u @ v.T) * sigma.mean()
+    assert (q - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
 def test_an_expert_that_left_a_weight_unchanged_gives_a_finite_merge():

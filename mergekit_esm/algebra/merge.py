@@ -17,20 +17,76 @@ def polar_orthogonalize(x: torch.Tensor, keep_scale: bool) -> torch.Tensor:
     keep_scale multiplies by mean(Σ), ESM's whitening that keeps the factor's overall size.
     Every kept direction gets weight 1, however small its σ, so accuracy is set by how well
     the smallest σ are resolved (concatenated bases of T experts overlap: σ_min/σ_max ~ 1e-4
-    is common). In float64: from the eigen-decomposition of the smaller Gram matrix, about
-    twice as fast as an SVD on CPU and within ~1e-9 of U Vᵀ. In float32 the Gram matrix would
-    square the condition number and lose directions below ~3% of σ_max, so the SVD is used.
-    Directions at numerical zero (σ ≤ σ_max·size·eps, or σ² ≤ σ²_max·size·eps through the
-    Gram matrix) are left out, and out of the mean: their U, V are arbitrary, and a task that
-    left a weight unchanged must not add them.
+    is common). Directions at numerical zero are left out, and out of the mean: their U, V
+    are arbitrary, and a task that left a weight unchanged must not add them.
+
+    float64 (the CPU default): from the eigen-decomposition of the smaller Gram matrix, about
+    twice as fast as an SVD on CPU and within ~1e-9 of U Vᵀ. Lower precision (the GPU
+    default): the Gram matrix would square the condition number and lose directions below
+    ~3% of σ_max, so the scaled Newton iteration is used, which is matrix products and
+    inverses (fast on a GPU, where an SVD of a 14336² factor takes minutes); the SVD only
+    where that iteration does not apply.
     """
-    if x.dtype != torch.float64:
-        u, sigma, vh = torch.linalg.svd(x, full_matrices=False)
-        if sigma.numel() == 0 or sigma[0] <= 0:
-            return torch.zeros_like(x)
-        kept = sigma > sigma[0] * max(x.shape) * torch.finfo(x.dtype).eps
-        q = u[:, kept] @ vh[kept]
-        return q * sigma[kept].mean() if keep_scale else q
+    if x.dtype == torch.float64:
+        return _gram_polar(x, keep_scale)
+    q = newton_polar(x)
+    if q is None:
+        return _svd_polar(x, keep_scale)
+    return q * ((q * x).sum() / min(x.shape)) if keep_scale else q  # mean σ = trace(Qᵀx) / rank
+
+
+def newton_polar(x: torch.Tensor, max_steps: int = 40) -> torch.Tensor | None:
+    """U Vᵀ by the scaled Newton iteration Q ← (ζQ + (ζQ)⁻ᵀ)/2 with Frobenius-norm scaling
+    (Higham, Functions of Matrices, §8.6), on the square R of x = Q₀R for a tall x.
+
+    Each direction is resolved to about κ·eps, as by an SVD. None (use the SVD, which leaves
+    out directions at numerical zero) when κ = σ_max/σ_min exceeds 0.1/eps, i.e. x is rank-
+    deficient to within a few rounding errors, or when the iteration does not converge.
+    """
+    if x.shape[0] < x.shape[1]:
+        q = newton_polar(x.T, max_steps)
+        return None if q is None else q.T
+    eps = torch.finfo(x.dtype).eps
+    basis, q = torch.linalg.qr(x) if x.shape[0] > x.shape[1] else (None, x)
+    scaled = True
+    for step in range(max_steps):
+        inverse, info = torch.linalg.inv_ex(q)
+        if info != 0 or (step == 0 and not spectral_norm(q) * spectral_norm(inverse) * eps < 0.1):
+            return None
+        zeta = float((torch.linalg.matrix_norm(inverse) / torch.linalg.matrix_norm(q)).sqrt()) if scaled else 1.0
+        updated = inverse.T.div_(zeta).add_(q, alpha=zeta).mul_(0.5)
+        del inverse
+        change = float(torch.linalg.matrix_norm(updated - q) / torch.linalg.matrix_norm(updated))
+        q = updated
+        # quadratic convergence: once the change is below √eps the next step reaches rounding
+        if not scaled:
+            return q if basis is None else basis @ q
+        scaled = change > eps**0.5
+    return None
+
+
+def spectral_norm(a: torch.Tensor, steps: int = 16) -> torch.Tensor:
+    """σ_max(a), from below, by power iteration on aᵀa: matrix-vector products only (an SVD
+    of a 14336² factor costs more than the whole polar iteration)."""
+    v = torch.randn(a.shape[1], generator=torch.Generator(a.device).manual_seed(0), dtype=a.dtype, device=a.device)
+    v /= torch.linalg.vector_norm(v)
+    for _ in range(steps):
+        v = a.T @ (a @ v)
+        norm = torch.linalg.vector_norm(v)
+        v /= norm
+    return norm.sqrt()
+
+
+def _svd_polar(x: torch.Tensor, keep_scale: bool) -> torch.Tensor:
+    u, sigma, vh = torch.linalg.svd(x, full_matrices=False)
+    if sigma.numel() == 0 or sigma[0] <= 0:
+        return torch.zeros_like(x)
+    kept = sigma > sigma[0] * max(x.shape) * torch.finfo(x.dtype).eps
+    q = u[:, kept] @ vh[kept]
+    return q * sigma[kept].mean() if keep_scale else q
+
+
+def _gram_polar(x: torch.Tensor, keep_scale: bool) -> torch.Tensor:
     tall = x.shape[0] >= x.shape[1]
     eigenvalues, eigenvectors = torch.linalg.eigh(x.T @ x if tall else x @ x.T)  # eigh reads one triangle
     if eigenvalues.numel() == 0 or eigenvalues[-1] <= 0:
@@ -61,7 +117,7 @@ def merge_task_factors(
     """
     bases, coords, norms = [], [], []
     for f in factors:
-        shape, dtype = (f.basis.shape[0], f.coords.shape[1]), f.basis.dtype
+        shape, like = (f.basis.shape[0], f.coords.shape[1]), f.basis
         if f.norm > 0:
             e = eigenvalue_flattening(f.eigenvalues, gamma)
             bases.append(f.basis * e)
@@ -69,7 +125,7 @@ def merge_task_factors(
             norms.append(f.norm)
         del f
     if not bases:
-        return torch.zeros(shape, dtype=dtype)
+        return like.new_zeros(shape)
     p_cat = torch.cat(bases, dim=1)
     del bases
     for c, s in zip(coords, polarized_scale(torch.stack(norms), task_exponent)):
