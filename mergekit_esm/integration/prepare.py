@@ -156,7 +156,9 @@ def merged_updates(inputs: MergeInputs, root: Path) -> CacheEntry:
     if entry.complete:
         return entry
     statistics = {
-        e: layer_input_moments(checked_reader(e, inputs.device), inputs.layout, w, inputs.device)
+        e: layer_input_moments(
+            checked_reader(e, inputs.device), inputs.layout, w, inputs.device, s.compute_dtype(inputs.device)
+        )
         for e, w in windows.items()
     }
     zero = set(inputs.experts)
