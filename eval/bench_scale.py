@@ -139,11 +139,12 @@ def read_all_once(models: list[Path]) -> float:
     return time.perf_counter() - start
 
 
-def run_merge(method: str, base: Path, experts: list[Path], root: Path, flags: list[str]) -> dict:
+def run_merge(method: str, base: Path, experts: list[Path], root: Path, flags: list[str], precision: str) -> dict:
     params = "    parameters: {weight: 1.0, density: 0.5}\n" if method == "ties" else ""
+    settings = f"parameters: {{precision: {precision}}}\n" if method == "esm" else ""
     recipe = root / f"{method}.yml"
     recipe.write_text(
-        f"merge_method: {method}\nbase_model: {base}\ndtype: bfloat16\nmodels:\n"
+        f"merge_method: {method}\nbase_model: {base}\ndtype: bfloat16\n{settings}models:\n"
         + "".join(f"  - model: {e}\n{params}" for e in experts)
     )
     out, cache = root / f"out_{method}", root / f"cache_{method}"
@@ -185,6 +186,7 @@ def main():
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--methods", default="ties,esm")
     parser.add_argument("--cuda", action="store_true", help="pass --cuda to mergekit-yaml")
+    parser.add_argument("--precision", choices=["auto", "float64", "float32"], default="auto", help="ESM's `precision`")
     parser.add_argument("--out-shard-size", default="500M",
                         help="mergekit's --out-shard-size for both methods: a shard is buffered in RAM until written")
     parser.add_argument("--workdir", type=Path, default=None, help="where checkpoints go (default: a temp dir)")
@@ -217,11 +219,11 @@ def main():
             for method in args.methods.split(","):
                 drop_page_cache()
                 rows.append({"layers": layers, "params_b": round(params / 1e9, 2),
-                             **run_merge(method, models[0], models[1:], root, flags)})
+                             **run_merge(method, models[0], models[1:], root, flags, args.precision)})
                 print(json.dumps(rows[-1]), flush=True)
 
     header = (f"Shape `{args.shape}` ({', '.join(f'{k}={v}' for k, v in shape.items() if k != 'num_hidden_layers')}), "
-              f"{args.experts} experts, bf16; flags {' '.join(flags)}; page cache "
+              f"{args.experts} experts, bf16; flags {' '.join(flags)}; ESM precision {args.precision}; page cache "
               f"{'dropped before each run' if cold else 'not dropped (not root)'}; {machine()}.\n\n")
     table = (
         "| layers | params | run | wall s | peak RSS MiB | peak anonymous RSS MiB | peak GPU MiB |\n"
