@@ -9,6 +9,7 @@ from mergekit.scripts.run_yaml import main as mergekit_yaml_main
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM, MistralConfig
 
+from mergekit_esm.errors import EsmInputError, ensure_finite
 from tests.conftest import mergekit_yaml, recipe
 from tests.tiny_models import byte_tokenizer, tiny_config, write_model
 
@@ -219,3 +220,16 @@ def test_real_cli_prints_one_error_line_without_traceback(tmp_path, models):
     assert "Traceback" not in result.stderr
     assert "Error: unknown parameter 'rnak' for esm in `parameters`: did you mean 'rank'?" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_finiteness_check_decides_every_case(dtype):
+    """The fast path (a finite sum) and the entry-wise test behind it: NaN and Inf anywhere
+    are refused; finite entries whose sum overflows are accepted."""
+    large = torch.full((4, 4), torch.finfo(dtype).max, dtype=dtype)
+    ensure_finite(large, "w", "m")  # the sum is inf, every entry is finite
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.zeros(4, 4, dtype=dtype)
+        x[2, 3] = bad
+        with pytest.raises(EsmInputError, match="NaN or Inf"):
+            ensure_finite(x, "w", "m")
