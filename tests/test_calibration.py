@@ -48,12 +48,12 @@ def test_proxy_files(tmp_path):
             load_documents(str(tmp_path / name))
 
 
-@pytest.mark.parametrize("product_dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("sum_dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("windows", [[list(range(5, 45)), list(range(60, 90))], [list(range(5, 45)), list(range(60, 68))]])
-def test_layerwise_moments_equal_full_model_forward(tmp_path, windows, product_dtype):
+def test_layerwise_moments_equal_full_model_forward(tmp_path, windows, sum_dtype):
     """70 tokens: XᵀX for every input (hidden 32, intermediate 64); 48 tokens: down_proj's
-    64-wide input is held as X instead, the smaller of the two. Each window's XᵀX in float64
-    (CPU default) or float32 (GPU default)."""
+    64-wide input is held as X instead, the smaller of the two. XᵀX summed in float64 (CPU
+    default) or float32 (GPU default)."""
     config = tiny_config(layers=3)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
@@ -78,7 +78,7 @@ def test_layerwise_moments_equal_full_model_forward(tmp_path, windows, product_d
             model(torch.tensor([w]))
 
     seen = 0
-    for result in layer_input_moments(state.__getitem__, layout, windows, product_dtype=product_dtype):
+    for result in layer_input_moments(state.__getitem__, layout, windows, sum_dtype=sum_dtype):
         for t in layout.layer_targets(result.layer):
             inputs = result.moments[t.input_group]
             assert inputs.n_tokens == n

@@ -87,20 +87,20 @@ class LayerStack:
 
 class _InputCollector:
     """Forward pre-hook that gathers one input group's activations over all windows: the rows
-    of X when there are fewer tokens than input dimensions, else XᵀX summed in float64 (the
-    cut at rank k is sensitive to XᵀX where eigenvalues cluster near λ_k), then kept in
-    float32 (InputMoment). Each window's XᵀX is computed in `product_dtype`: float64 for the
-    float64 precision; float32 otherwise, since a consumer GPU multiplies float64 at 1/64 of
-    its float32 rate (the sums of Llama-3-8B's 14336-wide down_proj input would take seconds
-    per layer and expert). Float32 products raise the median merged-weight error ~10× (to
-    ~1e-6 in tests/test_end_to_end.py's zoo)."""
+    of X when there are fewer tokens than input dimensions, else XᵀX, then kept in float32
+    (InputMoment). XᵀX is summed in `sum_dtype`: float64 for the float64 precision (the cut at
+    rank k is sensitive to XᵀX where eigenvalues cluster near λ_k); float32 otherwise, since a
+    consumer GPU multiplies float64 at 1/64 of its float32 rate (the sums of Llama-3-8B's
+    14336-wide down_proj input would take seconds per layer and expert). Float32 products
+    raise the median merged-weight error ~10× (to ~1e-6 in tests/test_end_to_end.py's zoo);
+    summing them in float32 adds less than that (√windows·eps against √tokens·eps)."""
 
-    def __init__(self, n_tokens: int, d_in: int, device, product_dtype: torch.dtype):
-        self.n_tokens, self.d_in, self.filled, self.product_dtype = n_tokens, d_in, 0, product_dtype
+    def __init__(self, n_tokens: int, d_in: int, device, sum_dtype: torch.dtype):
+        self.n_tokens, self.d_in, self.filled = n_tokens, d_in, 0
         if n_tokens < d_in:
             self.tokens = torch.empty(n_tokens, d_in, device=device, dtype=torch.float32)
         else:
-            self.moment = torch.zeros(d_in, d_in, device=device, dtype=torch.float64)
+            self.moment = torch.zeros(d_in, d_in, device=device, dtype=sum_dtype)
 
     def __call__(self, _module, args):
         x = args[0].reshape(-1, self.d_in)
@@ -108,8 +108,8 @@ class _InputCollector:
             self.tokens[self.filled : self.filled + x.shape[0]] = x
             self.filled += x.shape[0]
         else:
-            x = x.to(self.product_dtype)
-            self.moment += x.T @ x
+            x = x.to(self.moment.dtype)
+            self.moment.addmm_(x.T, x)
 
     def result(self) -> InputMoment:
         if hasattr(self, "tokens"):
@@ -123,13 +123,13 @@ def layer_input_moments(
     layout: DecoderLayout,
     windows: list[list[int]],
     device: str | torch.device = "cpu",
-    product_dtype: torch.dtype = torch.float64,
+    sum_dtype: torch.dtype = torch.float64,
 ) -> Iterator[LayerMoments]:
     """Yield each layer's input statistics, in layer order, for this expert's weights.
 
     Memory: one layer's weights, the windows' hidden states (n × hidden, float32) and this
-    layer's statistics (float64 while summing); nothing grows with depth. On CPU the hidden
-    states wait on disk while the caller runs the other experts and merges: RAM is the limit
+    layer's statistics (in `sum_dtype` while summing); nothing grows with depth. On CPU the
+    hidden states wait on disk while the caller runs the other experts and merges: RAM is the limit
     there, and the round trip (~0.3 s for 16k tokens at hidden 2048) is nothing next to a
     layer's minutes. On a GPU they stay in device memory.
     """
@@ -146,7 +146,8 @@ def layer_input_moments(
         for target in layout.layer_targets(index):
             if target.input_group in collectors:
                 continue  # q/k/v and gate/up read the same activation: count it once
-            collector = collectors[target.input_group] = _InputCollector(n_tokens, target.shape[1], device, product_dtype)
+            collector = _InputCollector(n_tokens, target.shape[1], device, sum_dtype)
+            collectors[target.input_group] = collector
             module = stack.model.get_submodule(target.name.removesuffix(".weight"))
             hooks.append(module.register_forward_pre_hook(collector))
         hidden = stack.run_layer(layer, hidden)
@@ -154,7 +155,7 @@ def layer_input_moments(
             hook.remove()
         stack.release(index)  # release this layer's weights before loading the next
         moments = {group: c.result() for group, c in collectors.items()}
-        del collectors, collector  # free the float64 sums before the caller runs another expert
+        del collectors, collector  # free the sums before the caller runs another expert
         if spill is not None and index + 1 < layout.num_layers:
             torch.save(hidden, os.path.join(spill.name, "hidden.pt"))
             hidden = None
