@@ -211,17 +211,16 @@ def test_float32_precision_agrees_with_the_float64_reference(d_out, d_in, n):
     deltas, xs = _random_inputs(9, t=4, d_out=d_out, d_in=d_in, n=n)
     xs = [x * torch.logspace(-1, 1, d_in, dtype=D) for x in xs]  # anisotropic, like LLM activations
     k = min(d_out // 4, d_in)
-    merged = {}
-    for dtype in (torch.float64, torch.float32):
-        factors = [
-            essential_subspace(d.to(dtype), InputMoment(n, moment=(x.T @ x).float()), k) for d, x in zip(deltas, xs)
-        ]
-        merged[dtype] = merge_task_factors(factors, gamma=0.15, task_exponent=2.0, dimension_exponent=2.0)
-        if dtype == torch.float32:
-            for f, f64, d, x in zip(factors, reference_factors, deltas, xs):
-                captured = [torch.linalg.matrix_norm(x @ (b.double() @ b.double().T @ d).T) for b in (f.basis, f64.basis)]
-                assert abs(captured[0] / captured[1] - 1) <= 1e-5
-        reference_factors = factors
+    factors = {
+        dtype: [essential_subspace(d.to(dtype), InputMoment(n, moment=(x.T @ x).float()), k) for d, x in zip(deltas, xs)]
+        for dtype in (torch.float64, torch.float32)
+    }
+    for f32, f64, d, x in zip(factors[torch.float32], factors[torch.float64], deltas, xs):
+        captured = [torch.linalg.matrix_norm(x @ (b.double() @ b.double().T @ d).T) for b in (f32.basis, f64.basis)]
+        assert abs(captured[0] / captured[1] - 1) <= 1e-5
+    merged = {
+        dtype: merge_task_factors(f, gamma=0.15, task_exponent=2.0, dimension_exponent=2.0) for dtype, f in factors.items()
+    }
     error = (merged[torch.float32].double() - merged[torch.float64]).abs().max()
     assert error <= 5e-3 * merged[torch.float64].abs().max()
 

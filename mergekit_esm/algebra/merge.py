@@ -24,7 +24,7 @@ def polar_orthogonalize(x: torch.Tensor, keep_scale: bool) -> torch.Tensor:
     twice as fast as an SVD on CPU and within ~1e-9 of U Vᵀ. Lower precision (the GPU
     default): the Gram matrix would square the condition number and lose directions below
     ~3% of σ_max, so the scaled Newton iteration is used, which is matrix products and
-    inverses (fast on a GPU, where an SVD of a 14336² factor takes minutes); the SVD only
+    inverses (2.8 s for a 14336² factor on an H200, where the SVD took 34 s); the SVD only
     where that iteration does not apply.
     """
     if x.dtype == torch.float64:
@@ -38,7 +38,8 @@ def polar_orthogonalize(x: torch.Tensor, keep_scale: bool) -> torch.Tensor:
 def newton_polar(x: torch.Tensor, max_steps: int = 40) -> torch.Tensor | None:
     """U Vᵀ by the scaled Newton iteration Q ← (ζQ + (ζQ)⁻ᵀ)/2 on the square R of x = Q₀R
     (for a tall x), with Byers and Xu's scaling (SIAM J. Matrix Anal. Appl. 30, 2008):
-    ζ from estimates of σ_max and σ_min, backward stable, at most ~7 steps for κ ≤ 1e8.
+    ζ from estimates of σ_max and σ_min, backward stable; 7 steps in every case measured
+    (d = 512–2048, κ up to 1e5).
 
     Each direction is resolved to about κ·eps, as by an SVD. None (use the SVD, which leaves
     out directions at numerical zero) when κ = σ_max/σ_min exceeds 0.1/eps, i.e. x is rank-

@@ -129,9 +129,9 @@ def layer_input_moments(
 
     Memory: one layer's weights, the windows' hidden states (n × hidden, float32) and this
     layer's statistics (in `sum_dtype` while summing); nothing grows with depth. On CPU the
-    hidden states wait on disk while the caller runs the other experts and merges: RAM is the limit
-    there, and the round trip (~0.3 s for 16k tokens at hidden 2048) is nothing next to a
-    layer's minutes. On a GPU they stay in device memory.
+    hidden states wait on disk while the caller runs the other experts and merges: RAM is the
+    limit there, and the round trip (~0.3 s for 16k tokens at hidden 2048) is nothing next to
+    a layer's minute or more. On a GPU they stay in device memory.
     """
     stack = LayerStack(layout, device)
     hidden = stack.embed(read_tensor(layout.embed_name), windows)
