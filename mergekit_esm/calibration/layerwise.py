@@ -91,9 +91,9 @@ class _InputCollector:
     (InputMoment). XᵀX is summed in `sum_dtype`: float64 for the float64 precision (the cut at
     rank k is sensitive to XᵀX where eigenvalues cluster near λ_k); float32 otherwise, since a
     consumer GPU multiplies float64 at 1/64 of its float32 rate (the sums of Llama-3-8B's
-    14336-wide down_proj input would take seconds per layer and expert). Float32 products
-    raise the median merged-weight error ~10× (to ~1e-6 in tests/test_end_to_end.py's zoo);
-    summing them in float32 adds less than that (√windows·eps against √tokens·eps)."""
+    14336-wide down_proj input would take seconds per layer and expert). With the rest of
+    the float32 path, this moves the merged updates of tests/test_end_to_end.py's zoo by a
+    median 1.7e-6 relative to float64 (largest 5.2e-5)."""
 
     def __init__(self, n_tokens: int, d_in: int, device, sum_dtype: torch.dtype):
         self.n_tokens, self.d_in, self.filled = n_tokens, d_in, 0
