@@ -130,10 +130,15 @@ def merge_task_factors(
     bases, coords, norms = [], [], []
     for f in factors:
         shape, like = (f.basis.shape[0], f.coords.shape[1]), f.basis
-        if f.norm > 0:
+        # Directions with eigenvalue 0 (rounding level, see numerical_zeros_to_zero) are
+        # arbitrary: left out, whatever γ. Otherwise the concatenated factors would be
+        # singular, which also sends the polar factor to its slow SVD route.
+        kept = f.eigenvalues > 0
+        if f.norm > 0 and kept.any():
             e = eigenvalue_flattening(f.eigenvalues, gamma)
-            bases.append(f.basis * e)
-            coords.append(f.coords * e[:, None])
+            basis, coord = (f.basis * e, f.coords * e[:, None])
+            bases.append(basis if kept.all() else basis[:, kept])
+            coords.append(coord if kept.all() else coord[kept])
             norms.append(f.norm)
         del f
     if not bases:
