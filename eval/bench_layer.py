@@ -1,0 +1,91 @@
+"""Where one decoder layer's ESM merge spends its time: per weight, and per linear-algebra call.
+
+    python -m eval.bench_layer --shape 1b                  # CPU
+    python -m eval.bench_layer --shape 8b --cuda           # GPU
+
+No checkpoints and no calibration forward: each expert's task matrices are random (full rank,
+like a full fine-tune) and its input statistics are XᵀX of random tokens whose columns decay
+over four decades (activations are far from isotropic), n = 16,384 tokens as the default proxy
+gives. The merge itself is the one mergekit-yaml runs (`esm`'s merge_weight at `precision`).
+It prints each weight's wall time, then torch.profiler's table of the costliest calls (device
+time on a GPU), which is what eval/bench_scale cannot separate from reading and writing.
+"""
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from eval.bench_scale import SHAPES
+from mergekit_esm.algebra.subspace import InputMoment
+from mergekit_esm.methods.esm import METHOD, EsmSettings
+
+
+def layer_weights(shape: dict) -> dict[str, tuple[int, int, str]]:
+    """name → (d_out, d_in, input group) of one LLaMA decoder layer."""
+    h, f = shape["hidden_size"], shape["intermediate_size"]
+    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    return {
+        "q_proj": (h, h, "attention"), "k_proj": (kv, h, "attention"), "v_proj": (kv, h, "attention"),
+        "o_proj": (h, h, "attention output"), "gate_proj": (f, h, "mlp"), "up_proj": (f, h, "mlp"),
+        "down_proj": (h, f, "mlp output"),
+    }
+
+
+def input_moment(d_in: int, n: int, device: str, g: torch.Generator) -> InputMoment:
+    scale = torch.logspace(0, -2, d_in, device=device)[torch.randperm(d_in, generator=g, device=device)]
+    x = torch.randn(n, d_in, generator=g, device=device) * scale
+    return InputMoment(n, moment=x.T @ x) if n >= d_in else InputMoment(n, tokens=x)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=SHAPES, default="1b")
+    parser.add_argument("--experts", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--precision", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--cuda", action="store_true")
+    parser.add_argument("--rows", type=int, default=25, help="rows of the profiler table")
+    args = parser.parse_args()
+    device = "cuda" if args.cuda else "cpu"
+    g = torch.Generator(device=device).manual_seed(0)
+    settings = EsmSettings(precision=args.precision)
+    dtype = settings.compute_dtype(device)
+    weights = layer_weights(SHAPES[args.shape])
+    groups = {group: d_in for _, d_in, group in weights.values()}
+    moments = [{group: input_moment(d, args.tokens, device, g) for group, d in groups.items()} for _ in range(args.experts)]
+    name = torch.cuda.get_device_name(0) if args.cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"one `{args.shape}` layer, {args.experts} experts, n = {args.tokens}, {args.precision}, {name}\n")
+
+    def merge(weight: str) -> torch.Tensor:
+        d_out, d_in, group = weights[weight]
+        deltas = [torch.randn(d_out, d_in, generator=g, device=device, dtype=dtype) * 1e-3 for _ in moments]
+        rank = METHOD.default_rank(d_out, d_in, len(deltas))
+        return METHOD.merge_weight(settings, deltas, rank, [m[group] for m in moments])
+
+    merge("k_proj")  # warm-up: library initialisation is not the layer's cost
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.cuda else [])
+    total = 0.0
+    print("| weight | d_out × d_in | seconds |\n|---|---|---|")
+    with profile(activities=activities) as prof:
+        for weight, (d_out, d_in, _) in weights.items():
+            sync(device)
+            start = time.perf_counter()
+            merge(weight)
+            sync(device)
+            seconds = time.perf_counter() - start
+            total += seconds
+            print(f"| {weight} | {d_out} × {d_in} | {seconds:.2f} |", flush=True)
+    print(f"| layer | | {total:.2f} |\n")
+    sort = "self_cuda_time_total" if args.cuda else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=40))
+
+
+if __name__ == "__main__":
+    main()

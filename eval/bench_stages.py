@@ -1,0 +1,130 @@
+"""Where an ESM merge spends its time, stage by stage, in the real pipeline (mergekit-yaml).
+
+    python -m eval.bench_stages --shape 1b --layers 2 --precision float32      # CPU
+    python -m eval.bench_stages --shape 8b --layers 2 --cuda                    # GPU
+
+Writes bench_scale's random LLaMA-shaped checkpoints (base + 4 experts), runs `esm` on them
+in this process, and wraps the pre-pass's stages with timers that synchronise the GPU, so
+each stage is charged its own device work (cProfile charges queued GPU work to whichever
+call waits for it, and on the device image's Python it also mixes in other threads' calls).
+Prints seconds and calls per stage, and the time per layer from the progress bar.
+"""
+
+import argparse
+import collections
+import functools
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig
+
+import mergekit_esm.algebra.merge as merge
+import mergekit_esm.algebra.subspace as subspace
+import mergekit_esm.integration.prepare as prepare
+import mergekit_esm.methods.esm as esm
+from eval.bench_scale import SHAPES, write_model
+
+seconds: dict[str, float] = collections.defaultdict(float)
+calls: collections.Counter = collections.Counter()
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed(stage: str, function):
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        _synchronize()
+        start = time.perf_counter()
+        result = function(*args, **kwargs)
+        _synchronize()
+        seconds[stage] += time.perf_counter() - start
+        calls[stage] += 1
+        return result
+
+    return wrapper
+
+
+def _timed_generator(stage: str, function):
+    """Times each item's production (a layer's calibration), not the consumer's work."""
+
+    def wrapper(*args, **kwargs):
+        items, step = function(*args, **kwargs), _timed(stage, next)
+        while True:
+            try:
+                yield step(items)
+            except StopIteration:
+                return
+
+    return wrapper
+
+
+# (module, attribute, stage): the functions are looked up through these modules at call time
+STAGES = [
+    (prepare, "merged_updates", "pre-pass (calibration and merge)"),
+    (prepare, "layer_input_moments", "calibration: forward and XᵀX"),
+    (prepare, "_merge_layer", "merge of a layer's weights"),
+    (prepare.TaskMatrices, "__init__", "· read base weight"),
+    (prepare.TaskMatrices, "__getitem__", "· read expert weight − base"),
+    (esm, "essential_subspace", "· essential subspace (eigh)"),
+    (subspace, "moment_sqrt", "· · √XᵀX for wide outputs"),
+    (merge, "polar_orthogonalize", "· polar factors"),
+    (merge, "newton_polar", "· · Newton route (a wide factor counts twice)"),
+    (merge, "_svd_polar", "· · SVD route (fallback)"),
+    (prepare, "save_file", "write merged updates to the cache"),
+]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=SHAPES, default="1b")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--experts", type=int, default=4)
+    parser.add_argument("--precision", choices=["auto", "float64", "float32"], default="auto")
+    parser.add_argument("--cuda", action="store_true")
+    parser.add_argument("--workdir", type=Path, default=None, help="where checkpoints go (default: a temp dir)")
+    args = parser.parse_args()
+    for module, name, stage in STAGES:
+        wrap = _timed_generator if name == "layer_input_moments" else _timed
+        setattr(module, name, wrap(stage, getattr(module, name)))
+
+    root = Path(tempfile.mkdtemp(prefix="bench-stages-", dir=args.workdir))
+    config = LlamaConfig(
+        **{**SHAPES[args.shape], "num_hidden_layers": args.layers},
+        tie_word_embeddings=False,
+        architectures=["LlamaForCausalLM"],
+    )
+    models = [root / ("base" if i == 0 else f"expert{i}") for i in range(args.experts + 1)]
+    for i, path in enumerate(models):
+        write_model(path, config, i)
+    recipe = root / "esm.yml"
+    recipe.write_text(
+        f"merge_method: esm\nbase_model: {models[0]}\ndtype: bfloat16\n"
+        f"parameters: {{precision: {args.precision}}}\nmodels:\n"
+        + "".join(f"  - model: {m}\n" for m in models[1:])
+    )
+    os.environ["MERGEKIT_ESM_CACHE"] = str(root / "cache")
+    from mergekit.scripts.run_yaml import main as mergekit_yaml
+
+    start = time.perf_counter()
+    flags = ["--cuda"] if args.cuda else []
+    mergekit_yaml([str(recipe), str(root / "out"), *flags, "--out-shard-size", "500M"], standalone_mode=False)
+    total = time.perf_counter() - start
+    device = torch.cuda.get_device_name(0) if args.cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\n`{args.shape}` shape, {args.layers} layers, {args.experts} experts, precision {args.precision}, {device}\n")
+    print("| stage | seconds | calls |\n|---|---|---|")
+    print(f"| mergekit-yaml, all | {total:.1f} | 1 |")
+    for _, _, stage in STAGES:
+        if calls[stage]:
+            print(f"| {stage} | {seconds[stage]:.2f} | {calls[stage]} |")
+    shutil.rmtree(root)
+
+
+if __name__ == "__main__":
+    main()
