@@ -13,8 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-# Bumped whenever the merged updates a key stands for change: 2 leaves rounding-level
-# directions out of the merge (algebra.subspace.numerical_zeros_to_zero).
+# Bumped whenever the merged updates a key stands for change: 2 leaves null directions
+# out of the merge (algebra.merge.carrying_directions).
 CACHE_VERSION = 2
 
 

@@ -111,6 +111,21 @@ def _gram_polar(x: torch.Tensor, keep_scale: bool) -> torch.Tensor:
     return q * sigma.mean() if keep_scale else q
 
 
+def carrying_directions(factors: TaskFactors) -> torch.Tensor:
+    """Which of an expert's k directions take part in the merge: those with a positive
+    eigenvalue whose share of ΔW, ‖row of Â‖, is above ΔW's rounding level (‖ΔW‖·max(shape)·eps).
+
+    The rest are arbitrary vectors of a null space: a low-rank task matrix (every LoRA expert)
+    or rounding that made an eigenvalue ≤ 0 (inputs of lower rank than k). Kept, they would
+    make the concatenated factors singular — every direction gets weight 1 in the polar factor —
+    and send it to the slow SVD route (30 s for an 8B gate/up_proj on an H200). Directions
+    that the proxy barely excites but that carry part of ΔW stay, as ESM keeps k per expert.
+    """
+    d_out, d_in = factors.basis.shape[0], factors.coords.shape[1]
+    floor = factors.norm * max(d_out, d_in) * torch.finfo(factors.coords.dtype).eps
+    return (factors.eigenvalues > 0) & (torch.linalg.vector_norm(factors.coords, dim=1) > floor)
+
+
 def merge_task_factors(
     factors: Iterable[TaskFactors],
     *,
@@ -130,15 +145,15 @@ def merge_task_factors(
     bases, coords, norms = [], [], []
     for f in factors:
         shape, like = (f.basis.shape[0], f.coords.shape[1]), f.basis
-        # Directions with eigenvalue 0 (rounding level, see numerical_zeros_to_zero) are
-        # arbitrary: left out, whatever γ. Otherwise the concatenated factors would be
-        # singular, which also sends the polar factor to its slow SVD route.
-        kept = f.eigenvalues > 0
-        if f.norm > 0 and kept.any():
+        kept = carrying_directions(f)
+        if kept.any():
+            if not kept.all():
+                f = TaskFactors(f.basis[:, kept], f.coords[kept], f.eigenvalues[kept], f.norm)
+            # flattened to mean 1 over the directions that take part, so a rank-r expert
+            # weighs as if it had been truncated at r
             e = eigenvalue_flattening(f.eigenvalues, gamma)
-            basis, coord = (f.basis * e, f.coords * e[:, None])
-            bases.append(basis if kept.all() else basis[:, kept])
-            coords.append(coord if kept.all() else coord[kept])
+            bases.append(f.basis * e)
+            coords.append(f.coords * e[:, None])
             norms.append(f.norm)
         del f
     if not bases:

@@ -62,23 +62,9 @@ class InputMoment:
         return delta @ self.moment.to(delta.dtype) @ delta.T
 
 
-def numerical_zeros_to_zero(eigenvalues: torch.Tensor, tolerance: float) -> torch.Tensor:
-    """Descending eigenvalues with those at the rounding level (≤ λ₁·tolerance) set to exactly 0.
-
-    Their eigenvectors are arbitrary directions of the (near) null space: inputs of lower rank
-    than k (few distinct proxy tokens reach layer 0), or a low-rank task matrix (a LoRA
-    expert). As 0 they carry no weight and the merge leaves them out, instead of adding noise
-    directions that would also make the concatenated factors singular.
-    """
-    cutoff = eigenvalues[:1].clamp_min(0) * tolerance
-    return torch.where(eigenvalues > cutoff, eigenvalues, 0.0)
-
-
 def _descending_eigh(symmetric: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     eigenvalues, eigenvectors = torch.linalg.eigh(symmetric)  # reads the lower triangle only
-    # size·eps: the rank cut-off of LAPACK and numpy.linalg.matrix_rank for an n × n matrix
-    tolerance = symmetric.shape[0] * torch.finfo(symmetric.dtype).eps
-    return numerical_zeros_to_zero(eigenvalues.flip(0), tolerance), eigenvectors.flip(1)
+    return eigenvalues.flip(0).clamp_min(0), eigenvectors.flip(1)
 
 
 def activation_shift_spectrum(delta: torch.Tensor, inputs: InputMoment) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,9 +84,9 @@ def activation_shift_spectrum(delta: torch.Tensor, inputs: InputMoment) -> tuple
         return eigenvalues / (n - 1), eigenvectors
     y = delta @ inputs.factor(delta.dtype).T
     eigenvalues, v = _descending_eigh(y.T @ y)
-    # σ = 0 (a null direction, see numerical_zeros_to_zero): its column stays Y v, rounding
-    # noise that QR turns into some unit vector orthogonal to the rest (dividing by σ ≈ 0
-    # would give Inf and NaN).
+    # σ = 0 (rounding made the eigenvalue ≤ 0, e.g. inputs of lower rank than k): the column
+    # stays Y v, which QR turns into some unit vector orthogonal to the rest (dividing by 0
+    # gave Inf, then NaN, and the NaN basis sent the merge to an SVD that did not return).
     u = y @ (v / torch.where(eigenvalues > 0, eigenvalues.sqrt(), 1.0))
     # Y V / σ is orthonormal up to rounding that grows as σ → 0; QR restores it exactly and
     # keeps every direction's sign (R's diagonal is positive where Y V / σ is accurate).
@@ -131,7 +117,6 @@ def svd_subspace(delta: torch.Tensor, rank: int) -> TaskFactors:
     return TaskFactors(
         basis=u[:, :rank],
         coords=s[:rank, None] * vh[:rank],
-        # σ below σ₁·max(d_out, d_in)·eps is rank deficiency (the same cut-off, squared)
-        eigenvalues=numerical_zeros_to_zero(s[:rank] ** 2, (max(delta.shape) * torch.finfo(s.dtype).eps) ** 2),
+        eigenvalues=s[:rank] ** 2,
         norm=torch.linalg.vector_norm(s),
     )
