@@ -162,11 +162,11 @@ def test_float32_precision_merge_runs_end_to_end_and_tracks_float64(zoo, merged)
     f32 = load_file(tmp / "out_f32" / "model.safetensors")
     assert f32.keys() == f64.keys()
     differences = []
-    for name, reference in f64.items():
+    for name, expected in f64.items():
         assert torch.isfinite(f32[name]).all(), name
-        update = (reference - base[name]).double()
+        update = (expected - base[name]).double()
         if update.norm() > 0:
-            differences.append(float(((f32[name] - reference).double().norm() / update.norm())))
+            differences.append(float(((f32[name] - expected).double().norm() / update.norm())))
     differences.sort()
     assert differences[len(differences) // 2] <= 1e-4
     assert differences[-1] <= 2e-3
