@@ -85,8 +85,9 @@ def activation_shift_spectrum(delta: torch.Tensor, inputs: InputMoment) -> tuple
     y = delta @ inputs.factor(delta.dtype).T
     eigenvalues, v = _descending_eigh(y.T @ y)
     # σ = 0 (rounding made the eigenvalue ≤ 0, e.g. inputs of lower rank than k): the column
-    # stays Y v, which QR turns into some unit vector orthogonal to the rest (dividing by 0
-    # gave Inf, then NaN, and the NaN basis sent the merge to an SVD that did not return).
+    # stays Y v, which QR turns into some unit vector orthogonal to the rest. Dividing by a σ
+    # clamped just above 0 can overflow to Inf; the NaN basis that follows sent a GPU merge
+    # to an SVD that did not return.
     u = y @ (v / torch.where(eigenvalues > 0, eigenvalues.sqrt(), 1.0))
     # Y V / σ is orthonormal up to rounding that grows as σ → 0; QR restores it exactly and
     # keeps every direction's sign (R's diagonal is positive where Y V / σ is accurate).
