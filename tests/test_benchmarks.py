@@ -1,0 +1,46 @@
+"""The diagnostic benchmarks run, and what they measure holds on the test shape."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(module: str, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def _table(stdout: str) -> dict[str, list[str]]:
+    rows = [line.strip("|").split("|") for line in stdout.splitlines() if line.startswith("| ")]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows}
+
+
+def test_float32_merge_of_low_rank_layer_inputs_takes_no_svd_route(tmp_path):
+    """Layer 0 of bench_scale's random models sees only the byte tokenizer's 258 tokens, so
+    the inputs span fewer directions than k: the case that sent an 8B merge to 30 s SVDs on a
+    GPU. Through the real mergekit-yaml, every polar factor must take the Newton route (the
+    code before the null-direction fix took the SVD route twice here)."""
+    table = _table(_run("eval.bench_stages", "--shape", "test", "--layers", "1", "--experts", "2",
+                        "--precision", "float32", "--workdir", str(tmp_path)))
+    assert table["calibration: forward and XᵀX"][1] == "2"  # one layer of each expert
+    assert table["· polar factors"][1] == "14"  # P_cat and A_cat of 7 weights
+    assert "· · Newton route (a wide factor counts twice)" in table
+    assert "· · SVD route (fallback)" not in table
+    assert list(tmp_path.iterdir()) == []  # checkpoints and cache removed
+
+
+def test_layer_benchmark_times_every_weight():
+    table = _table(_run("eval.bench_layer", "--shape", "test", "--tokens", "600", "--experts", "2", "--rows", "3"))
+    weights = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert all(float(table[w][1]) >= 0 for w in weights)
+    assert abs(float(table["layer"][1]) - sum(float(table[w][1]) for w in weights)) <= 0.05
