@@ -12,36 +12,32 @@ time on a GPU), which is what eval/bench_scale cannot separate from reading and 
 """
 
 import argparse
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from transformers import LlamaConfig
 
-from eval.bench_scale import SHAPES
+from eval.bench_polar import timed
+from eval.bench_scale import SHAPES, layer_tensors
 from mergekit_esm.algebra.subspace import InputMoment
 from mergekit_esm.methods.esm import METHOD, EsmSettings
 
 
+# the weights that read the same input share its statistics, as in the pipeline
+INPUT_GROUP = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention", "o_proj": "attention output",
+               "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp output"}
+
+
 def layer_weights(shape: dict) -> dict[str, tuple[int, int, str]]:
     """name → (d_out, d_in, input group) of one LLaMA decoder layer."""
-    h, f = shape["hidden_size"], shape["intermediate_size"]
-    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
-    return {
-        "q_proj": (h, h, "attention"), "k_proj": (kv, h, "attention"), "v_proj": (kv, h, "attention"),
-        "o_proj": (h, h, "attention output"), "gate_proj": (f, h, "mlp"), "up_proj": (f, h, "mlp"),
-        "down_proj": (h, f, "mlp output"),
-    }
+    shapes = {name.split(".")[-2]: s for name, s in layer_tensors(LlamaConfig(**shape), 0).items()}
+    return {weight: (*shapes[weight], group) for weight, group in INPUT_GROUP.items()}
 
 
 def input_moment(d_in: int, n: int, device: str, g: torch.Generator) -> InputMoment:
     scale = torch.logspace(0, -2, d_in, device=device)[torch.randperm(d_in, generator=g, device=device)]
     x = torch.randn(n, d_in, generator=g, device=device) * scale
     return InputMoment(n, moment=x.T @ x) if n >= d_in else InputMoment(n, tokens=x)
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def main():
@@ -75,11 +71,7 @@ def main():
     print("| weight | d_out × d_in | seconds |\n|---|---|---|")
     with profile(activities=activities) as prof:
         for weight, (d_out, d_in, _) in weights.items():
-            sync(device)
-            start = time.perf_counter()
-            merge(weight)
-            sync(device)
-            seconds = time.perf_counter() - start
+            _, seconds = timed(merge, weight)
             total += seconds
             print(f"| {weight} | {d_out} × {d_in} | {seconds:.2f} |", flush=True)
     print(f"| layer | | {total:.2f} |\n")

@@ -3,7 +3,6 @@
     python -m eval.bench_scale --shape test                 # hidden 512: depth L and 2L
     python -m eval.bench_scale --shape 1b --layers 4,8      # TinyLlama-1.1B widths
     python -m eval.bench_scale --shape 8b --cuda            # Llama-3-8B shape, on a GPU machine
-    python -m eval.bench_scale --shape 8b --layers 2 --methods esm --cuda --profile /tmp/prof  # where a layer goes
 
 For each depth it writes a base and T experts (bf16 safetensors, one shard per layer, written
 tensor by tensor so the generator stays small; experts = base + a random full-rank
@@ -12,14 +11,13 @@ perturbation), times reading every input tensor once (the disk limit), then runs
 with an empty cache, recording wall time, peak RSS and peak GPU memory. The page cache is
 dropped before each measurement when the user may (root), so every run reads from disk.
 Prints a markdown table and writes it, with the raw rows, to --out.
+Where a merge's time goes: eval/bench_stages (stage by stage) and eval/bench_layer.
 """
 
 import argparse
-import io
 import json
 import os
 import platform
-import pstats
 import shutil
 import subprocess
 import sys
@@ -48,10 +46,9 @@ SHAPES = {
 # Runs mergekit-yaml in this process and reports its peak memory on stderr. Besides the peak
 # RSS (ru_maxrss) it samples RssAnon: RSS also counts the pages of the memory-mapped
 # safetensors files that mergekit's loader keeps open, which is page cache the kernel can
-# reclaim, not memory the merge holds. With BENCH_PROFILE_TO set it also writes a cProfile of
-# the merge there (on a GPU, device time shows up in the calls that wait for it).
+# reclaim, not memory the merge holds.
 MEASURE = """
-import cProfile, os, resource, sys, threading, time, torch
+import resource, sys, threading, time, torch
 from mergekit.scripts.run_yaml import main
 peak_anon = 0
 def sample():
@@ -62,16 +59,9 @@ def sample():
                 peak_anon = max(peak_anon, int(line.split()[1]))
         time.sleep(0.05)
 threading.Thread(target=sample, daemon=True).start()
-profile_to = os.environ.get("BENCH_PROFILE_TO")
-profiler = cProfile.Profile() if profile_to else None
 try:
-    if profiler:
-        profiler.enable()
     main(sys.argv[1:], standalone_mode=False)
 finally:
-    if profiler:
-        profiler.disable()
-        profiler.dump_stats(profile_to)
     print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
     print("PEAK_ANON_KB", peak_anon, file=sys.stderr)
     if torch.cuda.is_available():
@@ -150,9 +140,7 @@ def read_all_once(models: list[Path]) -> float:
     return time.perf_counter() - start
 
 
-def run_merge(
-    method: str, base: Path, experts: list[Path], root: Path, flags: list[str], precision: str, profile: Path | None
-) -> dict:
+def run_merge(method: str, base: Path, experts: list[Path], root: Path, flags: list[str], precision: str) -> dict:
     params = "    parameters: {weight: 1.0, density: 0.5}\n" if method == "ties" else ""
     settings = f"parameters: {{precision: {precision}}}\n" if method == "esm" else ""
     recipe = root / f"{method}.yml"
@@ -162,8 +150,6 @@ def run_merge(
     )
     out, cache = root / f"out_{method}", root / f"cache_{method}"
     env = {**os.environ, "MERGEKIT_ESM_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-    if profile is not None:
-        env["BENCH_PROFILE_TO"] = str(profile)
     start = time.perf_counter()
     result = subprocess.run(
         [sys.executable, "-c", MEASURE, str(recipe), str(out), *flags], capture_output=True, text=True, env=env
@@ -184,10 +170,6 @@ def run_merge(
         row["peak_gpu_mib"] = round(reported("PEAK_GPU_B") / 2**20)
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(cache, ignore_errors=True)
-    if profile is not None:
-        report = io.StringIO()
-        pstats.Stats(str(profile), stream=report).sort_stats("tottime").print_stats(20)
-        print(f"{method}: the 20 calls with the most own time ({profile})\n{report.getvalue()}", flush=True)
     return row
 
 
@@ -206,8 +188,6 @@ def main():
     parser.add_argument("--methods", default="ties,esm")
     parser.add_argument("--cuda", action="store_true", help="pass --cuda to mergekit-yaml")
     parser.add_argument("--precision", choices=["auto", "float64", "float32"], default="auto", help="ESM's `precision`")
-    parser.add_argument("--profile", type=Path, default=None,
-                        help="folder for a cProfile of each merge (<method>_<layers>.prof); prints each one's top calls")
     parser.add_argument("--out-shard-size", default="500M",
                         help="mergekit's --out-shard-size for both methods: a shard is buffered in RAM until written")
     parser.add_argument("--workdir", type=Path, default=None, help="where checkpoints go (default: a temp dir)")
@@ -218,12 +198,6 @@ def main():
     depth = shape["num_hidden_layers"]
     depths = [int(x) for x in args.layers.split(",")] if args.layers else ([depth, 2 * depth] if args.shape == "test" else [depth])
     flags = ["--out-shard-size", args.out_shard_size, *(["--cuda"] if args.cuda else [])]
-    if args.profile:
-        args.profile.mkdir(parents=True, exist_ok=True)
-
-    def profile(method: str, layers: int) -> Path | None:
-        return args.profile.resolve() / f"{method}_{layers}.prof" if args.profile else None
-
     rows = []
     for layers in depths:
         config = LlamaConfig(**{**shape, "num_hidden_layers": layers}, tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
@@ -246,7 +220,7 @@ def main():
             for method in args.methods.split(","):
                 drop_page_cache()
                 rows.append({"layers": layers, "params_b": round(params / 1e9, 2),
-                             **run_merge(method, models[0], models[1:], root, flags, args.precision, profile(method, layers))})
+                             **run_merge(method, models[0], models[1:], root, flags, args.precision)})
                 print(json.dumps(rows[-1]), flush=True)
 
     header = (f"Shape `{args.shape}` ({', '.join(f'{k}={v}' for k, v in shape.items() if k != 'num_hidden_layers')}), "
