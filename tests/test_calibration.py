@@ -1,5 +1,6 @@
 """Calibration: proxy handling and the layer-by-layer moments against a full-model forward."""
 
+import functools
 import json
 
 import pytest
@@ -7,7 +8,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
+from mergekit_esm.algebra.subspace import add_gram_upper_, fill_lower_from_upper_
 from mergekit_esm.architecture import DecoderLayout
+from mergekit_esm.calibration import layerwise
 from mergekit_esm.calibration.layerwise import layer_input_moments
 from mergekit_esm.calibration.proxy import load_documents, token_windows
 from mergekit_esm.errors import EsmInputError
@@ -48,12 +51,30 @@ def test_proxy_files(tmp_path):
             load_documents(str(tmp_path / name))
 
 
+@pytest.mark.parametrize("block", [1, 3, 4, 10, 512])
+def test_upper_block_sums_mirrored_equal_the_full_gram_matrix(block):
+    """XᵀX summed window by window on and above the diagonal only, then mirrored: equal to
+    the full product, exactly symmetric, for block widths that do and do not divide d = 10."""
+    g = torch.Generator().manual_seed(0)
+    windows = [torch.randn(rows, 10, generator=g, dtype=torch.float64) for rows in (7, 1, 12)]
+    gram = torch.zeros(10, 10, dtype=torch.float64)
+    for x in windows:
+        add_gram_upper_(gram, x, block)
+    fill_lower_from_upper_(gram, block)
+    x = torch.cat(windows)
+    assert torch.allclose(gram, x.T @ x, rtol=1e-12, atol=1e-12)
+    assert torch.equal(gram, gram.T)
+
+
 @pytest.mark.parametrize("sum_dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("windows", [[list(range(5, 45)), list(range(60, 90))], [list(range(5, 45)), list(range(60, 68))]])
-def test_layerwise_moments_equal_full_model_forward(tmp_path, windows, sum_dtype):
+def test_layerwise_moments_equal_full_model_forward(tmp_path, monkeypatch, windows, sum_dtype):
     """70 tokens: XᵀX for every input (hidden 32, intermediate 64); 48 tokens: down_proj's
     64-wide input is held as X instead, the smaller of the two. XᵀX summed in float64 (CPU
-    default) or float32 (GPU default)."""
+    default) or float32 (GPU default), in column blocks narrower than the inputs (as the
+    default blocks are for real widths) so that the mirrored lower blocks are checked too."""
+    monkeypatch.setattr(layerwise, "add_gram_upper_", functools.partial(add_gram_upper_, block=12))
+    monkeypatch.setattr(layerwise, "fill_lower_from_upper_", functools.partial(fill_lower_from_upper_, block=12))
     config = tiny_config(layers=3)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()

@@ -62,33 +62,66 @@ class InputMoment:
         return delta @ self.moment.to(delta.dtype) @ delta.T
 
 
+# Column block width of the symmetric sums: wide enough for the matrix products to run at
+# full speed, narrow enough that skipping the blocks below the diagonal saves most of half.
+GRAM_BLOCK = 512
+
+
+def add_gram_upper_(gram: torch.Tensor, x: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
+    """gram += xᵀx on and above the diagonal, one column block at a time; the blocks below the
+    diagonal are left stale until `fill_lower_from_upper_`.
+
+    XᵀX is symmetric, so half its multiply-adds are redundant, and torch has no syrk to skip
+    them: per 512-token window this takes 40% less time than `addmm_(x.T, x)` for a 5632-wide
+    input on this project's 2-core CPU (32 windows: 2.42 s against 4.06 s).
+    """
+    for start in range(0, gram.shape[0], block):
+        stop = start + block
+        gram[start:stop, start:].addmm_(x[:, start:stop].T, x[:, start:])
+    return gram
+
+
+def fill_lower_from_upper_(gram: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
+    """Mirror what `add_gram_upper_` summed into the blocks below the diagonal, in place (a
+    14336² sum has no room for a transposed copy)."""
+    for start in range(0, gram.shape[0], block):
+        stop = start + block
+        gram[stop:, start:stop] = gram[start:stop, stop:].T
+    return gram
+
+
 def _descending_eigh(symmetric: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     eigenvalues, eigenvectors = torch.linalg.eigh(symmetric)  # reads the lower triangle only
     return eigenvalues.flip(0).clamp_min(0), eigenvectors.flip(1)
 
 
-def activation_shift_spectrum(delta: torch.Tensor, inputs: InputMoment) -> tuple[torch.Tensor, torch.Tensor]:
+def activation_shift_spectrum(
+    delta: torch.Tensor, inputs: InputMoment, vectors: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigen-decomposition of S = ΔW (XᵀX) ΔWᵀ / (n−1), the uncentered covariance of ΔO = X ΔWᵀ.
 
-    Returns (eigenvalues descending, clamped at 0; eigenvectors as columns) with
-    min(d_out, m) pairs, m = min(n, d_in) ≥ rank(S). The smaller of two equivalent
-    eigenproblems is solved: S itself (d_out × d_out), or, for a wide output (gate/up_proj,
-    d_out > m), the m × m Gram matrix YᵀY of Y = ΔW Fᵀ (FᵀF = XᵀX), whose eigenvectors V give
-    S's as Y V / σ. That is O(d_out·m²) instead of O(d_out³); in token space when X is held.
+    Returns (eigenvalues descending, clamped at 0; eigenvectors as columns): min(d_out, m)
+    eigenvalues, m = min(n, d_in) ≥ rank(S), and the leading `vectors` eigenvectors (all by
+    default). The smaller of two equivalent eigenproblems is solved: S itself (d_out × d_out),
+    or, for a wide output (gate/up_proj, d_out > m), the m × m Gram matrix YᵀY of Y = ΔW Fᵀ
+    (FᵀF = XᵀX), whose eigenvectors V give S's as Y V / σ. That is O(d_out·m²) instead of
+    O(d_out³); in token space when X is held. There, only the wanted vectors are formed and
+    orthonormalized (ESD wants k = d_out/T of them).
     """
     n = inputs.n_tokens
     if n < 2:
         raise ValueError(f"need at least 2 proxy tokens, got {n}")
     if delta.shape[0] <= inputs.rank_bound:
         eigenvalues, eigenvectors = _descending_eigh(inputs.output_covariance(delta))
-        return eigenvalues / (n - 1), eigenvectors
+        return eigenvalues / (n - 1), eigenvectors[:, :vectors]
     y = delta @ inputs.factor(delta.dtype).T
     eigenvalues, v = _descending_eigh(y.T @ y)
+    sigma = eigenvalues[:vectors].sqrt()
     # σ = 0 (rounding made the eigenvalue ≤ 0, e.g. inputs of lower rank than k): the column
     # stays Y v, which QR turns into some unit vector orthogonal to the rest. Dividing by a σ
     # clamped just above 0 can overflow to Inf; the NaN basis that follows sent a GPU merge
     # to an SVD that did not return.
-    u = y @ (v / torch.where(eigenvalues > 0, eigenvalues.sqrt(), 1.0))
+    u = y @ (v[:, :vectors] / torch.where(sigma > 0, sigma, 1.0))
     # Y V / σ is orthonormal up to rounding that grows as σ → 0; QR restores it exactly and
     # keeps every direction's sign (R's diagonal is positive where Y V / σ is accurate).
     q, r = torch.linalg.qr(u)
@@ -100,10 +133,9 @@ def essential_subspace(delta: torch.Tensor, inputs: InputMoment, rank: int) -> T
 
     Truncation error is exact: ‖X (ΔW − P̂Â)ᵀ‖_F² = (n−1) Σ_{i>k} λ_i.
     """
-    eigenvalues, eigenvectors = activation_shift_spectrum(delta, inputs)
-    if rank > eigenvectors.shape[1]:
-        raise ValueError(f"rank {rank} exceeds min(d_out, d_in, n) = {eigenvectors.shape[1]}")
-    basis = eigenvectors[:, :rank]
+    eigenvalues, basis = activation_shift_spectrum(delta, inputs, vectors=rank)
+    if rank > eigenvalues.shape[0]:
+        raise ValueError(f"rank {rank} exceeds min(d_out, d_in, n) = {eigenvalues.shape[0]}")
     return TaskFactors(
         basis=basis,
         coords=basis.T @ delta,

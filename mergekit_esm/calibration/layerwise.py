@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mergekit_esm.algebra.subspace import InputMoment
+from mergekit_esm.algebra.subspace import InputMoment, add_gram_upper_, fill_lower_from_upper_
 from mergekit_esm.architecture import DecoderLayout, build_meta_model
 
 
@@ -108,13 +108,12 @@ class _InputCollector:
             self.tokens[self.filled : self.filled + x.shape[0]] = x
             self.filled += x.shape[0]
         else:
-            x = x.to(self.moment.dtype)
-            self.moment.addmm_(x.T, x)
+            add_gram_upper_(self.moment, x.to(self.moment.dtype))
 
     def result(self) -> InputMoment:
         if hasattr(self, "tokens"):
             return InputMoment(self.n_tokens, tokens=self.tokens)
-        return InputMoment(self.n_tokens, moment=self.moment.float())
+        return InputMoment(self.n_tokens, moment=fill_lower_from_upper_(self.moment).float())
 
 
 @torch.inference_mode()
