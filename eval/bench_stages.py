@@ -87,6 +87,7 @@ def main():
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--precision", choices=["auto", "float64", "float32"], default="auto")
+    parser.add_argument("--proxy-samples", type=int, default=32, help="ESM's `proxy_samples` (512-token windows per expert)")
     parser.add_argument("--cuda", action="store_true")
     parser.add_argument("--workdir", type=Path, default=None, help="where checkpoints go (default: a temp dir)")
     args = parser.parse_args()
@@ -106,7 +107,7 @@ def main():
     recipe = root / "esm.yml"
     recipe.write_text(
         f"merge_method: esm\nbase_model: {models[0]}\ndtype: bfloat16\n"
-        f"parameters: {{precision: {args.precision}}}\nmodels:\n"
+        f"parameters: {{precision: {args.precision}, proxy_samples: {args.proxy_samples}}}\nmodels:\n"
         + "".join(f"  - model: {m}\n" for m in models[1:])
     )
     os.environ["MERGEKIT_ESM_CACHE"] = str(root / "cache")
@@ -117,7 +118,10 @@ def main():
     mergekit_yaml([str(recipe), str(root / "out"), *flags, "--out-shard-size", "500M"], standalone_mode=False)
     total = time.perf_counter() - start
     device = torch.cuda.get_device_name(0) if args.cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\n`{args.shape}` shape, {args.layers} layers, {args.experts} experts, precision {args.precision}, {device}\n")
+    print(
+        f"\n`{args.shape}` shape, {args.layers} layers, {args.experts} experts, precision {args.precision}, "
+        f"{args.proxy_samples} × 512 proxy tokens per expert, {device}\n"
+    )
     print("| stage | seconds | calls |\n|---|---|---|")
     print(f"| mergekit-yaml, all | {total:.1f} | 1 |")
     for _, _, stage in STAGES:

@@ -70,9 +70,9 @@ def run(workdir: Path, samples: list[int], alpha: float) -> Path:
         + markdown_table(rows_test, zoo.expert_test, {}, ordered=False)
         + f"\n\nMerged update's distance from the one at {reference} windows (relative Frobenius norm over "
         "all target weights): "
-        + json.dumps(distance)
+        + json.dumps(distance, ensure_ascii=False)
         + "\n\nMerge wall time, calibration included (s): "
-        + json.dumps(merge_s)
+        + json.dumps(merge_s, ensure_ascii=False)
         + "\n"
     )
     (workdir / "proxy_budget.md").write_text(report)
