@@ -8,7 +8,8 @@ time (`eval/bench_stages`). This merges the zoo with ESM at a fixed α under the
 generic proxy cut to each window count, all else at its defaults, each in an empty cache (so
 its merge time includes calibration); scores the validation and test splits; and measures
 how far each merged update (output − base over the target weights) lies from the one at the
-largest count, as a relative Frobenius norm. Writes proxy_budget.md in the workdir.
+largest count: relative Frobenius distance, and per weight the cosine and ratio of norms.
+Writes proxy_budget.md in the workdir.
 """
 
 import argparse
@@ -34,12 +35,22 @@ def _target_weights(folder: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def update_distance(merged: Path, reference: Path, base: Path) -> float:
-    """‖U − U_ref‖_F / ‖U_ref‖_F over all target weights together, U = merged − base."""
+def update_agreement(merged: Path, reference: Path, base: Path) -> dict[str, float]:
+    """How close the merged update U = merged − base is to the reference's U_ref: the
+    relative distance ‖U − U_ref‖_F / ‖U_ref‖_F over all target weights together, and per
+    weight the cosine between U and U_ref (median, smallest) and the ratio of their norms."""
     w0, w, w_ref = _target_weights(base), _target_weights(merged), _target_weights(reference)
-    diff = sum(float(((w[n] - w_ref[n]) ** 2).sum()) for n in w0)
-    size = sum(float(((w_ref[n] - w0[n]) ** 2).sum()) for n in w0)
-    return (diff / size) ** 0.5
+    updates = {n: (w[n] - w0[n], w_ref[n] - w0[n]) for n in w0}
+    diff = sum(float(((u - r) ** 2).sum()) for u, r in updates.values())
+    size = sum(float((r**2).sum()) for _, r in updates.values())
+    cosine = torch.tensor([float((u * r).sum() / (u.norm() * r.norm())) for u, r in updates.values()])
+    ratio = torch.tensor([float(u.norm() / r.norm()) for u, r in updates.values()])
+    return {
+        "distance": round((diff / size) ** 0.5, 3),
+        "median cosine": round(float(cosine.median()), 3),
+        "smallest cosine": round(float(cosine.min()), 3),
+        "norm ratio range": [round(float(ratio.min()), 3), round(float(ratio.max()), 3)],
+    }
 
 
 def run(workdir: Path, samples: list[int], alpha: float) -> Path:
@@ -58,8 +69,10 @@ def run(workdir: Path, samples: list[int], alpha: float) -> Path:
         rows_val[name] = zoo.scored("val", label, paths[count])
         rows_test[name] = zoo.scored("test", label, paths[count])
     reference = max(samples)
-    distance = {
-        f"{c} × 512 tokens": round(update_distance(paths[c], paths[reference], zoo.models["base"]), 4) for c in samples
+    agreement = {
+        f"{c} × 512 tokens": update_agreement(paths[c], paths[reference], zoo.models["base"])
+        for c in samples
+        if c != reference
     }
     report = (
         f"ESM on the zoo at α = {alpha} with the built-in generic proxy cut to fewer 512-token windows "
@@ -68,9 +81,9 @@ def run(workdir: Path, samples: list[int], alpha: float) -> Path:
         + markdown_table(rows_val, zoo.expert_val, {}, ordered=False)
         + "\n\nTest:\n\n"
         + markdown_table(rows_test, zoo.expert_test, {}, ordered=False)
-        + f"\n\nMerged update's distance from the one at {reference} windows (relative Frobenius norm over "
-        "all target weights): "
-        + json.dumps(distance, ensure_ascii=False)
+        + f"\n\nMerged update against the one at {reference} windows (output − base over the target weights: "
+        "relative Frobenius distance of all of them together; per weight, cosine and ratio of norms): "
+        + json.dumps(agreement, ensure_ascii=False)
         + "\n\nMerge wall time, calibration included (s): "
         + json.dumps(merge_s, ensure_ascii=False)
         + "\n"
