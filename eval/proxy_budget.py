@@ -14,6 +14,7 @@ Writes proxy_budget.md in the workdir.
 
 import argparse
 import json
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -43,13 +44,13 @@ def update_agreement(merged: Path, reference: Path, base: Path) -> dict[str, flo
     updates = {n: (w[n] - w0[n], w_ref[n] - w0[n]) for n in w0}
     diff = sum(float(((u - r) ** 2).sum()) for u, r in updates.values())
     size = sum(float((r**2).sum()) for _, r in updates.values())
-    cosine = torch.tensor([float((u * r).sum() / (u.norm() * r.norm())) for u, r in updates.values()])
-    ratio = torch.tensor([float(u.norm() / r.norm()) for u, r in updates.values()])
+    cosine = [float((u * r).sum() / (u.norm() * r.norm())) for u, r in updates.values()]
+    ratio = [float(u.norm() / r.norm()) for u, r in updates.values()]
     return {
         "distance": round((diff / size) ** 0.5, 3),
-        "median cosine": round(float(cosine.median()), 3),
-        "smallest cosine": round(float(cosine.min()), 3),
-        "norm ratio range": [round(float(ratio.min()), 3), round(float(ratio.max()), 3)],
+        "median cosine": round(statistics.median(cosine), 3),
+        "smallest cosine": round(min(cosine), 3),
+        "norm ratio range": [round(min(ratio), 3), round(max(ratio), 3)],
     }
 
 

@@ -79,3 +79,23 @@ def test_report_builds_from_a_small_fake_result_set(tmp_path):
     assert lines[3].startswith("| ties |") and lines[-1].startswith("| each task's own expert")
     png = bar_chart(rows, experts, tmp_path / "chart.png", "test")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_proxy_budget_agreement_by_hand(tmp_path):
+    """Two target weights: one update equal to the reference's, one turned 90° at the same norm."""
+    import torch
+    from safetensors.torch import save_file
+
+    from eval.proxy_budget import update_agreement
+
+    base = {"model.layers.0.mlp.up_proj.weight": torch.zeros(2, 2), "model.layers.0.self_attn.q_proj.weight": torch.ones(2, 2)}
+    reference = {"model.layers.0.mlp.up_proj.weight": torch.eye(2), "model.layers.0.self_attn.q_proj.weight": torch.ones(2, 2) + torch.tensor([[1.0, 0], [0, 0]])}
+    merged = {"model.layers.0.mlp.up_proj.weight": torch.eye(2), "model.layers.0.self_attn.q_proj.weight": torch.ones(2, 2) + torch.tensor([[0, 1.0], [0, 0]])}
+    for name, weights in {"base": base, "reference": reference, "merged": merged}.items():
+        (tmp_path / name).mkdir()
+        save_file({**weights, "model.norm.weight": torch.ones(2)}, tmp_path / name / "model.safetensors")
+    result = update_agreement(tmp_path / "merged", tmp_path / "reference", tmp_path / "base")
+    # ‖U − U_ref‖² = 2 (the turned weight), ‖U_ref‖² = 2 + 1
+    assert result["distance"] == pytest.approx((2 / 3) ** 0.5, abs=1e-3)
+    assert (result["median cosine"], result["smallest cosine"]) == (0.5, 0.0)
+    assert result["norm ratio range"] == [1.0, 1.0]
