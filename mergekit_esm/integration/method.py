@@ -54,11 +54,12 @@ def subspace_kernel(group: TensorGroup, **_parameters) -> torch.Tensor:
             "for these models"
         )
     name = group.metadata.name
-    base = group.base.tensor.to(torch.float32)
+    base = group.base.tensor
     if name not in prepared.betas:  # target inputs were checked when the pre-pass read them
         for entry in group.entries:
             ensure_finite(entry.tensor, name, entry.id)
-    return base + prepared.alpha * prepared.update(name, base, [e.tensor for e in group.non_base])
+    # in place on the update, in float32: one float32 copy of the tensor in all, not five
+    return prepared.update(name, base, [e.tensor for e in group.non_base]).mul_(prepared.alpha).add_(base)
 
 
 def _parameter_specs(method: MethodDefinition) -> tuple[ParameterSpec, ...]:

@@ -197,7 +197,9 @@ class PreparedMerge:
             return f.get_tensor(name)
 
     def update(self, name: str, base: torch.Tensor, experts: list[torch.Tensor]) -> torch.Tensor:
-        """This tensor's update before α (W = W0 + α·update), float32.
+        """This tensor's update before α (W = W0 + α·update), float32, a new tensor the caller
+        may overwrite. `base` and `experts` in any float dtype, read but never converted: a
+        float32 copy of a vocabulary matrix is 2 GiB at Llama-3-8B's size.
 
         Target linears: β_ℓ·ΔW_merged (cached; `experts` is not read). Other tensors: the
         mean of the task vectors, the authors' rule for 1-D tensors; vocabulary matrices
@@ -207,10 +209,10 @@ class PreparedMerge:
         scored no better than the mean.
         """
         if name in self.betas:
-            return self.target_update(name, base.device) * self.betas[name]
-        total = torch.zeros_like(base)
-        for e in experts:  # summed in place: a vocabulary matrix is the largest tensor there is
-            total.add_(e.to(torch.float32)).sub_(base)
+            return self.target_update(name, base.device).mul_(self.betas[name])
+        total = torch.zeros(base.shape, dtype=torch.float32, device=base.device)
+        for e in experts:  # summed in place, in float32 (in-place ops promote exactly)
+            total.add_(e).sub_(base)
         layout = self.inputs.layout
         vocabulary = base.ndim == 2 and name in (layout.embed_name, layout.head_names[1])
         return total if vocabulary and self.inputs.settings.embedding_merge == "sum" else total.div_(len(experts))
