@@ -155,7 +155,9 @@ def layer_input_moments(
         stack.release(index)  # release this layer's weights before loading the next
         moments = {group: c.result() for group, c in collectors.items()}
         del collectors, collector  # free the sums before the caller runs another expert
-        if spill is not None and index + 1 < layout.num_layers:
+        if index + 1 == layout.num_layers:
+            hidden = None  # the last layer's outputs feed nothing: not held while the caller merges
+        elif spill is not None:
             torch.save(hidden, os.path.join(spill.name, "hidden.pt"))
             hidden = None
         yield LayerMoments(layer=index, moments=moments)
