@@ -116,3 +116,14 @@ def test_architecture_without_target_linears_is_refused():
 
     with pytest.raises(EsmInputError, match="lacks ESM's target linears"):
         DecoderLayout(GPT2Config(n_layer=1, n_embd=16, n_head=2)).targets
+
+
+def test_large_allocations_are_mapped_unless_the_user_chose(monkeypatch):
+    import platform
+
+    from mergekit_esm.integration.prepare import map_large_allocations
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert map_large_allocations() is False
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    assert map_large_allocations() is (platform.libc_ver()[0] == "glibc")
