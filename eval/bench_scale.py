@@ -140,14 +140,31 @@ def read_all_once(models: list[Path]) -> float:
     return time.perf_counter() - start
 
 
-def run_merge(method: str, base: Path, experts: list[Path], root: Path, flags: list[str], precision: str) -> dict:
-    params = "    parameters: {weight: 1.0, density: 0.5}\n" if method == "ties" else ""
-    settings = f"parameters: {{precision: {precision}}}\n" if method == "esm" else ""
-    recipe = root / f"{method}.yml"
-    recipe.write_text(
+def write_checkpoints(root: Path, shape: dict, layers: int, experts: int) -> tuple[LlamaConfig, list[Path]]:
+    """`shape` cut to `layers` decoder layers, written under root: [base, expert1, …]."""
+    config = LlamaConfig(**{**shape, "num_hidden_layers": layers}, tie_word_embeddings=False,
+                         architectures=["LlamaForCausalLM"])
+    models = [root / ("base" if i == 0 else f"expert{i}") for i in range(experts + 1)]
+    for i, path in enumerate(models):
+        write_model(path, config, i)
+    return config, models
+
+
+def write_recipe(path: Path, method: str, base: Path, experts: list[Path], parameters: dict | None = None) -> Path:
+    """A mergekit-yaml recipe: `ties` at weight 1 and density 0.5 per expert; any other method
+    takes `parameters` as its global parameters."""
+    per_model = "    parameters: {weight: 1.0, density: 0.5}\n" if method == "ties" else ""
+    settings = f"parameters: {json.dumps(parameters)}\n" if parameters else ""
+    path.write_text(
         f"merge_method: {method}\nbase_model: {base}\ndtype: bfloat16\n{settings}models:\n"
-        + "".join(f"  - model: {e}\n{params}" for e in experts)
+        + "".join(f"  - model: {e}\n{per_model}" for e in experts)
     )
+    return path
+
+
+def run_merge(method: str, base: Path, experts: list[Path], root: Path, flags: list[str], precision: str) -> dict:
+    recipe = write_recipe(root / f"{method}.yml", method, base, experts,
+                          {"precision": precision} if method == "esm" else None)
     out, cache = root / f"out_{method}", root / f"cache_{method}"
     env = {**os.environ, "MERGEKIT_ESM_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
@@ -200,13 +217,10 @@ def main():
     flags = ["--out-shard-size", args.out_shard_size, *(["--cuda"] if args.cuda else [])]
     rows = []
     for layers in depths:
-        config = LlamaConfig(**{**shape, "num_hidden_layers": layers}, tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
         with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
             root = Path(tmp)
             start = time.perf_counter()
-            models = [root / ("base" if i == 0 else f"expert{i}") for i in range(args.experts + 1)]
-            for i, path in enumerate(models):
-                write_model(path, config, i)
+            config, models = write_checkpoints(root, shape, layers, args.experts)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # the merges run in subprocesses: leave them the GPU
             params = sum(torch.Size(s).numel() for i in range(layers) for s in layer_tensors(config, i).values())

@@ -20,13 +20,11 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig
-
 import mergekit_esm.algebra.merge as merge
 import mergekit_esm.algebra.subspace as subspace
 import mergekit_esm.integration.prepare as prepare
 import mergekit_esm.methods.esm as esm
-from eval.bench_scale import SHAPES, write_model
+from eval.bench_scale import SHAPES, write_checkpoints, write_recipe
 
 seconds: dict[str, float] = collections.defaultdict(float)
 calls: collections.Counter = collections.Counter()
@@ -96,20 +94,9 @@ def main():
         setattr(module, name, wrap(stage, getattr(module, name)))
 
     root = Path(tempfile.mkdtemp(prefix="bench-stages-", dir=args.workdir))
-    config = LlamaConfig(
-        **{**SHAPES[args.shape], "num_hidden_layers": args.layers},
-        tie_word_embeddings=False,
-        architectures=["LlamaForCausalLM"],
-    )
-    models = [root / ("base" if i == 0 else f"expert{i}") for i in range(args.experts + 1)]
-    for i, path in enumerate(models):
-        write_model(path, config, i)
-    recipe = root / "esm.yml"
-    recipe.write_text(
-        f"merge_method: esm\nbase_model: {models[0]}\ndtype: bfloat16\n"
-        f"parameters: {{precision: {args.precision}, proxy_samples: {args.proxy_samples}}}\nmodels:\n"
-        + "".join(f"  - model: {m}\n" for m in models[1:])
-    )
+    _, models = write_checkpoints(root, SHAPES[args.shape], args.layers, args.experts)
+    recipe = write_recipe(root / "esm.yml", "esm", models[0], models[1:],
+                          {"precision": args.precision, "proxy_samples": args.proxy_samples})
     os.environ["MERGEKIT_ESM_CACHE"] = str(root / "cache")
     from mergekit.scripts.run_yaml import main as mergekit_yaml
 
