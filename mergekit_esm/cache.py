@@ -40,7 +40,7 @@ def files_fingerprint(directory: str, names: list[str]) -> list:
     return out
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -63,7 +63,7 @@ class CacheEntry:
         """Yield a scratch directory that becomes this entry only if the block succeeds."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for stale in self.path.parent.glob(self.path.name + ".tmp-*"):
-            if not _pid_alive(int(stale.name.rsplit("-", 1)[1])):
+            if not pid_alive(int(stale.name.rsplit("-", 1)[1])):
                 shutil.rmtree(stale, ignore_errors=True)
         scratch = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
         shutil.rmtree(scratch, ignore_errors=True)

@@ -1,6 +1,9 @@
 """Each bad input gets one clear `Error:` line, a non-zero exit, and nothing written."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -211,6 +214,41 @@ def test_interrupted_run_leaves_no_output_and_keeps_an_earlier_merge(tmp_path, m
     monkeypatch.setattr(TensorWriter, "save_tensor", interrupt_after_some)
     assert CliRunner().invoke(mergekit_yaml_main, [str(config), str(tmp_path / "out")]).exit_code != 0
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == before
+
+
+# mergekit-yaml that sends itself SIGTERM when the pre-pass starts merging its first layer,
+# after calibration has spilled hidden states to disk
+SIGTERM_AT_FIRST_LAYER = """
+import os, signal, sys
+import mergekit_esm.integration.prepare as prepare
+merge_layer = prepare._merge_layer
+def terminated(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return merge_layer(*args, **kwargs)
+prepare._merge_layer = terminated
+from mergekit.scripts.run_yaml import main
+main(sys.argv[1:])
+"""
+
+
+def test_sigterm_removes_everything_the_run_wrote(tmp_path, models, zoo):
+    """kill / timeout / a scheduler's limit: exit 143 with no output, staging folder, cache
+    scratch or spilled hidden states left; a staging folder of a killed run is swept."""
+    base, experts = models
+    config = recipe(tmp_path / "r.yml", base, experts, {"proxy": str(zoo["proxy"])})
+    stale = tmp_path / ".out.esm-partial-999999999"  # no such process
+    stale.mkdir()
+    (tmp_path / "tmp").mkdir()
+    env = {**os.environ, "MERGEKIT_ESM_CACHE": str(tmp_path / "cache"), "TMPDIR": str(tmp_path / "tmp"),
+           "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", SIGTERM_AT_FIRST_LAYER, str(config), str(tmp_path / "out")],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 143, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if "esm-partial" in p.name]
+    assert not list((tmp_path / "tmp").iterdir())
+    assert not [p for p in (tmp_path / "cache").rglob("*") if ".tmp-" in p.name]
 
 
 def test_real_cli_prints_one_error_line_without_traceback(tmp_path, models):

@@ -5,6 +5,7 @@ memory does not grow with depth. Weights are read through a caller-supplied func
 (mergekit's lazy loader in practice).
 """
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -135,32 +136,32 @@ def layer_input_moments(
     stack = LayerStack(layout, device)
     hidden = stack.embed(read_tensor(layout.embed_name), windows)
     n_tokens = sum(len(w) for w in windows)
-    spill = tempfile.TemporaryDirectory(prefix="mergekit-esm-hidden-") if torch.device(device).type == "cpu" else None
-    for index in range(layout.num_layers):
-        if hidden is None:
-            hidden = torch.load(os.path.join(spill.name, "hidden.pt"), weights_only=True)
-        layer = stack.load_layer(index, read_tensor)
-        collectors: dict[str, _InputCollector] = {}
-        hooks = []
-        for target in layout.layer_targets(index):
-            if target.input_group in collectors:
-                continue  # q/k/v and gate/up read the same activation: count it once
-            collector = _InputCollector(n_tokens, target.shape[1], device, sum_dtype)
-            collectors[target.input_group] = collector
-            module = stack.model.get_submodule(target.name.removesuffix(".weight"))
-            hooks.append(module.register_forward_pre_hook(collector))
-        hidden = stack.run_layer(layer, hidden)
-        for hook in hooks:
-            hook.remove()
-        stack.release(index)  # release this layer's weights before loading the next
-        moments = {group: c.result() for group, c in collectors.items()}
-        del collectors, collector  # free the sums before the caller runs another expert
-        if index + 1 == layout.num_layers:
-            hidden = None  # the last layer's outputs feed nothing: not held while the caller merges
-        elif spill is not None:
-            torch.save(hidden, os.path.join(spill.name, "hidden.pt"))
-            hidden = None
-        yield LayerMoments(layer=index, moments=moments)
-        del moments  # the caller holds them until it has merged this layer
-    if spill is not None:
-        spill.cleanup()
+    on_cpu = torch.device(device).type == "cpu"
+    # closing this generator (or its end) removes the spilled hidden states
+    with tempfile.TemporaryDirectory(prefix="mergekit-esm-hidden-") if on_cpu else contextlib.nullcontext() as spill:
+        for index in range(layout.num_layers):
+            if hidden is None:
+                hidden = torch.load(os.path.join(spill, "hidden.pt"), weights_only=True)
+            layer = stack.load_layer(index, read_tensor)
+            collectors: dict[str, _InputCollector] = {}
+            hooks = []
+            for target in layout.layer_targets(index):
+                if target.input_group in collectors:
+                    continue  # q/k/v and gate/up read the same activation: count it once
+                collector = _InputCollector(n_tokens, target.shape[1], device, sum_dtype)
+                collectors[target.input_group] = collector
+                module = stack.model.get_submodule(target.name.removesuffix(".weight"))
+                hooks.append(module.register_forward_pre_hook(collector))
+            hidden = stack.run_layer(layer, hidden)
+            for hook in hooks:
+                hook.remove()
+            stack.release(index)  # release this layer's weights before loading the next
+            moments = {group: c.result() for group, c in collectors.items()}
+            del collectors, collector  # free the sums before the caller runs another expert
+            if index + 1 == layout.num_layers:
+                hidden = None  # the last layer's outputs feed nothing: not held while the caller merges
+            elif spill is not None:
+                torch.save(hidden, os.path.join(spill, "hidden.pt"))
+                hidden = None
+            yield LayerMoments(layer=index, moments=moments)
+            del moments  # the caller holds them until it has merged this layer

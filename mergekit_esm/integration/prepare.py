@@ -187,20 +187,24 @@ def merged_updates(inputs: MergeInputs, root: Path) -> CacheEntry:
     zero = set(inputs.experts)
     norms = {}
     work = "calibrating and merging" if statistics else "merging"
-    with entry.writing() as scratch:
-        for layer in tqdm.trange(inputs.layout.num_layers, desc=f"{inputs.method.name} {work}", unit="layer"):
-            moments = {e: next(layers).moments for e, layers in statistics.items()}
-            merged = _merge_layer(inputs, layer, moments, zero)
-            del moments
-            norms.update({name: float(torch.linalg.matrix_norm(d)) for name, d in merged.items()})
-            save_file(merged, scratch / _layer_file(layer))
-            del merged
-        if zero:
-            raise EsmInputError(
-                f"model {sorted(map(str, zero))[0]} is identical to the base in every target weight "
-                "(zero task vector): leave it out of the recipe"
-            )
-        (scratch / "norms.json").write_text(json.dumps(norms))
+    try:
+        with entry.writing() as scratch:
+            for layer in tqdm.trange(inputs.layout.num_layers, desc=f"{inputs.method.name} {work}", unit="layer"):
+                moments = {e: next(layers).moments for e, layers in statistics.items()}
+                merged = _merge_layer(inputs, layer, moments, zero)
+                del moments
+                norms.update({name: float(torch.linalg.matrix_norm(d)) for name, d in merged.items()})
+                save_file(merged, scratch / _layer_file(layer))
+                del merged
+            if zero:
+                raise EsmInputError(
+                    f"model {sorted(map(str, zero))[0]} is identical to the base in every target weight "
+                    "(zero task vector): leave it out of the recipe"
+                )
+            (scratch / "norms.json").write_text(json.dumps(norms))
+    finally:
+        for layers in statistics.values():
+            layers.close()  # each expert's spilled hidden states go now, not at garbage collection
     return entry
 
 

@@ -2,15 +2,18 @@
 
 mergekit's writer is not atomic (shards go straight into the output folder), so our methods
 write into a hidden sibling folder that replaces the output only once the merge is whole:
-a crash or Ctrl-C leaves no folder that loads as a model.
+a crash, Ctrl-C or SIGTERM leaves no folder that loads as a model.
 """
 
 import functools
 import os
 import shutil
+import signal
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+from mergekit_esm.cache import pid_alive
 from mergekit_esm.errors import EsmInputError
 
 
@@ -22,6 +25,10 @@ def staged_output(out_path: str):
             f"output path {out_path} exists and is not an earlier merge: choose a new or empty folder"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.esm-partial-*"):  # left by a run that was killed
+        pid = stale.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
     staging = out.with_name(f".{out.name}.esm-partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -36,6 +43,26 @@ def staged_output(out_path: str):
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, out)
+
+
+@contextmanager
+def exit_on_sigterm():
+    """SIGTERM (`kill`, `timeout`, a scheduler's time limit) unwinds the merge as Ctrl-C does,
+    so the staging folder, the cache's scratch and the spilled hidden states are removed; by
+    default Python dies on it without running any cleanup. Exit status 143, as the shell
+    reports a process killed by SIGTERM. Handlers can only be set from the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def leave(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, leave)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _card_section(prepared) -> str:
@@ -82,7 +109,7 @@ def wrap_run_merge(run_merge):
         from mergekit_esm.integration.preflight import preflight
         from mergekit_esm.integration.prepare import prepare
 
-        with staged_output(out_path) as staging:
+        with exit_on_sigterm(), staged_output(out_path) as staging:
             prepared = prepare(preflight(merge_config, options))
             with activated(prepared):
                 run_merge(merge_config, str(staging), options, *args, **kwargs)
