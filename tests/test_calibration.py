@@ -121,9 +121,34 @@ def test_architecture_without_target_linears_is_refused():
 def test_large_allocations_are_mapped_unless_the_user_chose(monkeypatch):
     import platform
 
-    from mergekit_esm.integration.prepare import map_large_allocations
+    from mergekit_esm.integration.heap import map_large_allocations
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert map_large_allocations() is False
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
     assert map_large_allocations() is (platform.libc_ver()[0] == "glibc")
+
+
+def _anonymous_mib() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    pytest.skip("no /proc/self/status")
+
+
+def test_trim_heap_returns_free_pages_inside_the_heap():
+    """Free 64 KiB blocks between live ones (a fragmented heap): glibc keeps their pages until
+    trim_heap hands them back."""
+    import platform
+
+    from mergekit_esm.integration.heap import trim_heap
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    blocks = [torch.ones(16 * 1024) for _ in range(4096)]  # 4096 × 64 KiB = 256 MiB, below mmap's threshold
+    kept = blocks[::16]
+    del blocks
+    before = _anonymous_mib()
+    assert trim_heap()
+    assert before - _anonymous_mib() > 100, "the freed blocks' pages stayed in the heap"
+    del kept

@@ -10,9 +10,7 @@ exponent skip all linear algebra. TSV-M and Iso-C/CTS take the same path (no cal
 β = 1), so a strength search costs them only the write as well.
 """
 
-import ctypes
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -31,6 +29,7 @@ from mergekit_esm.cache import CacheEntry, cache_root, files_fingerprint, finger
 from mergekit_esm.calibration.layerwise import layer_input_moments
 from mergekit_esm.calibration.self_proxy import self_generated_windows
 from mergekit_esm.errors import EsmInputError
+from mergekit_esm.integration.heap import map_large_allocations, trim_heap
 from mergekit_esm.integration.preflight import MergeInputs, checked_reader
 from mergekit_esm.strength.auto import auto_alpha
 
@@ -136,26 +135,6 @@ def _merge_layer(inputs: MergeInputs, layer: int, moments: dict[ModelReference, 
     return merged
 
 
-def map_large_allocations() -> bool:
-    """Fix glibc's mmap threshold at 1 MiB, so that freed tensors of 1 MiB and more go back to
-    the system. Returns whether it was set: not on other C libraries, nor where the user set
-    MALLOC_MMAP_THRESHOLD_ (their choice stands).
-
-    By default glibc raises the threshold (up to 32 MiB) as large blocks are freed, and then
-    serves the pre-pass's many 1–32 MiB tensors (each window's activations and hidden states)
-    from its heap, which fragments: at 1.1B widths ESM's anonymous peak grew from 1649 to
-    2012 MiB between 2 and 4 layers; with the threshold fixed, 4 layers peaked at 1388 MiB
-    in the same wall time (`eval/results/bench_scale_1b_float32_lean.md`).
-    """
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, 1 << 20))  # -3: M_MMAP_THRESHOLD in glibc's malloc.h
-    except (OSError, AttributeError):
-        return False
-
-
 def merged_updates(inputs: MergeInputs, root: Path) -> CacheEntry:
     """ΔW_merged of every target weight (before α and β), cached; plus their norms.
 
@@ -196,6 +175,7 @@ def merged_updates(inputs: MergeInputs, root: Path) -> CacheEntry:
                 norms.update({name: float(torch.linalg.matrix_norm(d)) for name, d in merged.items()})
                 save_file(merged, scratch / _layer_file(layer))
                 del merged
+                trim_heap()
             if zero:
                 raise EsmInputError(
                     f"model {sorted(map(str, zero))[0]} is identical to the base in every target weight "
