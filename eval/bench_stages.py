@@ -7,7 +7,10 @@ Writes bench_scale's random LLaMA-shaped checkpoints (base + 4 experts), runs `e
 in this process, and wraps the pre-pass's stages with timers that synchronise the GPU, so
 each stage is charged its own device work (cProfile charges queued GPU work to whichever
 call waits for it, and on the device image's Python it also mixes in other threads' calls).
-Prints seconds and calls per stage, and the time per layer from the progress bar.
+Prints seconds, calls and peak anonymous memory per stage (RssAnon sampled every 5 ms: RSS
+also counts the input files mergekit keeps mapped), the peak of each layer (its calibration
+and merge: a peak that climbs with depth is memory left behind), and the time per layer from
+the progress bar.
 """
 
 import argparse
@@ -16,6 +19,7 @@ import functools
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -28,6 +32,29 @@ from eval.bench_scale import SHAPES, write_checkpoints, write_recipe
 
 seconds: dict[str, float] = collections.defaultdict(float)
 calls: collections.Counter = collections.Counter()
+peak_mib: dict[str, int] = collections.defaultdict(int)
+running: list[str] = []  # the stages now running, outermost first
+layer_peaks_mib: list[int] = []
+LAYER_STAGE = "merge of a layer's weights"
+TOTAL = "mergekit-yaml, all"
+
+
+def _anonymous_mib() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) // 1024 for line in status if line.startswith("RssAnon:"))
+
+
+def _sample_memory() -> None:
+    layer_peak = 0
+    while True:
+        now = _anonymous_mib()
+        layer_peak = max(layer_peak, now)
+        for stage in list(running):
+            peak_mib[stage] = max(peak_mib[stage], now)
+        if len(layer_peaks_mib) < calls[LAYER_STAGE]:  # a layer's merge ended: its peak is final
+            layer_peaks_mib.append(layer_peak)
+            layer_peak = now
+        time.sleep(0.005)
 
 
 def _synchronize() -> None:
@@ -39,12 +66,15 @@ def _timed(stage: str, function):
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
         _synchronize()
+        running.append(stage)
         start = time.perf_counter()
-        result = function(*args, **kwargs)
-        _synchronize()
-        seconds[stage] += time.perf_counter() - start
-        calls[stage] += 1
-        return result
+        try:
+            return function(*args, **kwargs)
+        finally:
+            _synchronize()
+            seconds[stage] += time.perf_counter() - start
+            running.remove(stage)
+            calls[stage] += 1
 
     return wrapper
 
@@ -67,7 +97,7 @@ def _timed_generator(stage: str, function):
 STAGES = [
     (prepare, "merged_updates", "pre-pass (calibration and merge)"),
     (prepare, "layer_input_moments", "calibration: forward and XᵀX"),
-    (prepare, "_merge_layer", "merge of a layer's weights"),
+    (prepare, "_merge_layer", LAYER_STAGE),
     (prepare.TaskMatrices, "__init__", "· read base weight"),
     (prepare.TaskMatrices, "__getitem__", "· read expert weight − base"),
     (esm, "essential_subspace", "· essential subspace (eigh)"),
@@ -76,6 +106,7 @@ STAGES = [
     (merge, "newton_polar", "· · Newton route (a wide factor counts twice)"),
     (merge, "_svd_polar", "· · SVD route (fallback)"),
     (prepare, "save_file", "write merged updates to the cache"),
+    (prepare, "trim_heap", "return free heap pages (malloc_trim)"),
 ]
 
 
@@ -100,20 +131,25 @@ def main():
     os.environ["MERGEKIT_ESM_CACHE"] = str(root / "cache")
     from mergekit.scripts.run_yaml import main as mergekit_yaml
 
+    threading.Thread(target=_sample_memory, daemon=True).start()
     start = time.perf_counter()
     flags = ["--cuda"] if args.cuda else []
+    running.append(TOTAL)
     mergekit_yaml([str(recipe), str(root / "out"), *flags, "--out-shard-size", "500M"], standalone_mode=False)
     total = time.perf_counter() - start
+    time.sleep(0.05)  # the sampler's last look
+    running.remove(TOTAL)
     device = torch.cuda.get_device_name(0) if args.cuda else f"CPU, {torch.get_num_threads()} threads"
     print(
         f"\n`{args.shape}` shape, {args.layers} layers, {args.experts} experts, precision {args.precision}, "
         f"{args.proxy_samples} × 512 proxy tokens per expert, {device}\n"
     )
-    print("| stage | seconds | calls |\n|---|---|---|")
-    print(f"| mergekit-yaml, all | {total:.1f} | 1 |")
+    print("| stage | seconds | calls | peak anonymous MiB |\n|---|---|---|---|")
+    print(f"| {TOTAL} | {total:.1f} | 1 | {peak_mib[TOTAL]} |")
     for _, _, stage in STAGES:
         if calls[stage]:
-            print(f"| {stage} | {seconds[stage]:.2f} | {calls[stage]} |")
+            print(f"| {stage} | {seconds[stage]:.2f} | {calls[stage]} | {peak_mib[stage]} |")
+    print(f"\nPeak anonymous MiB of each layer (its calibration and merge): {layer_peaks_mib}")
     shutil.rmtree(root)
 
 

@@ -1,5 +1,6 @@
 """The diagnostic benchmarks run, and what they measure holds on the test shape."""
 
+import json
 import os
 import subprocess
 import sys
@@ -30,12 +31,16 @@ def test_float32_merge_of_low_rank_layer_inputs_takes_no_svd_route(tmp_path):
     the inputs span fewer directions than k: the case that sent an 8B merge to 30 s SVDs on a
     GPU. Through the real mergekit-yaml, every polar factor must take the Newton route (the
     code before the null-direction fix took the SVD route twice here)."""
-    table = _table(_run("eval.bench_stages", "--shape", "test", "--layers", "1", "--experts", "2",
-                        "--precision", "float32", "--workdir", str(tmp_path)))
+    stdout = _run("eval.bench_stages", "--shape", "test", "--layers", "1", "--experts", "2",
+                  "--precision", "float32", "--workdir", str(tmp_path))
+    table = _table(stdout)
     assert table["calibration: forward and XᵀX"][1] == "2"  # one layer of each expert
     assert table["· polar factors"][1] == "14"  # P_cat and A_cat of 7 weights
     assert "· · Newton route (a wide factor counts twice)" in table
     assert "· · SVD route (fallback)" not in table
+    assert int(table["mergekit-yaml, all"][2]) >= int(table["· polar factors"][2]) > 0  # peak anonymous MiB
+    layer_peaks = stdout.split("Peak anonymous MiB of each layer (its calibration and merge): ")[1].splitlines()[0]
+    assert len(json.loads(layer_peaks)) == 1
     assert list(tmp_path.iterdir()) == []  # checkpoints and cache removed
 
 
