@@ -40,7 +40,7 @@ def files_fingerprint(directory: str, names: list[str]) -> list:
     return out
 
 
-def pid_alive(pid: int) -> bool:
+def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -48,6 +48,14 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def remove_stale(folder: Path, prefix: str) -> None:
+    """Remove the folders `prefix<pid>` whose process is gone: what a killed run left."""
+    for stale in folder.glob(prefix + "*"):
+        pid = stale.name.removeprefix(prefix)
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 class CacheEntry:
@@ -62,9 +70,7 @@ class CacheEntry:
     def writing(self) -> Iterator[Path]:
         """Yield a scratch directory that becomes this entry only if the block succeeds."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in self.path.parent.glob(self.path.name + ".tmp-*"):
-            if not pid_alive(int(stale.name.rsplit("-", 1)[1])):
-                shutil.rmtree(stale, ignore_errors=True)
+        remove_stale(self.path.parent, self.path.name + ".tmp-")
         scratch = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir()

@@ -13,7 +13,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
-from mergekit_esm.cache import pid_alive
+from mergekit_esm.cache import remove_stale
 from mergekit_esm.errors import EsmInputError
 
 
@@ -25,10 +25,7 @@ def staged_output(out_path: str):
             f"output path {out_path} exists and is not an earlier merge: choose a new or empty folder"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.esm-partial-*"):  # left by a run that was killed
-        pid = stale.name.rsplit("-", 1)[1]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
+    remove_stale(out.parent, f".{out.name}.esm-partial-")
     staging = out.with_name(f".{out.name}.esm-partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
