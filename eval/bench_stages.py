@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+
 import mergekit_esm.algebra.merge as merge
 import mergekit_esm.algebra.subspace as subspace
 import mergekit_esm.integration.prepare as prepare
