@@ -162,7 +162,8 @@ def write_recipe(path: Path, method: str, base: Path, experts: list[Path], param
     return path
 
 
-def run_merge(method: str, base: Path, experts: list[Path], root: Path, flags: list[str], precision: str) -> dict:
+def run_merge(method: str, base: Path, experts: list[Path], root: Path, flags: list[str], precision: str,
+              log: Path | None = None) -> dict:
     recipe = write_recipe(root / f"{method}.yml", method, base, experts,
                           {"precision": precision} if method == "esm" else None)
     out, cache = root / f"out_{method}", root / f"cache_{method}"
@@ -172,6 +173,8 @@ def run_merge(method: str, base: Path, experts: list[Path], root: Path, flags: l
         [sys.executable, "-c", MEASURE, str(recipe), str(out), *flags], capture_output=True, text=True, env=env
     )
     wall = time.perf_counter() - start
+    if log:  # mergekit's and the progress bars' output: per-layer times
+        log.write_text(result.stderr)
     if result.returncode != 0:
         raise SystemExit(f"{method} failed:\n{result.stderr[-3000:]}")
     def reported(key: str) -> int:
@@ -209,7 +212,10 @@ def main():
                         help="mergekit's --out-shard-size for both methods: a shard is buffered in RAM until written")
     parser.add_argument("--workdir", type=Path, default=None, help="where checkpoints go (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=Path("eval/results/bench_scale.md"))
+    parser.add_argument("--logs", type=Path, default=None, help="keep each merge's stderr here as METHOD_LAYERS.log")
     args = parser.parse_args()
+    if args.logs:
+        args.logs.mkdir(parents=True, exist_ok=True)
 
     shape = SHAPES[args.shape]
     depth = shape["num_hidden_layers"]
@@ -234,7 +240,8 @@ def main():
             for method in args.methods.split(","):
                 drop_page_cache()
                 rows.append({"layers": layers, "params_b": round(params / 1e9, 2),
-                             **run_merge(method, models[0], models[1:], root, flags, args.precision)})
+                             **run_merge(method, models[0], models[1:], root, flags, args.precision,
+                                       args.logs / f"{method}_{layers}.log" if args.logs else None)})
                 print(json.dumps(rows[-1]), flush=True)
 
     header = (f"Shape `{args.shape}` ({', '.join(f'{k}={v}' for k, v in shape.items() if k != 'num_hidden_layers')}), "
