@@ -168,17 +168,19 @@ def run_merge(method: str, base: Path, experts: list[Path], root: Path, flags: l
                           {"precision": precision} if method == "esm" else None)
     out, cache = root / f"out_{method}", root / f"cache_{method}"
     env = {**os.environ, "MERGEKIT_ESM_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-    start = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, "-c", MEASURE, str(recipe), str(out), *flags], capture_output=True, text=True, env=env
-    )
-    wall = time.perf_counter() - start
-    if log:  # mergekit's and the progress bars' output: per-layer times
-        log.write_text(result.stderr)
+    # stderr (mergekit's log, the progress bars' per-layer times) goes to a file as it comes,
+    # so a run stopped by a time limit still leaves it
+    with open(log, "w+") if log else tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        result = subprocess.run([sys.executable, "-c", MEASURE, str(recipe), str(out), *flags],
+                                stdout=subprocess.DEVNULL, stderr=err, text=True, env=env)
+        wall = time.perf_counter() - start
+        err.seek(0)
+        stderr = err.read()
     if result.returncode != 0:
-        raise SystemExit(f"{method} failed:\n{result.stderr[-3000:]}")
+        raise SystemExit(f"{method} failed:\n{stderr[-3000:]}")
     def reported(key: str) -> int:
-        return int(result.stderr.rsplit(key, 1)[1].split()[0])
+        return int(stderr.rsplit(key, 1)[1].split()[0])
 
     row = {
         "method": method,
@@ -186,7 +188,7 @@ def run_merge(method: str, base: Path, experts: list[Path], root: Path, flags: l
         "peak_rss_mib": round(reported("PEAK_RSS_KB") / 1024),
         "peak_anon_mib": round(reported("PEAK_ANON_KB") / 1024),
     }
-    if "PEAK_GPU_B" in result.stderr:
+    if "PEAK_GPU_B" in stderr:
         row["peak_gpu_mib"] = round(reported("PEAK_GPU_B") / 2**20)
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(cache, ignore_errors=True)

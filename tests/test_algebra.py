@@ -149,6 +149,24 @@ def test_newton_polar_matches_the_svd_polar_factor(shape):
     assert (q - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
+def test_a_factor_too_ill_conditioned_for_float32_newton_is_resolved_in_float64_not_cut_by_the_svd():
+    """κ = 1e6 (> 0.1/eps of float32): the GPU route retries the Newton iteration in float64 and
+    matches U Vᵀ of the given float32 matrix, every direction kept; the SVD it replaces would
+    drop those below σ_max·d·eps."""
+    g = torch.Generator().manual_seed(12)
+    u, _ = torch.linalg.qr(torch.randn(48, 48, generator=g, dtype=D))
+    v, _ = torch.linalg.qr(torch.randn(48, 48, generator=g, dtype=D))
+    x = ((u * torch.logspace(0, -6, 48, dtype=D)) @ v.T).float()
+    assert newton_polar(x) is None  # beyond float32's reach
+    uu, sigma, vh = torch.linalg.svd(x.double())
+    assert sigma[-1] > 0 and sigma[0] / sigma[-1] > 0.1 / torch.finfo(torch.float32).eps
+    with mock.patch("mergekit_esm.algebra.merge._svd_polar", side_effect=AssertionError("SVD route")):
+        q = polar_orthogonalize(x, keep_scale=True, float64_retry=True)
+    assert q.dtype == torch.float32
+    expected = (uu @ vh) * sigma.mean()
+    assert (q.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
 def test_an_expert_that_left_a_weight_unchanged_gives_a_finite_merge():
     deltas, xs = _random_inputs(5)
     deltas[1] = torch.zeros_like(deltas[1])

@@ -11,7 +11,7 @@ from mergekit_esm.algebra.subspace import TaskFactors, svd_subspace
 Combination = Literal["essential", "tsv"]
 
 
-def polar_orthogonalize(x: torch.Tensor, keep_scale: bool) -> torch.Tensor:
+def polar_orthogonalize(x: torch.Tensor, keep_scale: bool, float64_retry: bool | None = None) -> torch.Tensor:
     """Closest matrix with orthonormal columns/rows (Procrustes): U Vᵀ for x = U Σ Vᵀ.
 
     keep_scale multiplies by mean(Σ), ESM's whitening that keeps the factor's overall size.
@@ -24,15 +24,31 @@ def polar_orthogonalize(x: torch.Tensor, keep_scale: bool) -> torch.Tensor:
     twice as fast as an SVD on CPU and within ~1e-9 of U Vᵀ. Lower precision (the GPU
     default): the Gram matrix would square the condition number and lose directions below
     ~3% of σ_max, so the scaled Newton iteration is used, which is matrix products and
-    inverses (2.8 s for a 14336² factor on an H200, where the SVD took 34 s); the SVD only
-    where that iteration does not apply.
+    inverses (2.8 s for a 14336² factor on an H200, where the SVD took 34 s); on a GPU, in
+    float64 where κ is too large for float32 (float64_retry; default: off the CPU); the SVD
+    only where that iteration does not apply.
     """
     if x.dtype == torch.float64:
         return _gram_polar(x, keep_scale)
     q = newton_polar(x)
+    if float64_retry is None:
+        float64_retry = x.device.type != "cpu"
+    if q is None and float64_retry:
+        # κ beyond what float32 resolves (0.1/eps ≈ 8e5) need not mean singular: the float64
+        # iteration resolves it as the float32 one does smaller κ, and on an H200 it costs
+        # 1.2× the float32 one where the SVD costs 7× and cuts directions below ~1e-3
+        # (eval/results/polar_h200.md). Not on the CPU, where float32 is chosen to save
+        # memory that the float64 copies would spend.
+        q = newton_polar(x.double())
+        q = None if q is None else q.to(x.dtype)
     if q is None:
         return _svd_polar(x, keep_scale)
-    return q * ((q * x).sum() / min(x.shape)) if keep_scale else q  # mean σ = trace(Qᵀx) / rank
+    return with_mean_sigma(q, x) if keep_scale else q
+
+
+def with_mean_sigma(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x's polar factor q scaled by x's mean singular value, trace(qᵀx) / rank."""
+    return q * ((q * x).sum() / min(x.shape))
 
 
 def newton_polar(x: torch.Tensor, max_steps: int = 40) -> torch.Tensor | None:
