@@ -7,8 +7,9 @@ Writes bench_scale's random LLaMA-shaped checkpoints (base + 4 experts), runs `e
 in this process, and wraps the pre-pass's stages with timers that synchronise the GPU, so
 each stage is charged its own device work (cProfile charges queued GPU work to whichever
 call waits for it, and on the device image's Python it also mixes in other threads' calls).
-Prints seconds, calls and peak anonymous memory per stage (RssAnon sampled every 5 ms: RSS
-also counts the input files mergekit keeps mapped), the peak of each layer (its calibration
+Prints seconds, calls and peak memory per stage (RssAnon and RSS sampled every 5 ms: RSS also
+counts the pages of input files kept mapped, which anonymous memory leaves out), the peak of
+anonymous memory in each layer (its calibration
 and merge: a peak that climbs with depth is memory left behind), and the time per layer from
 the progress bar.
 """
@@ -33,25 +34,31 @@ from eval.bench_scale import SHAPES, write_checkpoints, write_recipe
 
 seconds: dict[str, float] = collections.defaultdict(float)
 calls: collections.Counter = collections.Counter()
-peak_mib: dict[str, int] = collections.defaultdict(int)
+peak_mib: dict[str, int] = collections.defaultdict(int)  # anonymous
+peak_rss_mib: dict[str, int] = collections.defaultdict(int)
 running: list[str] = []  # the stages now running, outermost first
 layer_peaks_mib: list[int] = []
 LAYER_STAGE = "merge of a layer's weights"
 TOTAL = "mergekit-yaml, all"
+OUTSIDE = "outside the pre-pass (checks, mergekit's phase)"
 
 
-def _anonymous_mib() -> int:
+def _memory_mib() -> tuple[int, int]:
+    """(anonymous, total) resident memory."""
     with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) // 1024 for line in status if line.startswith("RssAnon:"))
+        fields = dict(line.split(":", 1) for line in status)
+    return int(fields["RssAnon"].split()[0]) // 1024, int(fields["VmRSS"].split()[0]) // 1024
 
 
 def _sample_memory() -> None:
     layer_peak = 0
     while True:
-        now = _anonymous_mib()
+        now, rss = _memory_mib()
         layer_peak = max(layer_peak, now)
-        for stage in list(running):
+        stages = list(running)
+        for stage in stages + ([OUTSIDE] if stages == [TOTAL] else []):
             peak_mib[stage] = max(peak_mib[stage], now)
+            peak_rss_mib[stage] = max(peak_rss_mib[stage], rss)
         if len(layer_peaks_mib) < calls[LAYER_STAGE]:  # a layer's merge ended: its peak is final
             layer_peaks_mib.append(layer_peak)
             layer_peak = now
@@ -145,11 +152,12 @@ def main():
         f"\n`{args.shape}` shape, {args.layers} layers, {args.experts} experts, precision {args.precision}, "
         f"{args.proxy_samples} × 512 proxy tokens per expert, {device}\n"
     )
-    print("| stage | seconds | calls | peak anonymous MiB |\n|---|---|---|---|")
-    print(f"| {TOTAL} | {total:.1f} | 1 | {peak_mib[TOTAL]} |")
+    print("| stage | seconds | calls | peak anonymous MiB | peak RSS MiB |\n|---|---|---|---|---|")
+    print(f"| {TOTAL} | {total:.1f} | 1 | {peak_mib[TOTAL]} | {peak_rss_mib[TOTAL]} |")
+    print(f"| {OUTSIDE} | | | {peak_mib[OUTSIDE]} | {peak_rss_mib[OUTSIDE]} |")
     for _, _, stage in STAGES:
         if calls[stage]:
-            print(f"| {stage} | {seconds[stage]:.2f} | {calls[stage]} | {peak_mib[stage]} |")
+            print(f"| {stage} | {seconds[stage]:.2f} | {calls[stage]} | {peak_mib[stage]} | {peak_rss_mib[stage]} |")
     print(f"\nPeak anonymous MiB of each layer (its calibration and merge): {layer_peaks_mib}")
     shutil.rmtree(root)
 

@@ -39,6 +39,8 @@ def test_float32_merge_of_low_rank_layer_inputs_takes_no_svd_route(tmp_path):
     assert "· · Newton route (a wide factor counts twice)" in table
     assert "· · SVD route (fallback)" not in table
     assert int(table["mergekit-yaml, all"][2]) >= int(table["· polar factors"][2]) > 0  # peak anonymous MiB
+    assert int(table["mergekit-yaml, all"][3]) >= int(table["mergekit-yaml, all"][2])  # RSS ⊇ anonymous
+    assert int(table["outside the pre-pass (checks, mergekit's phase)"][3]) > 0
     layer_peaks = stdout.split("Peak anonymous MiB of each layer (its calibration and merge): ")[1].splitlines()[0]
     assert len(json.loads(layer_peaks)) == 1
     assert list(tmp_path.iterdir()) == []  # checkpoints and cache removed

@@ -14,7 +14,7 @@ from mergekit_esm.calibration import layerwise
 from mergekit_esm.calibration.layerwise import layer_input_moments
 from mergekit_esm.calibration.proxy import load_documents, token_windows
 from mergekit_esm.errors import EsmInputError
-from tests.tiny_models import byte_tokenizer, tiny_config
+from tests.tiny_models import byte_tokenizer, tiny_config, write_model
 
 
 def test_builtin_proxy_is_large_enough_for_default_settings():
@@ -152,3 +152,23 @@ def test_trim_heap_returns_free_pages_inside_the_heap():
     assert trim_heap()
     assert before - _anonymous_mib() > 100, "the freed blocks' pages stayed in the heap"
     del kept
+
+
+def test_reading_an_input_weight_leaves_no_shard_mapped(tmp_path):
+    """The pre-pass reads a layer of each of the T+1 models: a shard left mapped after the read
+    would keep its pages in RSS (mergekit's loader keeps each model's last shard open)."""
+    from pathlib import Path
+
+    from mergekit.common import ModelReference
+
+    from mergekit_esm.integration.preflight import checked_reader
+
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("no /proc/self/maps")
+    config = tiny_config(layers=2)
+    path = write_model(tmp_path / "model", LlamaForCausalLM(config).state_dict(), config)
+    read = checked_reader(ModelReference.parse(str(path)), "cpu")
+    weight = read("model.layers.1.mlp.down_proj.weight").double()  # callers keep a copy
+    assert weight.shape == (config.hidden_size, config.intermediate_size)
+    assert str(path) not in maps.read_text()

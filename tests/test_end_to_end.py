@@ -57,6 +57,22 @@ def test_output_is_a_complete_model_with_an_esm_card(merged):
     assert "esm calibrating and merging" in merged["result"].stderr
 
 
+def test_output_is_written_in_the_recipes_dtype(zoo, merged):
+    """mergekit writes what a method returns unless `out_dtype` is set: ESM must return the
+    recipe's `dtype`, as mergekit's own methods do, not its float32 working copy (twice the
+    size on disk and in the writer's buffer)."""
+    tmp = merged["tmp"]
+    config = recipe(tmp / "bf16.yml", zoo["base"], zoo["experts"], {"proxy": str(zoo["proxy"])}, dtype="bfloat16")
+    result = mergekit_yaml(config, tmp / "out_bf16", tmp / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = load_file(tmp / "out_bf16" / "model.safetensors")
+    assert {t.dtype for t in got.values()} == {torch.bfloat16}
+    full = load_file(merged["out"] / "model.safetensors")  # the same merge with dtype: float32
+    for name, tensor in got.items():
+        # the inputs were loaded in bfloat16 too: agreement to bfloat16's precision (eps 2^-8)
+        assert torch.linalg.vector_norm(tensor.float() - full[name]) <= 1e-2 * torch.linalg.vector_norm(full[name]), name
+
+
 def test_two_runs_give_identical_bytes_and_the_cache_is_reused(zoo, merged):
     tmp = merged["tmp"]
     fresh = mergekit_yaml(merged["config"], tmp / "out_fresh", tmp / "cache_fresh")

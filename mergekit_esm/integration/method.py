@@ -59,7 +59,11 @@ def subspace_kernel(group: TensorGroup, **_parameters) -> torch.Tensor:
         for entry in group.entries:
             ensure_finite(entry.tensor, name, entry.id)
     # in place on the update, in float32: one float32 copy of the tensor in all, not five
-    return prepared.update(name, base, [e.tensor for e in group.non_base]).mul_(prepared.alpha).add_(base)
+    merged = prepared.update(name, base, [e.tensor for e in group.non_base]).mul_(prepared.alpha).add_(base)
+    # back to the dtype mergekit loaded the inputs in (the recipe's `dtype`), as its built-in
+    # methods return: mergekit writes what the method returns (unless `out_dtype` is set), so
+    # float32 would double the output's size and the writer's shard buffer
+    return merged.to(base.dtype)
 
 
 def _parameter_specs(method: MethodDefinition) -> tuple[ParameterSpec, ...]:
