@@ -51,7 +51,7 @@ def main():
         ("float64 Gram eigh (CPU default)", lambda x: _gram_polar(x.double(), keep_scale=True), args.reference_max),
         ("float32 Newton (GPU default)", lambda x: polar_orthogonalize(x.float(), keep_scale=True), None),
         ("float32 SVD", lambda x: _svd_polar(x.float(), keep_scale=True), args.svd_max),
-        ("float64 Newton (GPU, where κ is too large for float32)", 
+        ("float64 Newton (GPU, where κ is too large for float32)",
          lambda x: with_mean_sigma(newton_polar(x.double()), x.double()), None),
     ]
     for _, fn, _ in routes:

@@ -9,9 +9,8 @@ each stage is charged its own device work (cProfile charges queued GPU work to w
 call waits for it, and on the device image's Python it also mixes in other threads' calls).
 Prints seconds, calls and peak memory per stage (RssAnon and RSS sampled every 5 ms: RSS also
 counts the pages of input files kept mapped, which anonymous memory leaves out), the peak of
-anonymous memory in each layer (its calibration
-and merge: a peak that climbs with depth is memory left behind), and the time per layer from
-the progress bar.
+anonymous memory in each layer (its calibration and merge: a peak that climbs with depth is
+memory left behind), and the time per layer from the progress bar.
 """
 
 import argparse
