@@ -172,3 +172,25 @@ def test_reading_an_input_weight_leaves_no_shard_mapped(tmp_path):
     weight = read("model.layers.1.mlp.down_proj.weight").double()  # callers keep a copy
     assert weight.shape == (config.hidden_size, config.intermediate_size)
     assert str(path) not in maps.read_text()
+
+
+def test_a_pytorch_bin_shard_is_loaded_once_not_per_weight(tmp_path, monkeypatch):
+    """mergekit loads a .bin shard whole when it opens it: closing it after each read, as the
+    pre-pass does for safetensors, would load the whole shard again for every weight."""
+    from mergekit.common import ModelReference
+
+    from mergekit_esm.integration.preflight import checked_reader
+
+    config = tiny_config(layers=2)
+    path = tmp_path / "model"
+    path.mkdir()
+    config.save_pretrained(path)
+    torch.save(LlamaForCausalLM(config).state_dict(), path / "pytorch_model.bin")
+    loads = []
+    original = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a) or original(*a, **k))
+    read = checked_reader(ModelReference.parse(str(path)), "cpu")
+    read("model.layers.0.mlp.down_proj.weight")
+    opened = len(loads)  # mergekit's index and the shard itself
+    read("model.layers.1.mlp.down_proj.weight")
+    assert len(loads) == opened

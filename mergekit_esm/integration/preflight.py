@@ -49,10 +49,12 @@ def checked_reader(model: ModelReference, device: str):
 
     def read(name: str) -> torch.Tensor:
         tensor = loader.get_tensor(name, device=device)
-        # Close the shard at once: mergekit's loader keeps each model's last shard mapped, and
-        # the mapped pages read so far stay in RSS until then (5 models × one layer's weights at
-        # 1.1B widths: ~440 MB). Callers copy what they read, so the mapping ends with this tensor.
-        loader.flush()
+        # Close a safetensors shard at once: mergekit's loader keeps each model's last shard
+        # mapped, and the mapped pages read so far stay in RSS until then (5 models × one
+        # layer's weights at 1.1B widths: ~440 MB); callers copy what they read, and reopening
+        # costs a header read. Not a PyTorch .bin shard, which mergekit loads whole on opening.
+        if loader.index.tensor_paths[name].endswith(".safetensors"):
+            loader.flush()
         ensure_finite(tensor, name, model)
         return tensor
 
