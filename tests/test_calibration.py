@@ -2,9 +2,11 @@
 
 import functools
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from mergekit.common import ModelReference
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
@@ -14,6 +16,7 @@ from mergekit_esm.calibration import layerwise
 from mergekit_esm.calibration.layerwise import layer_input_moments
 from mergekit_esm.calibration.proxy import load_documents, token_windows
 from mergekit_esm.errors import EsmInputError
+from mergekit_esm.integration.preflight import checked_reader
 from tests.tiny_models import byte_tokenizer, tiny_config, write_model
 
 
@@ -157,12 +160,6 @@ def test_trim_heap_returns_free_pages_inside_the_heap():
 def test_reading_an_input_weight_leaves_no_shard_mapped(tmp_path):
     """The pre-pass reads a layer of each of the T+1 models: a shard left mapped after the read
     would keep its pages in RSS (mergekit's loader keeps each model's last shard open)."""
-    from pathlib import Path
-
-    from mergekit.common import ModelReference
-
-    from mergekit_esm.integration.preflight import checked_reader
-
     maps = Path("/proc/self/maps")
     if not maps.exists():
         pytest.skip("no /proc/self/maps")
@@ -177,10 +174,6 @@ def test_reading_an_input_weight_leaves_no_shard_mapped(tmp_path):
 def test_a_pytorch_bin_shard_is_loaded_once_not_per_weight(tmp_path, monkeypatch):
     """mergekit loads a .bin shard whole when it opens it: closing it after each read, as the
     pre-pass does for safetensors, would load the whole shard again for every weight."""
-    from mergekit.common import ModelReference
-
-    from mergekit_esm.integration.preflight import checked_reader
-
     config = tiny_config(layers=2)
     path = tmp_path / "model"
     path.mkdir()
