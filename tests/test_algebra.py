@@ -1,6 +1,7 @@
 """The merge math against brute force, the papers' dense formulas and hand computations,
 on small random inputs (float64)."""
 
+import math
 from unittest import mock
 
 import pytest
@@ -143,10 +144,33 @@ def test_newton_polar_matches_the_svd_polar_factor(shape):
     inverse = torch.linalg.inv_ex
     with mock.patch.object(torch.linalg, "inv_ex", wraps=inverse) as steps:
         assert newton_polar(x.float()) is not None  # the Newton route, not its fallback
-    assert steps.call_count <= 8  # Byers–Xu scaling: ~7 steps where Frobenius scaling took ~10
+    assert steps.call_count <= 7  # Byers–Xu scaling: 6 steps where Frobenius scaling took ~10
     q = polar_orthogonalize(x.float(), keep_scale=True).double()
     expected = (u @ v.T) * sigma.mean()
     assert (q - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+@pytest.mark.parametrize("condition", [1e1, 1e2])
+def test_newton_polar_stops_at_the_first_iterate_within_rounding_of_the_polar_factor(condition):
+    """The returned iterate is within r·eps of U Vᵀ (spectral norm) and the one before it was
+    not: no inverse is spent past the rounding level, none is missing."""
+    g = torch.Generator().manual_seed(13)
+    u, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=D))
+    v, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=D))
+    x = (u * torch.logspace(0, -math.log10(condition), 64, dtype=D)) @ v.T
+    iterates = []
+    inverse = torch.linalg.inv_ex
+
+    def recorded(q):
+        iterates.append(q.clone())
+        return inverse(q)
+
+    with mock.patch.object(torch.linalg, "inv_ex", side_effect=recorded):
+        q = newton_polar(x)
+    tolerance = 64 * torch.finfo(D).eps
+    error = lambda a: float(torch.linalg.matrix_norm(a - u @ v.T, ord=2))
+    assert error(q) <= tolerance
+    assert error(iterates[-1]) > tolerance
 
 
 def test_a_factor_too_ill_conditioned_for_float32_newton_is_resolved_in_float64_not_cut_by_the_svd():
