@@ -7,11 +7,12 @@ The matrix is what ESM orthogonalizes for gate/up_proj: T = 4 orthonormal d × d
 column weighted by its flattened eigenvalue (γ = 0.15 over a 1e-6 spectrum), side by side, so
 d × d with σ_min/σ_max ~ 1e-4. Each route of `polar_orthogonalize` is timed (after one warm-up
 on a small matrix) and compared with the float64 Gram route where that fits (--reference-max).
-Error = max |Q − Q_ref| / max |Q_ref| with mean-σ scaling.
+Error = max |Q − Q_ref| / max |Q_ref| with mean-σ scaling. LU inverses: the Newton routes' steps.
 """
 
 import argparse
 import time
+from unittest import mock
 
 import torch
 
@@ -58,19 +59,20 @@ def main():
         fn(concatenated_basis(256, 4, device))
     name = torch.cuda.get_device_name(0) if args.cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"polar factor of a concatenated basis (4 tasks), {name}\n")
-    print("| d | route | seconds | error vs float64 |\n|---|---|---|---|")
+    print("| d | route | seconds | LU inverses | error vs float64 |\n|---|---|---|---|---|")
     for d in (int(s) for s in args.sizes.split(",")):
         x = concatenated_basis(d, 4, device).double()
         reference = None
         for index, (route, fn, largest) in enumerate(routes):
             if largest is not None and d > largest:
                 continue
-            q, seconds = timed(fn, x)
+            with mock.patch.object(torch.linalg, "inv_ex", wraps=torch.linalg.inv_ex) as inverses:
+                q, seconds = timed(fn, x)
             if index == 0:
                 reference, error = q, ""
             else:
                 error = "" if reference is None else f"{float((q.double() - reference).abs().max() / reference.abs().max()):.1e}"
-            print(f"| {d} | {route} | {seconds:.2f} | {error} |", flush=True)
+            print(f"| {d} | {route} | {seconds:.2f} | {inverses.call_count or ''} | {error} |", flush=True)
             del q
 
 
