@@ -32,6 +32,14 @@ def _moment(x):
     return InputMoment(x.shape[0], moment=x.T @ x)
 
 
+def _with_singular_values(shape, sigma, seed):
+    """(x, U Vᵀ): a random d_out × d_in matrix with the given singular values, and its polar factor."""
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(shape[0], len(sigma), generator=g, dtype=D))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], len(sigma), generator=g, dtype=D))
+    return (u * sigma) @ v.T, u @ v.T
+
+
 def _random_inputs(seed, t=3, d_out=12, d_in=10, n=40):
     g = torch.Generator().manual_seed(seed)
     deltas = [torch.randn(d_out, d_in, generator=g, dtype=D) for _ in range(t)]
@@ -136,17 +144,14 @@ def test_polar_orthogonalize_ignores_null_directions(dtype):
 def test_newton_polar_matches_the_svd_polar_factor(shape):
     """The float32 route (scaled Newton on the QR-reduced square factor) against U Vᵀ and
     mean σ from a float64 SVD, on a matrix with σ_min/σ_max = 1e-3."""
-    g = torch.Generator().manual_seed(11)
-    u, _ = torch.linalg.qr(torch.randn(shape[0], min(shape), generator=g, dtype=D))
-    v, _ = torch.linalg.qr(torch.randn(shape[1], min(shape), generator=g, dtype=D))
     sigma = torch.logspace(0, -3, min(shape), dtype=D)
-    x = (u * sigma) @ v.T
+    x, polar_factor = _with_singular_values(shape, sigma, seed=11)
     inverse = torch.linalg.inv_ex
     with mock.patch.object(torch.linalg, "inv_ex", wraps=inverse) as steps:
         assert newton_polar(x.float()) is not None  # the Newton route, not its fallback
     assert steps.call_count <= 7  # Byers–Xu scaling: 6 steps where Frobenius scaling took ~10
     q = polar_orthogonalize(x.float(), keep_scale=True).double()
-    expected = (u @ v.T) * sigma.mean()
+    expected = polar_factor * sigma.mean()
     assert (q - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
@@ -154,10 +159,7 @@ def test_newton_polar_matches_the_svd_polar_factor(shape):
 def test_newton_polar_stops_at_the_first_iterate_within_rounding_of_the_polar_factor(condition):
     """The returned iterate is within r·eps of U Vᵀ (spectral norm) and the one before it was
     not: no inverse is spent past the rounding level, none is missing."""
-    g = torch.Generator().manual_seed(13)
-    u, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=D))
-    v, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=D))
-    x = (u * torch.logspace(0, -math.log10(condition), 64, dtype=D)) @ v.T
+    x, polar_factor = _with_singular_values((64, 64), torch.logspace(0, -math.log10(condition), 64, dtype=D), seed=13)
     iterates = []
     inverse = torch.linalg.inv_ex
 
@@ -168,7 +170,7 @@ def test_newton_polar_stops_at_the_first_iterate_within_rounding_of_the_polar_fa
     with mock.patch.object(torch.linalg, "inv_ex", side_effect=recorded):
         q = newton_polar(x)
     tolerance = 64 * torch.finfo(D).eps
-    error = lambda a: float(torch.linalg.matrix_norm(a - u @ v.T, ord=2))
+    error = lambda a: float(torch.linalg.matrix_norm(a - polar_factor, ord=2))
     assert error(q) <= tolerance
     assert error(iterates[-1]) > tolerance
 
@@ -177,10 +179,7 @@ def test_a_factor_too_ill_conditioned_for_float32_newton_is_resolved_in_float64_
     """κ = 1e6 (> 0.1/eps of float32): the GPU route retries the Newton iteration in float64 and
     matches U Vᵀ of the given float32 matrix, every direction kept; the SVD it replaces would
     drop those below σ_max·d·eps."""
-    g = torch.Generator().manual_seed(12)
-    u, _ = torch.linalg.qr(torch.randn(48, 48, generator=g, dtype=D))
-    v, _ = torch.linalg.qr(torch.randn(48, 48, generator=g, dtype=D))
-    x = ((u * torch.logspace(0, -6, 48, dtype=D)) @ v.T).float()
+    x = _with_singular_values((48, 48), torch.logspace(0, -6, 48, dtype=D), seed=12)[0].float()
     assert newton_polar(x) is None  # beyond float32's reach
     uu, sigma, vh = torch.linalg.svd(x.double())
     assert sigma[-1] > 0 and sigma[0] / sigma[-1] > 0.1 / torch.finfo(torch.float32).eps
