@@ -226,7 +226,7 @@ def test_wide_output_path_equals_the_direct_eigenproblem():
 def test_every_eigenproblem_route_gives_the_brute_force_subspace(d_out, d_in, n):
     """S's eigenproblem is solved in output space (d_out²), in input space (√XᵀX) or in token
     space (X held when n < d_in): all must give the eigenpairs of ΔOᵀΔO/(n−1) and an
-    orthonormal basis; X held and XᵀX held must agree."""
+    orthonormal basis; X, XᵀX and ΔOᵀΔO held must agree."""
     (delta,), (x,) = _random_inputs(8, t=1, d_out=d_out, d_in=d_in, n=n)
     shift = x @ delta.T
     lam, vec = torch.linalg.eigh(shift.T @ shift / (n - 1))
@@ -236,6 +236,7 @@ def test_every_eigenproblem_route_gives_the_brute_force_subspace(d_out, d_in, n)
     held = {"XᵀX": _moment(x)}
     if n < d_in:  # calibration holds X only when it is the smaller
         held["X"] = InputMoment(n, tokens=x)
+    held["ΔOᵀΔO"] = InputMoment(n, shift=shift.T @ shift)
     for form, inputs in held.items():
         f = essential_subspace(delta, inputs, rank)
         assert torch.allclose(f.eigenvalues, lam[:rank], rtol=1e-8), form

@@ -13,7 +13,7 @@ from transformers import LlamaForCausalLM
 from mergekit_esm.algebra.subspace import add_gram_upper_, fill_lower_from_upper_
 from mergekit_esm.architecture import DecoderLayout
 from mergekit_esm.calibration import layerwise
-from mergekit_esm.calibration.layerwise import layer_input_moments
+from mergekit_esm.calibration.layerwise import held_form, layer_input_moments
 from mergekit_esm.calibration.proxy import load_documents, token_windows
 from mergekit_esm.errors import EsmInputError
 from mergekit_esm.integration.preflight import checked_reader
@@ -69,13 +69,16 @@ def test_upper_block_sums_mirrored_equal_the_full_gram_matrix(block):
     assert torch.equal(gram, gram.T)
 
 
+@pytest.mark.parametrize("with_base", [False, True])
 @pytest.mark.parametrize("sum_dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("windows", [[list(range(5, 45)), list(range(60, 90))], [list(range(5, 45)), list(range(60, 68))]])
-def test_layerwise_moments_equal_full_model_forward(tmp_path, monkeypatch, windows, sum_dtype):
+def test_layerwise_moments_equal_full_model_forward(tmp_path, monkeypatch, windows, sum_dtype, with_base):
     """70 tokens: XᵀX for every input (hidden 32, intermediate 64); 48 tokens: down_proj's
-    64-wide input is held as X instead, the smaller of the two. XᵀX summed in float64 (CPU
-    default) or float32 (GPU default), in column blocks narrower than the inputs (as the
-    default blocks are for real widths) so that the mirrored lower blocks are checked too."""
+    64-wide input is held as X instead, the smaller of the two. Given the base's weights,
+    down_proj, the only reader of its input, holds ΔW XᵀX ΔWᵀ (32², smaller than both) at
+    either length. Sums in float64 (CPU default) or float32 (GPU default), in column blocks
+    narrower than the inputs (as the default blocks are for real widths) so that the
+    mirrored lower blocks are checked too."""
     monkeypatch.setattr(layerwise, "add_gram_upper_", functools.partial(add_gram_upper_, block=12))
     monkeypatch.setattr(layerwise, "fill_lower_from_upper_", functools.partial(fill_lower_from_upper_, block=12))
     config = tiny_config(layers=3)
@@ -83,6 +86,7 @@ def test_layerwise_moments_equal_full_model_forward(tmp_path, monkeypatch, windo
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(tmp_path, safe_serialization=True)
     state = load_file(tmp_path / "model.safetensors")
+    base = {name: w + 0.01 * torch.randn_like(w) for name, w in state.items()}
     layout = DecoderLayout(config)
     n = sum(map(len, windows))
 
@@ -102,16 +106,31 @@ def test_layerwise_moments_equal_full_model_forward(tmp_path, monkeypatch, windo
             model(torch.tensor([w]))
 
     seen = 0
-    for result in layer_input_moments(state.__getitem__, layout, windows, sum_dtype=sum_dtype):
+    read_base = base.__getitem__ if with_base else None
+    for result in layer_input_moments(state.__getitem__, layout, windows, sum_dtype=sum_dtype, read_base=read_base):
         for t in layout.layer_targets(result.layer):
             inputs = result.moments[t.input_group]
             assert inputs.n_tokens == n
+            delta = (state[t.name] - base[t.name]).double()
+            shift = delta @ expected[t.name] @ delta.T
+            assert torch.allclose(inputs.output_covariance(delta), shift, rtol=1e-4, atol=1e-6), t.name
+            if with_base and t.module_type == "down_proj":
+                assert inputs.shift is not None and inputs.shift.shape == (32, 32)
+                with pytest.raises(ValueError, match="no factor"):
+                    inputs.factor(torch.float64)
+                continue
             assert (inputs.tokens is not None) == (n < t.shape[1]), t.name  # the smaller form
             x = inputs.factor(torch.float64)
             assert x.shape == (min(n, t.shape[1]), t.shape[1])
             assert torch.allclose(x.T @ x, expected[t.name], rtol=1e-4, atol=1e-4), t.name
             seen += 1
-    assert seen == len(layout.targets) == 21
+    assert seen == len(layout.targets) - 3 * with_base == 21 - 3 * with_base
+
+
+def test_held_form_is_the_smallest():
+    assert held_form(100, 64) == "moment" and held_form(48, 64) == "tokens"
+    assert held_form(100, 64, 32) == "shift" and held_form(16, 64, 32) == "tokens"
+    assert held_form(100, 32, 64) == "moment"  # a wide output: XᵀX is smaller
 
 
 def test_architecture_without_target_linears_is_refused():

@@ -28,8 +28,11 @@ def moment_sqrt(input_moment: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class InputMoment:
-    """One expert's inputs X (n × d_in) to one weight, held as whichever is smaller: X itself
-    (n < d_in, e.g. few proxy tokens into down_proj's wide input) or XᵀX (d_in × d_in).
+    """One expert's inputs X (n × d_in) to one weight, held as the smallest of three forms:
+    X itself (n < d_in, e.g. few proxy tokens into down_proj's wide input), XᵀX (d_in × d_in),
+    or, for an input that only one weight reads, that weight's activation-shift moment
+    ΔOᵀΔO = ΔW XᵀX ΔWᵀ (d_out × d_out; down_proj, whose d_out is a quarter to a third of its
+    d_in). ESD needs nothing more of an input than ΔW XᵀX ΔWᵀ, which the last form already is.
 
     Stored in float32 (half the memory while T experts' statistics wait for the merge of
     their layer); the solvers work in the task matrix's dtype.
@@ -38,16 +41,22 @@ class InputMoment:
     n_tokens: int
     moment: torch.Tensor | None = None  # XᵀX
     tokens: torch.Tensor | None = None  # X
+    shift: torch.Tensor | None = None  # ΔW XᵀX ΔWᵀ of the one weight reading this input
     _factors: dict = field(default_factory=dict, repr=False)
 
     @property
     def rank_bound(self) -> int:
-        """Rows of `factor`: min(n, d_in), the most directions these inputs can reveal."""
-        return self.tokens.shape[0] if self.tokens is not None else self.moment.shape[0]
+        """The size of the eigenproblem these statistics give for a wide output: min(n, d_in),
+        the most directions X can reveal (the rows of `factor`); d_out for the shift moment,
+        which is that eigenproblem's matrix."""
+        held = next(t for t in (self.tokens, self.moment, self.shift) if t is not None)
+        return held.shape[0]
 
     def factor(self, dtype: torch.dtype) -> torch.Tensor:
         """F (rank_bound × d_in) with FᵀF = XᵀX: X itself, or √XᵀX. Computed once per dtype and
         shared by the weights reading this input (q/k/v, gate/up)."""
+        if self.shift is not None:
+            raise ValueError("inputs held as one weight's shift moment ΔW XᵀX ΔWᵀ have no factor of XᵀX")
         if dtype not in self._factors:
             self._factors[dtype] = (
                 self.tokens.to(dtype) if self.tokens is not None else moment_sqrt(self.moment.to(dtype))
@@ -56,6 +65,10 @@ class InputMoment:
 
     def output_covariance(self, delta: torch.Tensor) -> torch.Tensor:
         """ΔW XᵀX ΔWᵀ (d_out × d_out), without forming √XᵀX."""
+        if self.shift is not None:
+            if self.shift.shape[0] != delta.shape[0]:
+                raise ValueError(f"shift moment of {self.shift.shape[0]} outputs given for a weight with {delta.shape[0]}")
+            return self.shift.to(delta.dtype)
         if self.tokens is not None:
             shift = delta @ self.factor(delta.dtype).T
             return shift @ shift.T

@@ -8,6 +8,7 @@ memory does not grow with depth. Weights are read through a caller-supplied func
 import contextlib
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from mergekit_esm.architecture import DecoderLayout, build_meta_model
 @dataclass
 class LayerMoments:
     layer: int
-    moments: dict[str, InputMoment]  # input group → X or XᵀX, whichever is smaller
+    moments: dict[str, InputMoment]  # input group → X, XᵀX or ΔW XᵀX ΔWᵀ, whichever is smallest
 
 
 class LayerStack:
@@ -86,35 +87,50 @@ class LayerStack:
         return torch.cat(losses)
 
 
-class _InputCollector:
-    """Forward pre-hook that gathers one input group's activations over all windows: the rows
-    of X when there are fewer tokens than input dimensions, else XᵀX, then kept in float32
-    (InputMoment). XᵀX is summed in `sum_dtype`: float64 for the float64 precision (the cut at
-    rank k is sensitive to XᵀX where eigenvalues cluster near λ_k); float32 otherwise, since a
-    consumer GPU multiplies float64 at 1/64 of its float32 rate (the sums of Llama-3-8B's
-    14336-wide down_proj input would take seconds per layer and expert). With the rest of
-    the float32 path, this moves the merged updates of tests/test_end_to_end.py's zoo by a
-    median 1.7e-6 relative to float64 (largest 5.2e-5)."""
+def held_form(n_tokens: int, d_in: int, sole_reader_d_out: int | None = None) -> str:
+    """Which form of InputMoment is smallest: "tokens" (X, n × d_in), "moment" (XᵀX, d_in²) or,
+    for an input read by one weight alone (d_out given), "shift" (ΔW XᵀX ΔWᵀ, d_out²)."""
+    sizes = {"tokens": n_tokens * d_in, "moment": d_in * d_in}
+    if sole_reader_d_out is not None:
+        sizes["shift"] = sole_reader_d_out**2
+    return min(sizes, key=sizes.get)
 
-    def __init__(self, n_tokens: int, d_in: int, device, sum_dtype: torch.dtype):
-        self.n_tokens, self.d_in, self.filled = n_tokens, d_in, 0
-        if n_tokens < d_in:
+
+class _InputCollector:
+    """Forward pre-hook that gathers one input group's activations over all windows in the form
+    `held_form` picks (InputMoment), kept in float32 at the end. For the shift moment it is
+    given the sole reader's task matrix ΔW and sums ΔOᵀΔO of ΔO = X ΔWᵀ: for Llama-3-8B's
+    down_proj that is 4096² numbers instead of 14336² and fewer multiply-adds than XᵀX and
+    ΔW XᵀX ΔWᵀ together. Sums are taken in `sum_dtype`: float64 for the float64 precision (the
+    cut at rank k is sensitive to XᵀX where eigenvalues cluster near λ_k); float32 otherwise,
+    since a consumer GPU multiplies float64 at 1/64 of its float32 rate (the sums of
+    Llama-3-8B's 14336-wide down_proj input would take seconds per layer and expert). With the
+    rest of the float32 path, this moves the merged updates of tests/test_end_to_end.py's zoo
+    by a median 1.7e-6 relative to float64 (largest 5.2e-5)."""
+
+    def __init__(self, n_tokens: int, d_in: int, device, sum_dtype: torch.dtype, delta: torch.Tensor | None = None):
+        self.n_tokens, self.d_in, self.filled, self.delta = n_tokens, d_in, 0, delta
+        self.form = held_form(n_tokens, d_in, None if delta is None else delta.shape[0])
+        if self.form == "tokens":
             self.tokens = torch.empty(n_tokens, d_in, device=device, dtype=torch.float32)
         else:
-            self.moment = torch.zeros(d_in, d_in, device=device, dtype=sum_dtype)
+            size = d_in if self.form == "moment" else delta.shape[0]
+            self.sum = torch.zeros(size, size, device=device, dtype=sum_dtype)
 
     def __call__(self, _module, args):
         x = args[0].reshape(-1, self.d_in)
-        if hasattr(self, "tokens"):
+        if self.form == "tokens":
             self.tokens[self.filled : self.filled + x.shape[0]] = x
             self.filled += x.shape[0]
+        elif self.form == "moment":
+            add_gram_upper_(self.sum, x.to(self.sum.dtype))
         else:
-            add_gram_upper_(self.moment, x.to(self.moment.dtype))
+            add_gram_upper_(self.sum, x.to(self.sum.dtype) @ self.delta.T)
 
     def result(self) -> InputMoment:
-        if hasattr(self, "tokens"):
+        if self.form == "tokens":
             return InputMoment(self.n_tokens, tokens=self.tokens)
-        return InputMoment(self.n_tokens, moment=fill_lower_from_upper_(self.moment).float())
+        return InputMoment(self.n_tokens, **{self.form: fill_lower_from_upper_(self.sum).float()})
 
 
 @torch.inference_mode()
@@ -124,8 +140,13 @@ def layer_input_moments(
     windows: list[list[int]],
     device: str | torch.device = "cpu",
     sum_dtype: torch.dtype = torch.float64,
+    read_base: Callable[[str], torch.Tensor] | None = None,
 ) -> Iterator[LayerMoments]:
     """Yield each layer's input statistics, in layer order, for this expert's weights.
+
+    With `read_base` (the base model's weights), an input that one weight alone reads
+    (down_proj's) may be held as that weight's shift moment ΔW XᵀX ΔWᵀ, ΔW = this expert's
+    weight − the base's, both as read here, in `sum_dtype` (what the merge computes too).
 
     Memory: one layer's weights, the windows' hidden states (n × hidden, float32) and this
     layer's statistics (in `sum_dtype` while summing); nothing grows with depth. On CPU the
@@ -145,10 +166,16 @@ def layer_input_moments(
             layer = stack.load_layer(index, read_tensor)
             collectors: dict[str, _InputCollector] = {}
             hooks = []
-            for target in layout.layer_targets(index):
+            targets = layout.layer_targets(index)
+            readers = Counter(t.input_group for t in targets)
+            for target in targets:
                 if target.input_group in collectors:
                     continue  # q/k/v and gate/up read the same activation: count it once
-                collector = _InputCollector(n_tokens, target.shape[1], device, sum_dtype)
+                delta = None
+                if read_base is not None and readers[target.input_group] == 1:
+                    if held_form(n_tokens, target.shape[1], target.shape[0]) == "shift":
+                        delta = read_tensor(target.name).to(device, sum_dtype) - read_base(target.name).to(device, sum_dtype)
+                collector = _InputCollector(n_tokens, target.shape[1], device, sum_dtype, delta)
                 collectors[target.input_group] = collector
                 module = stack.model.get_submodule(target.name.removesuffix(".weight"))
                 hooks.append(module.register_forward_pre_hook(collector))
@@ -157,7 +184,7 @@ def layer_input_moments(
                 hook.remove()
             stack.release(index)  # release this layer's weights before loading the next
             moments = {group: c.result() for group, c in collectors.items()}
-            del collectors, collector  # free the sums before the caller runs another expert
+            del collectors, collector, delta  # free the sums before the caller runs another expert
             if index + 1 == layout.num_layers:
                 hidden = None  # the last layer's outputs feed nothing: not held while the caller merges
             elif spill is not None:

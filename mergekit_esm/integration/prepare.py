@@ -117,8 +117,8 @@ class TaskMatrices(Sequence):
 def _merge_layer(inputs: MergeInputs, layer: int, moments: dict[ModelReference, dict], zero: set):
     dtype = inputs.settings.compute_dtype(inputs.device)
     # Wide-output weights (gate/up_proj) need the largest workspace (T·k = d_ff columns to
-    # orthogonalize): merge them last, when the other inputs' statistics (down_proj's d_ff²
-    # among them) have been dropped after their last reader.
+    # orthogonalize): merge them last, when the other inputs' statistics have been dropped
+    # after their last reader.
     targets = sorted(inputs.layout.layer_targets(layer), key=lambda t: t.shape[0] > t.shape[1])
     last_reader = {t.input_group: t.name for t in targets}
     merged = {}
@@ -157,9 +157,10 @@ def merged_updates(inputs: MergeInputs, root: Path) -> CacheEntry:
     if entry.complete:
         return entry
     map_large_allocations()
+    read_base = checked_reader(inputs.base, inputs.device)
     statistics = {
         e: layer_input_moments(
-            checked_reader(e, inputs.device), inputs.layout, w, inputs.device, s.compute_dtype(inputs.device)
+            checked_reader(e, inputs.device), inputs.layout, w, inputs.device, s.compute_dtype(inputs.device), read_base
         )
         for e, w in windows.items()
     }
