@@ -4,14 +4,16 @@
     python -m eval.bench_layer --shape 8b --cuda           # GPU
 
 No checkpoints and no calibration forward: each expert's task matrices are random (full rank,
-like a full fine-tune) and its input statistics are XᵀX of random tokens whose columns decay
+like a full fine-tune) and its input statistics come from random tokens whose columns decay
 over four decades (activations are far from isotropic), n = 16,384 tokens as the default proxy
-gives. The merge itself is the one mergekit-yaml runs (`esm`'s merge_weight at `precision`).
-It prints each weight's wall time, then torch.profiler's table of the costliest calls (device
+gives, held in the form calibration holds them (XᵀX; down_proj's as ΔW XᵀX ΔWᵀ, formed before
+the clock starts). The merge itself is the one mergekit-yaml runs (`esm`'s merge_weight at
+`precision`). It prints each weight's wall time, then torch.profiler's table of the costliest calls (device
 time on a GPU), which is what eval/bench_scale cannot separate from reading and writing.
 """
 
 import argparse
+import collections
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -20,6 +22,7 @@ from transformers import LlamaConfig
 from eval.bench_polar import timed
 from eval.bench_scale import SHAPES, layer_tensors
 from mergekit_esm.algebra.subspace import InputMoment
+from mergekit_esm.calibration.layerwise import held_form
 from mergekit_esm.methods.esm import METHOD, EsmSettings
 
 
@@ -59,19 +62,29 @@ def main():
     name = torch.cuda.get_device_name(0) if args.cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"one `{args.shape}` layer, {args.experts} experts, n = {args.tokens}, {args.precision}, {name}\n")
 
-    def merge(weight: str) -> torch.Tensor:
+    readers = collections.Counter(group for *_, group in weights.values())
+
+    def merge_inputs(weight: str) -> tuple[list[torch.Tensor], list[InputMoment]]:
+        """Task matrices and statistics in the form calibration holds them (held_form): a
+        weight that alone reads its input (down_proj) gets ΔW XᵀX ΔWᵀ, formed in calibration."""
         d_out, d_in, group = weights[weight]
         deltas = [torch.randn(d_out, d_in, generator=g, device=device, dtype=dtype) * 1e-3 for _ in moments]
-        rank = METHOD.default_rank(d_out, d_in, len(deltas))
-        return METHOD.merge_weight(settings, deltas, rank, [m[group] for m in moments])
+        held = [m[group] for m in moments]
+        if readers[group] == 1 and held_form(args.tokens, d_in, d_out) == "shift":
+            held = [InputMoment(args.tokens, shift=i.output_covariance(d.float()).float()) for d, i in zip(deltas, held)]
+        return deltas, held
 
-    merge("k_proj")  # warm-up: library initialisation is not the layer's cost
+    def merge(weight: str, deltas: list[torch.Tensor], held: list[InputMoment]) -> torch.Tensor:
+        rank = METHOD.default_rank(*weights[weight][:2], len(deltas))
+        return METHOD.merge_weight(settings, deltas, rank, held)
+
+    merge("k_proj", *merge_inputs("k_proj"))  # warm-up: library initialisation is not the layer's cost
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.cuda else [])
     total = 0.0
     print("| weight | d_out × d_in | seconds |\n|---|---|---|")
     with profile(activities=activities) as prof:
         for weight, (d_out, d_in, _) in weights.items():
-            _, seconds = timed(merge, weight)
+            _, seconds = timed(merge, weight, *merge_inputs(weight))
             total += seconds
             print(f"| {weight} | {d_out} × {d_in} | {seconds:.2f} |", flush=True)
     print(f"| layer | | {total:.2f} |\n")

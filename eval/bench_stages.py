@@ -103,7 +103,7 @@ def _timed_generator(stage: str, function):
 # (module, attribute, stage): the functions are looked up through these modules at call time
 STAGES = [
     (prepare, "merged_updates", "pre-pass (calibration and merge)"),
-    (prepare, "layer_input_moments", "calibration: forward and XᵀX"),
+    (prepare, "layer_input_moments", "calibration: forward and statistics"),
     (prepare, "_merge_layer", LAYER_STAGE),
     (prepare.TaskMatrices, "__init__", "· read base weight"),
     (prepare.TaskMatrices, "__getitem__", "· read expert weight − base"),

@@ -34,7 +34,7 @@ def test_float32_merge_of_low_rank_layer_inputs_takes_no_svd_route(tmp_path):
     stdout = _run("eval.bench_stages", "--shape", "test", "--layers", "1", "--experts", "2",
                   "--precision", "float32", "--workdir", str(tmp_path))
     table = _table(stdout)
-    assert table["calibration: forward and XᵀX"][1] == "2"  # one layer of each expert
+    assert table["calibration: forward and statistics"][1] == "2"  # one layer of each expert
     assert table["· polar factors"][1] == "14"  # P_cat and A_cat of 7 weights
     assert "· · Newton route (a wide factor counts twice)" in table
     assert "· · SVD route (fallback)" not in table

@@ -1,1 +1,1 @@
-"""Calibration: proxy text → each expert's per-layer input second moments XᵀX, out-of-core."""
+"""Calibration: proxy text → each expert's per-layer input statistics (X, XᵀX or ΔW XᵀX ΔWᵀ), out-of-core."""
