@@ -162,10 +162,9 @@ def write_recipe(path: Path, method: str, base: Path, experts: list[Path], param
     return path
 
 
-def run_merge(method: str, base: Path, experts: list[Path], root: Path, flags: list[str], precision: str,
+def run_merge(method: str, base: Path, experts: list[Path], root: Path, flags: list[str], esm_parameters: dict,
               log: Path | None = None) -> dict:
-    recipe = write_recipe(root / f"{method}.yml", method, base, experts,
-                          {"precision": precision} if method == "esm" else None)
+    recipe = write_recipe(root / f"{method}.yml", method, base, experts, esm_parameters if method == "esm" else None)
     out, cache = root / f"out_{method}", root / f"cache_{method}"
     env = {**os.environ, "MERGEKIT_ESM_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     # stderr (mergekit's log, the progress bars' per-layer times) goes to a file as it comes,
@@ -210,6 +209,7 @@ def main():
     parser.add_argument("--methods", default="ties,esm")
     parser.add_argument("--cuda", action="store_true", help="pass --cuda to mergekit-yaml")
     parser.add_argument("--precision", choices=["auto", "float64", "float32"], default="auto", help="ESM's `precision`")
+    parser.add_argument("--proxy-samples", type=int, default=32, help="ESM's `proxy_samples` (512-token windows per expert)")
     parser.add_argument("--out-shard-size", default="500M",
                         help="mergekit's --out-shard-size for both methods: a shard is buffered in RAM until written")
     parser.add_argument("--workdir", type=Path, default=None, help="where checkpoints go (default: a temp dir)")
@@ -242,12 +242,14 @@ def main():
             for method in args.methods.split(","):
                 drop_page_cache()
                 rows.append({"layers": layers, "params_b": round(params / 1e9, 2),
-                             **run_merge(method, models[0], models[1:], root, flags, args.precision,
-                                       args.logs / f"{method}_{layers}.log" if args.logs else None)})
+                             **run_merge(method, models[0], models[1:], root, flags,
+                                         {"precision": args.precision, "proxy_samples": args.proxy_samples},
+                                         args.logs / f"{method}_{layers}.log" if args.logs else None)})
                 print(json.dumps(rows[-1]), flush=True)
 
     header = (f"Shape `{args.shape}` ({', '.join(f'{k}={v}' for k, v in shape.items() if k != 'num_hidden_layers')}), "
-              f"{args.experts} experts, bf16; flags {' '.join(flags)}; ESM precision {args.precision}; page cache "
+              f"{args.experts} experts, bf16; flags {' '.join(flags)}; ESM precision {args.precision}, "
+              f"{args.proxy_samples} × 512 proxy tokens; page cache "
               f"{'dropped before each run' if cold else 'not dropped (not root)'}; {machine()}.\n\n")
     table = (
         "| layers | params | run | wall s | peak RSS MiB | peak anonymous RSS MiB | peak GPU MiB |\n"
