@@ -70,8 +70,8 @@ def main():
         d_out, d_in, group = weights[weight]
         deltas = [torch.randn(d_out, d_in, generator=g, device=device, dtype=dtype) * 1e-3 for _ in moments]
         held = [m[group] for m in moments]
-        if readers[group] == 1 and held_form(args.tokens, d_in, d_out) == "shift":
-            held = [InputMoment(args.tokens, shift=i.output_covariance(d.float()).float()) for d, i in zip(deltas, held)]
+        if readers[group] == 1 and held_form(args.tokens, d_in, d_out, dtype.itemsize) == "shift":
+            held = [InputMoment(args.tokens, shift=i.output_covariance(d)) for d, i in zip(deltas, held)]
         return deltas, held
 
     def merge(weight: str, deltas: list[torch.Tensor], held: list[InputMoment]) -> torch.Tensor:

@@ -115,7 +115,8 @@ def test_layerwise_moments_equal_full_model_forward(tmp_path, monkeypatch, windo
             shift = delta @ expected[t.name] @ delta.T
             assert torch.allclose(inputs.output_covariance(delta), shift, rtol=1e-4, atol=1e-6), t.name
             if with_base and t.module_type == "down_proj":
-                assert inputs.shift is not None and inputs.shift.shape == (32, 32)
+                # kept in the sums' dtype: rounded to float32 it would blur S's small eigenvalues
+                assert inputs.shift is not None and inputs.shift.shape == (32, 32) and inputs.shift.dtype == sum_dtype
                 with pytest.raises(ValueError, match="no factor"):
                     inputs.factor(torch.float64)
                 continue
@@ -131,6 +132,8 @@ def test_held_form_is_the_smallest():
     assert held_form(100, 64) == "moment" and held_form(48, 64) == "tokens"
     assert held_form(100, 64, 32) == "shift" and held_form(16, 64, 32) == "tokens"
     assert held_form(100, 32, 64) == "moment"  # a wide output: XᵀX is smaller
+    # by bytes: X and XᵀX in float32, the shift moment in the sums' dtype
+    assert held_form(100, 64, 40, shift_bytes=8) == "shift" and held_form(100, 64, 48, shift_bytes=8) == "moment"
 
 
 def test_architecture_without_target_linears_is_refused():

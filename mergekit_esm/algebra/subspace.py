@@ -34,8 +34,9 @@ class InputMoment:
     ΔOᵀΔO = ΔW XᵀX ΔWᵀ (d_out × d_out; down_proj, whose d_out is a quarter to a third of its
     d_in). ESD needs nothing more of an input than ΔW XᵀX ΔWᵀ, which the last form already is.
 
-    Stored in float32 (half the memory while T experts' statistics wait for the merge of
-    their layer); the solvers work in the task matrix's dtype.
+    X and XᵀX are stored in float32 (half the memory while T experts' statistics wait for the
+    merge of their layer), the shift moment in the precision it was summed in (see
+    calibration.layerwise); the solvers work in the task matrix's dtype.
     """
 
     n_tokens: int

@@ -87,21 +87,26 @@ class LayerStack:
         return torch.cat(losses)
 
 
-def held_form(n_tokens: int, d_in: int, sole_reader_d_out: int | None = None) -> str:
-    """Which form of InputMoment is smallest: "tokens" (X, n × d_in), "moment" (XᵀX, d_in²) or,
-    for an input read by one weight alone (d_out given), "shift" (ΔW XᵀX ΔWᵀ, d_out²)."""
-    sizes = {"tokens": n_tokens * d_in, "moment": d_in * d_in}
+def held_form(n_tokens: int, d_in: int, sole_reader_d_out: int | None = None, shift_bytes: int = 4) -> str:
+    """Which form of InputMoment takes the fewest bytes: "tokens" (X, n × d_in) or "moment"
+    (XᵀX, d_in²), both float32, or, for an input read by one weight alone (d_out given),
+    "shift" (ΔW XᵀX ΔWᵀ, d_out², `shift_bytes` per number: it is held in the sums' dtype)."""
+    sizes = {"tokens": 4 * n_tokens * d_in, "moment": 4 * d_in * d_in}
     if sole_reader_d_out is not None:
-        sizes["shift"] = sole_reader_d_out**2
+        sizes["shift"] = shift_bytes * sole_reader_d_out**2
     return min(sizes, key=sizes.get)
 
 
 class _InputCollector:
     """Forward pre-hook that gathers one input group's activations over all windows in the form
-    `held_form` picks (InputMoment), kept in float32 at the end. For the shift moment it is
-    given the sole reader's task matrix ΔW and sums ΔOᵀΔO of ΔO = X ΔWᵀ: for Llama-3-8B's
-    down_proj that is 4096² numbers instead of 14336² and fewer multiply-adds than XᵀX and
-    ΔW XᵀX ΔWᵀ together. Sums are taken in `sum_dtype`: float64 for the float64 precision (the
+    `held_form` picks (InputMoment). For the shift moment it is given the sole reader's task
+    matrix ΔW and sums ΔOᵀΔO of ΔO = X ΔWᵀ: for Llama-3-8B's down_proj that is 4096² numbers
+    instead of 14336² and fewer multiply-adds than XᵀX and ΔW XᵀX ΔWᵀ together. X and XᵀX are
+    kept in float32 at the end, the shift moment in the sums' dtype: rounded to float32 it
+    would carry errors of eps·λ₁ in every direction, where XᵀX's rounding reaches S scaled by
+    ΔW, and fine-tuned ΔWs span decades (on the zoo, a float64 merge's down_proj then moved by
+    up to 6.7e-3 relative, against 5e-7 with XᵀX in float32; eval/results/stages_1b_cpu.md).
+    Sums are taken in `sum_dtype`: float64 for the float64 precision (the
     cut at rank k is sensitive to XᵀX where eigenvalues cluster near λ_k); float32 otherwise,
     since a consumer GPU multiplies float64 at 1/64 of its float32 rate (the sums of
     Llama-3-8B's 14336-wide down_proj input would take seconds per layer and expert). With the
@@ -110,7 +115,7 @@ class _InputCollector:
 
     def __init__(self, n_tokens: int, d_in: int, device, sum_dtype: torch.dtype, delta: torch.Tensor | None = None):
         self.n_tokens, self.d_in, self.filled, self.delta = n_tokens, d_in, 0, delta
-        self.form = held_form(n_tokens, d_in, None if delta is None else delta.shape[0])
+        self.form = held_form(n_tokens, d_in, None if delta is None else delta.shape[0], sum_dtype.itemsize)
         if self.form == "tokens":
             self.tokens = torch.empty(n_tokens, d_in, device=device, dtype=torch.float32)
         else:
@@ -130,7 +135,9 @@ class _InputCollector:
     def result(self) -> InputMoment:
         if self.form == "tokens":
             return InputMoment(self.n_tokens, tokens=self.tokens)
-        return InputMoment(self.n_tokens, **{self.form: fill_lower_from_upper_(self.sum).float()})
+        if self.form == "moment":
+            return InputMoment(self.n_tokens, moment=fill_lower_from_upper_(self.sum).float())
+        return InputMoment(self.n_tokens, shift=fill_lower_from_upper_(self.sum))
 
 
 @torch.inference_mode()
@@ -173,7 +180,7 @@ def layer_input_moments(
                     continue  # q/k/v and gate/up read the same activation: count it once
                 delta = None
                 if read_base is not None and readers[target.input_group] == 1:
-                    if held_form(n_tokens, target.shape[1], target.shape[0]) == "shift":
+                    if held_form(n_tokens, target.shape[1], target.shape[0], sum_dtype.itemsize) == "shift":
                         delta = read_tensor(target.name).to(device, sum_dtype) - read_base(target.name).to(device, sum_dtype)
                 collector = _InputCollector(n_tokens, target.shape[1], device, sum_dtype, delta)
                 collectors[target.input_group] = collector
