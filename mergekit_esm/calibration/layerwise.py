@@ -115,7 +115,8 @@ class _InputCollector:
 
     def __init__(self, n_tokens: int, d_in: int, device, sum_dtype: torch.dtype, delta: torch.Tensor | None = None):
         self.n_tokens, self.d_in, self.filled, self.delta = n_tokens, d_in, 0, delta
-        self.form = held_form(n_tokens, d_in, None if delta is None else delta.shape[0], sum_dtype.itemsize)
+        # the caller passes ΔW only where held_form chose the shift moment
+        self.form = "shift" if delta is not None else held_form(n_tokens, d_in)
         if self.form == "tokens":
             self.tokens = torch.empty(n_tokens, d_in, device=device, dtype=torch.float32)
         else:
