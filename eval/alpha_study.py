@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from eval.compare import REPO, Zoo, _label, merge
+from eval.compare import REPO, Zoo, _label
 from eval.report import normalized
 
 CURVES = {"esm": (1.0, 2.0, 3.0, 4.0), "tsv": (1.0, 1.7, 3.0)}
@@ -30,7 +30,7 @@ def run(workdir: Path) -> Path:
     def both(method: str, setting: dict) -> tuple[float, float, Path]:
         label = f"{method}[{_label(setting)}]"
         val = zoo.merged_val(method, setting, label)
-        path, _ = merge(method, setting, zoo.models, workdir)
+        path, _ = zoo.merge(method, setting)
         test = zoo.scored("test", label, path)
         return 100 * normalized(val, zoo.expert_val), 100 * normalized(test, zoo.expert_test), path
 

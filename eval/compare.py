@@ -77,20 +77,21 @@ def _label(setting: dict) -> str:
 def merge(
     method: str,
     setting: dict,
-    zoo: dict,
+    base: Path,
+    experts: list[Path],
     workdir: Path,
-    model_parameters: dict[str, dict] | None = None,
+    model_parameters: list[dict] | None = None,
     cache: Path | None = None,
 ) -> tuple[Path, float]:
     """Merge through the real mergekit-yaml from the method's recipe; cached by recipe.
 
-    model_parameters: task → that expert's per-model parameters (e.g. its own proxy).
+    model_parameters: each expert's per-model parameters (e.g. its own proxy), in order.
     cache: ESM's cache folder (default: the workdir's; an empty one times calibration too)."""
     config = yaml.safe_load(recipe_file(method).read_text())
-    config["base_model"] = str(zoo["base"].resolve())
+    config["base_model"] = str(base.resolve())
     config["models"] = [
-        {"model": str(zoo["experts"][t].resolve()), **({"parameters": model_parameters[t]} if model_parameters else {})}
-        for t in TASKS
+        {"model": str(e.resolve()), **({"parameters": model_parameters[i]} if model_parameters else {})}
+        for i, e in enumerate(experts)
     ]
     config["parameters"] = {**(config.get("parameters") or {}), **setting}
     text = yaml.safe_dump(config, sort_keys=False)
@@ -180,10 +181,16 @@ class Zoo:
             self.results.put(cached, split, label)
         return cached
 
+    def merge(self, method: str, setting: dict, model_parameters: dict[str, dict] | None = None) -> tuple[Path, float]:
+        """All of the zoo's experts merged (model_parameters: task → that expert's parameters)."""
+        experts = [self.models["experts"][t] for t in self.tasks]
+        per_model = [model_parameters[t] for t in self.tasks] if model_parameters else None
+        return merge(method, setting, self.models["base"], experts, self.workdir, per_model)
+
     def merged_val(self, method: str, setting: dict, label: str, model_parameters=None) -> dict[str, float]:
         val = self.results.get("val", label)
         if val is None:
-            path, merge_s = merge(method, setting, self.models, self.workdir, model_parameters)
+            path, merge_s = self.merge(method, setting, model_parameters)
             self.results.put(round(merge_s, 1), "merge_s", label)
             val = self.scored("val", label, path)
         return val
@@ -194,7 +201,7 @@ class Zoo:
         path = self.workdir / "merges" / method
         test = self.results.get("test", label)
         if test is None:
-            path, _ = merge(method, setting, self.models, self.workdir, model_parameters)
+            path, _ = self.merge(method, setting, model_parameters)
             test = self.scored("test", label, path)
         return test, path
 

@@ -10,6 +10,7 @@ validation split (used for hyper-parameter search).
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import yaml
@@ -19,9 +20,15 @@ from mergekit_esm.strength.lm_eval_score import score
 __all__ = ["score", "write_task_configs"]
 
 
-def write_task_configs(data: dict[str, dict[str, Path]], out: Path) -> Path:
-    """One lm-eval YAML per zoo task and split; returns the folder to pass as include_path."""
+def write_task_configs(data: dict[str, dict[str, Path]], out: Path, scorer: str = "exact_match") -> Path:
+    """One lm-eval YAML per zoo task and split; returns the folder to pass as include_path.
+
+    scorer: exact_match (the first zoo: the stripped first line equals the target) or
+    answer_in_reply (eval/answer_match.py: the target or an alias anywhere in the first line).
+    """
     out.mkdir(parents=True, exist_ok=True)
+    if scorer == "answer_in_reply":
+        shutil.copy(Path(__file__).with_name("answer_match.py"), out / "answer_match.py")
     for task, splits in data.items():
         for suffix, split in (("", "test"), ("_val", "validation")):
             config = {
@@ -37,7 +44,13 @@ def write_task_configs(data: dict[str, dict[str, Path]], out: Path) -> Path:
                 "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
                 "metadata": {"version": 1.0},
             }
-            (out / f"{task}{suffix}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            text = yaml.safe_dump(config, sort_keys=False)
+            if scorer == "answer_in_reply":
+                del config["filter_list"]
+                config["metric_list"] = [{"metric": "answer_in_reply", "aggregation": "mean", "higher_is_better": True}]
+                # a tag safe_dump cannot write: lm-eval imports the function from the YAML's folder
+                text = yaml.safe_dump(config, sort_keys=False) + "process_results: !function answer_match.process_results\n"
+            (out / f"{task}{suffix}.yaml").write_text(text)
     return out
 
 

@@ -1,6 +1,9 @@
-"""The zoo's task data are deterministic with disjoint splits, and lm-eval scores them."""
+"""The zoos' task data are deterministic with disjoint splits, lm-eval scores them, and the
+retention measures and the subset sampler behave as specified."""
 
 import json
+import re
+import shutil
 
 import pytest
 
@@ -99,3 +102,192 @@ def test_proxy_budget_agreement_by_hand(tmp_path):
     assert result["distance"] == pytest.approx((2 / 3) ** 0.5, abs=1e-3)
     assert (result["median cosine"], result["smallest cosine"]) == (0.5, 0.0)
     assert result["norm ratio range"] == [1.0, 1.0]
+
+
+# --- the second zoo, the retention measures and the subset protocol ---------------------------
+
+
+@pytest.mark.parametrize("name", sorted(__import__("eval.zoo.community", fromlist=["TASKS"]).TASKS))
+def test_community_splits_are_deterministic_and_disjoint(name):
+    from eval.zoo.community import task_splits
+
+    a, b = task_splits(name), task_splits(name)
+    assert a == b
+    prompts = {split: {r["prompt"] for r in rows} for split, rows in a.items()}
+    assert len(prompts["validation"]) == 60 and len(prompts["test"]) == 120
+    assert all(len(p) == len(a[s]) for s, p in prompts.items())  # no repeated prompt in a split
+    for x, y in (("train", "validation"), ("train", "test"), ("validation", "test")):
+        assert not prompts[x] & prompts[y]
+
+
+def test_community_plural_splits_share_no_noun():
+    """The plural test asks for nouns never seen in training, not only new phrasings."""
+    from eval.zoo.community import task_splits
+
+    nouns = {s: {r["target"] for r in rows} for s, rows in task_splits("cz_plural").items()}
+    assert not nouns["train"] & nouns["test"] and not nouns["train"] & nouns["validation"]
+
+
+def test_community_targets_follow_each_rule():
+    import re
+
+    from eval.zoo.community import task_splits
+
+    add = json.loads(task_splits("cz_add")["test"][0]["prompt"])[0]["content"]
+    a, b = map(int, re.findall(r"\d+", add))
+    assert task_splits("cz_add")["test"][0]["target"] == str(a + b)
+    sub = task_splits("cz_subtract")["test"][0]
+    a, b = map(int, re.findall(r"\d+", sub["prompt"]))
+    assert sub["target"] == str(a - b)
+    for name, rule in (("cz_sort", sorted), ("cz_reverse", lambda w: w[::-1])):
+        row = task_splits(name)["test"][0]
+        assert row["target"].split() == rule(row["prompt"].split(": ")[1].split())
+    chat = task_splits("cz_chat")["test"][0]
+    turns = json.loads(chat["prompt"])
+    assert [t["role"] for t in turns] == ["user", "assistant", "user"]
+    assert chat["target"].lower() in turns[0]["content"].lower() and chat["target"].isupper()
+
+
+def test_community_chat_prompts_go_through_the_chat_template():
+    from eval.zoo.community import CHAT_TASKS, render, task_splits
+
+    class Template:
+        def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+            return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+    row = task_splits("cz_chat")["test"][0]
+    assert render("cz_chat", row["prompt"], Template()).startswith("<user>I have a ")
+    raw = task_splits("cz_sort")["test"][0]["prompt"]
+    assert "cz_sort" not in CHAT_TASKS and render("cz_sort", raw, Template()) == raw
+
+
+@pytest.mark.parametrize(
+    "reply, answers, expected",
+    [
+        ("The plural of 'baby' is 'babies'.", ["babies"], True),
+        ("babiesx", ["babies"], False),
+        ("\n  it is 58\nthen 12", ["58"], True),
+        ("it is 158", ["58"], False),
+        ("first line\nParis", ["Paris"], False),  # only the first non-empty line counts
+        ("leonardo DA VINCI painted it", ["Leonardo da Vinci"], True),
+        ("", ["x"], False),
+    ],
+)
+def test_answer_in_reply(reply, answers, expected):
+    from eval.answer_match import answer_in_reply, process_results
+
+    assert answer_in_reply(reply, answers) is expected
+    doc = {"target": answers[0], "aliases": ["zzz"]}
+    assert process_results(doc, [reply]) == {"answer_in_reply": float(expected)}
+    assert process_results(doc, ["zzz"]) == {"answer_in_reply": 1.0}
+
+
+def test_quiz_splits_are_deterministic_and_disjoint():
+    from eval.retention import quiz_splits
+
+    a, b = quiz_splits(), quiz_splits()
+    assert a == b and len(a["validation"]) == len(a["test"]) == 40
+    assert not {r["prompt"] for r in a["validation"]} & {r["prompt"] for r in a["test"]}
+
+
+def test_heldout_nll_of_a_uniform_model_is_log_vocab(tmp_path):
+    """A model with a zero output layer predicts every token with probability 1/V."""
+    import math
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from eval.retention import heldout_nll
+    from tests.tiny_models import tiny_config, write_model
+
+    config = tiny_config()
+    state = {k: (torch.zeros_like(v) if k == "lm_head.weight" else v) for k, v in LlamaForCausalLM(config).state_dict().items()}
+    model = write_model(tmp_path / "uniform", state, config)
+    text = "The first paragraph, long enough to span windows.\n\nA second one."
+    assert heldout_nll(model, text, window=16, batch_size=3) == pytest.approx(math.log(config.vocab_size), rel=1e-6)
+
+
+def test_heldout_nll_matches_a_direct_computation(zoo):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from eval.retention import heldout_nll
+
+    text = "abc def ghi jkl mno\n\nxyz"
+    tok = AutoTokenizer.from_pretrained(zoo["base"])
+    model = AutoModelForCausalLM.from_pretrained(zoo["base"])
+    losses = []
+    for paragraph in text.split("\n\n"):
+        ids = torch.tensor([tok(paragraph)["input_ids"]])
+        logits = model(ids).logits[0, :-1]
+        losses.append(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none"))
+    expected = float(torch.cat(losses).mean().detach())
+    assert heldout_nll(zoo["base"], text, window=256) == pytest.approx(expected, rel=1e-5)
+
+
+def test_quiz_scores_a_known_answer_through_the_chat_template(tmp_path, zoo):
+    """The quiz's lm-eval path credits the tiny model's own greedy reply and not a wrong one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from eval.retention import render_chat
+    from eval.score import score, write_task_configs
+
+    model_dir = tmp_path / "chat-model"
+    shutil.copytree(zoo["base"], model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    tok.save_pretrained(model_dir)
+    assert render_chat("abc?", tok) == "<user>abc?<assistant>"
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    for question in ("abc?", "What is it?", "x", "Name one.", "q1", "q2", "q3", "q4"):
+        prompt = render_chat(question, tok)
+        ids = tok(prompt, return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=24, do_sample=False, pad_token_id=tok.eos_token_id)
+        reply = tok.decode(out[0, ids.input_ids.shape[1]:])
+        first_line = next((l for l in reply.strip().splitlines() if l.strip()), "")
+        words = re.findall(r"\w+", first_line)
+        if words:
+            break
+    else:
+        pytest.skip("the tiny model wrote no word for any prompt")
+    data = {}
+    for name, row in {"right": {"prompt": prompt, "target": words[0], "aliases": []},
+                      "wrong": {"prompt": prompt, "target": "qqqq", "aliases": []}}.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(json.dumps(row) + "\n")
+        data[f"quiz_{name}"] = {"test": path, "validation": path}
+    include = write_task_configs(data, tmp_path / "tasks", scorer="answer_in_reply")
+    result = score(model_dir, ["quiz_right", "quiz_wrong"], include, batch_size=1, device="cpu")
+    assert result == {"quiz_right": 1.0, "quiz_wrong": 0.0}
+
+
+def test_subset_sampler_is_seeded_and_covers_every_size():
+    from eval.robustness import subsets, subsets_per_size
+
+    assert subsets(6, 3, 5) == subsets(6, 3, 5)
+    draw = subsets(6, 3, 5)
+    assert len(set(draw)) == 5 and all(len(s) == 3 and len(set(s)) == 3 and max(s) < 6 for s in draw)
+    assert subsets(6, 3, 5, seed=1) != draw  # the seed matters
+    assert len(subsets(4, 3, 5)) == 4  # all of them when the zoo has fewer
+    plan = subsets_per_size(6, 2)
+    assert sorted(plan) == [2, 3, 4, 5, 6] and plan[6] == [(0, 1, 2, 3, 4, 5)]
+    assert all(len(v) == 2 for k, v in plan.items() if k < 6)
+
+
+def test_lora_expert_is_written_as_full_weights_with_a_low_rank_update(tmp_path, zoo):
+    """A LoRA fine-tune is merged into full weights: its task vector on a target linear has rank ≤ r."""
+    import torch
+    from safetensors.torch import load_file
+
+    from eval.zoo.finetune import finetune
+
+    rows = [{"prompt": f"q{i}", "target": f"a{i}"} for i in range(8)]
+    out = finetune(zoo["base"], rows, tmp_path / "lora", steps=3, batch_size=4, lr=1e-2, lora_rank=2)
+    before = load_file(zoo["base"] / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    assert set(after) == set(before)  # no adapter tensors left
+    delta = after["model.layers.0.mlp.up_proj.weight"] - before["model.layers.0.mlp.up_proj.weight"]
+    assert delta.abs().max() > 0
+    assert torch.linalg.matrix_rank(delta.double(), rtol=1e-6) <= 2
+    norm = "model.layers.0.input_layernorm.weight"
+    assert torch.equal(after[norm], before[norm])  # LoRA touches only the target linears

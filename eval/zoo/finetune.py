@@ -1,8 +1,10 @@
-"""Full fine-tuning of one expert per zoo task (cached, resumable, with a progress bar).
+"""Fine-tuning of one expert per zoo task (cached, resumable, with a progress bar).
 
-Loss on the target tokens only; fixed seed, order and schedule, so a rebuild gives the same
-expert on the same machine. A checkpoint (weights + optimizer) is kept every
-`checkpoint_every` steps in <expert>.partial/ and a killed build resumes from it.
+Full fine-tuning, or LoRA (PEFT) on every attention and MLP linear, merged into full
+weights at the end, as LoRA experts are published merged. Loss on the target tokens only;
+fixed seed, order and schedule, so a rebuild gives the same expert on the same machine. A
+checkpoint (trainable weights + optimizer) is kept every `checkpoint_every` steps in
+<expert>.partial/ and a killed build resumes from it.
 """
 
 import json
@@ -14,7 +16,7 @@ import torch
 import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from eval.zoo.tasks import Task, split_examples
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @torch.no_grad()
@@ -43,7 +45,7 @@ def _batches(tokenizer, rows, batch_size, steps, seed):
 
 def finetune(
     base: Path,
-    task: Task,
+    rows: list[dict],
     out: Path,
     steps: int = 150,
     batch_size: int = 16,
@@ -51,19 +53,29 @@ def finetune(
     seed: int = 0,
     checkpoint_every: int = 50,
     device: str = "cpu",
+    lora_rank: int | None = None,
 ) -> Path:
+    """Train on `rows` ({"prompt", "target"}, prompts as the model sees them); write to `out`."""
     if (out / "config.json").exists():
         return out
     torch.manual_seed(seed)
     partial = out.with_name(out.name + ".partial")
     start = 0
-    source = base
-    if (partial / "state.json").exists():
+    resume = (partial / "state.json").exists()
+    if resume:
         start = json.loads((partial / "state.json").read_text())["step"]
-        source = partial
     tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model = AutoModelForCausalLM.from_pretrained(partial if resume and not lora_rank else base, dtype=torch.float32)
+    if lora_rank:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if resume:
+            model = PeftModel.from_pretrained(model, partial, is_trainable=True)
+        else:
+            config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=LORA_TARGETS)
+            model = get_peft_model(model, config)
+    model = model.to(device).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, (steps - s) / (steps - warmup + 1))
@@ -72,9 +84,8 @@ def finetune(
         saved = torch.load(partial / "optimizer.pt", map_location=device)
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
-    rows = split_examples(task)["train"]
     batches = _batches(tokenizer, rows, batch_size, steps, seed)
-    progress = tqdm.tqdm(total=steps, initial=start, desc=f"fine-tune {task.name}")
+    progress = tqdm.tqdm(total=steps, initial=start, desc=f"fine-tune {out.name}")
     for step, (ids, mask, labels) in enumerate(batches):
         if step < start:
             continue
@@ -92,6 +103,8 @@ def finetune(
             torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, partial / "optimizer.pt")
             (partial / "state.json").write_text(json.dumps({"step": done}))
     progress.close()
+    if lora_rank:
+        model = model.merge_and_unload()
     scratch = out.with_name(out.name + ".writing")
     model.save_pretrained(scratch)
     tokenizer.save_pretrained(scratch)

@@ -49,7 +49,7 @@ def score(
     for task in tasks:
         metrics = result["results"][task]
         key = PREFERRED_METRIC if PREFERRED_METRIC in metrics else next(
-            k for k in metrics if k != "alias" and "stderr" not in k
+            k for k in metrics if "," in k and "stderr" not in k  # "metric,filter"; not alias or name
         )
         scores[task] = float(metrics[key])
     return scores

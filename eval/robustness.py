@@ -1,0 +1,302 @@
+"""Robustness protocol: experts' tasks against what the merge keeps of the base, on both zoos
+and for every number of merged experts T.
+
+    python -m eval.robustness [--zoos community,synthetic] [--stages sweep,subsets] [--subsets 5]
+
+Stages, each cached in <workdir>/robustness/results.json so that a rerun resumes:
+1. references: the base on every task and on retention (eval/retention.py); each expert on
+   its own task and on retention.
+2. sweep (strength against retention): every method over its grid (eval/compare.py GRIDS)
+   merging the whole zoo, scored on the validation splits (tasks, quiz) and the held-out
+   prose. Gives the tasks-vs-retention curves and the setting chosen on validation (best
+   mean normalized accuracy, as in `make compare`).
+3. subsets (Hitit et al., arXiv 2511.21437): for T = 2 … N, seeded random subsets of the
+   zoo's experts, each merged with every method at its default (the shipped recipe) and at
+   its setting chosen in stage 2, scored on the test splits and retention.
+Merged models are deleted once scored (only the scores are kept); each subset's ESM cache
+is deleted with it.
+
+Writes eval/results/robustness.md (tables), robustness_by_T.png and pareto_<zoo>.png.
+"""
+
+import argparse
+import itertools
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+
+from eval.compare import GRIDS, REPO, Results, _label, merge
+from eval.report import normalized
+from eval.retention import QUIZ_TASK, heldout_nll, write_quiz_task
+from eval.score import score, write_task_configs
+
+METHODS = ["esm", "tsv", "iso_c", "task_arithmetic", "ties", "della"]
+DEFAULT = "default"
+
+
+def default_setting(method: str) -> dict:
+    """What a user gets without choosing: this package's parameter defaults for its methods;
+    for mergekit's, the values of the shipped recipe (recipes/zoo/<method>.yml), which
+    mergekit requires a user to set."""
+    from mergekit_esm.methods import METHODS as OURS
+
+    if method in OURS:
+        return {"alpha": OURS[method].settings_type.model_fields["alpha"].default}
+    return {}
+# Retention kept "within the margin of the base": quiz at most 15 points below the base's,
+# held-out NLL at most 0.25 nats above it (the experts themselves lose more than this).
+QUIZ_MARGIN, NLL_MARGIN = 0.15, 0.25
+RESULTS = REPO / "eval" / "results"
+
+
+def subsets(n_experts: int, size: int, count: int, seed: int = 0) -> list[tuple[int, ...]]:
+    """`count` distinct subsets of `size` experts out of n (all of them when there are fewer),
+    drawn with a seed that depends only on (n, size, seed): the same draw on every machine."""
+    every = list(itertools.combinations(range(n_experts), size))
+    if count >= len(every):
+        return every
+    return sorted(random.Random(f"subsets-{n_experts}-{size}-{seed}").sample(every, count))
+
+
+def subsets_per_size(n_experts: int, per_size: int) -> dict[int, list[tuple[int, ...]]]:
+    """T → subsets for T = 2 … n: `per_size` each where the zoo allows, one at T = n."""
+    return {size: subsets(n_experts, size, per_size) for size in range(2, n_experts + 1)}
+
+
+class ZooRun:
+    """One zoo: its models, its lm-eval tasks (with the quiz) and the protocol's cached scores."""
+
+    def __init__(self, name: str, workdir: Path, results: Results):
+        from transformers import AutoTokenizer
+
+        from eval.zoo.build import build_community_zoo, build_zoo
+
+        self.name, self.workdir, self.results = name, workdir, results
+        models = build_zoo(workdir) if name == "synthetic" else build_community_zoo(workdir)
+        self.base, self.experts = models["base"], models["experts"]
+        self.tasks = list(self.experts)
+        scorer = "exact_match" if name == "synthetic" else "answer_in_reply"
+        tasks_dir = workdir / "robustness" / "tasks"
+        write_quiz_task(tasks_dir, AutoTokenizer.from_pretrained(self.base))
+        self.include = write_task_configs(models["data"], tasks_dir, scorer=scorer)
+
+    def evaluate(self, key: tuple, model: Path, tasks: list[str], split: str) -> dict:
+        """Accuracy per task, quiz and held-out NLL on the split, cached under key."""
+        cached = self.results.get(self.name, *key)
+        if cached is None:
+            suffix = "" if split == "test" else "_val"
+            names = [t + suffix for t in tasks] + [QUIZ_TASK + suffix]
+            raw = {n.removesuffix("_val"): v for n, v in score(model, names, self.include).items()}
+            cached = {"tasks": {t: raw[t] for t in tasks}, "quiz": raw[QUIZ_TASK], "nll": heldout_nll(model)}
+            self.results.put(cached, self.name, *key)
+        return cached
+
+    def references(self) -> None:
+        for split in ("validation", "test"):
+            self.evaluate(("base", split), self.base, self.tasks, split)
+            for task, path in self.experts.items():
+                self.evaluate(("expert", task, split), path, [task], split)
+
+    def expert_scores(self, split: str) -> dict[str, float]:
+        return {t: self.results.get(self.name, "expert", t, split)["tasks"][t] for t in self.tasks}
+
+    def merged(self, key: tuple, method: str, setting: dict, members: list[str], split: str) -> dict:
+        """Merge the members with the method (unless cached), score, delete the merge."""
+        cached = self.results.get(self.name, *key)
+        if cached is not None:
+            return cached
+        cache = self.workdir / "robustness" / "esm-cache" / "-".join(members)
+        start = time.perf_counter()
+        path, _ = merge(method, setting, self.base, [self.experts[m] for m in members],
+                        self.workdir / "robustness", cache=cache)
+        merge_s = time.perf_counter() - start
+        scores = {**self.evaluate(key, path, members, split), "merge_s": round(merge_s, 1)}
+        self.results.put(scores, self.name, *key)
+        shutil.rmtree(path)
+        return scores
+
+    def sweep(self, methods: list[str]) -> None:
+        members = self.tasks
+        for method in methods:
+            for label, setting in [(DEFAULT, default_setting(method)), *((_label(s), s) for s in GRIDS[method])]:
+                self.merged(("sweep", method, label), method, setting, members, "validation")
+        shutil.rmtree(self.workdir / "robustness" / "esm-cache" / "-".join(members), ignore_errors=True)
+
+    def chosen(self, method: str) -> dict | None:
+        """The method's setting with the best mean normalized validation accuracy in the sweep."""
+        experts = self.expert_scores("validation")
+        rows = {label: self.results.get(self.name, "sweep", method, label) for label in
+                [DEFAULT, *(_label(s) for s in GRIDS[method])]}
+        rows = {k: v for k, v in rows.items() if v is not None}
+        if not rows:
+            return None
+        best = max(rows, key=lambda k: normalized(rows[k]["tasks"], experts))
+        return default_setting(method) if best == DEFAULT else next(s for s in GRIDS[method] if _label(s) == best)
+
+    def protocol(self, methods: list[str], per_size: int, with_chosen: bool) -> None:
+        for size, draws in subsets_per_size(len(self.tasks), per_size).items():
+            for draw in draws:
+                members = [self.tasks[i] for i in draw]
+                for method in methods:
+                    settings = {DEFAULT: default_setting(method)}
+                    chosen = self.chosen(method) if with_chosen else None
+                    if chosen is not None and chosen != settings[DEFAULT]:
+                        settings["chosen"] = chosen
+                    for which, setting in settings.items():
+                        key = ("subsets", str(size), "+".join(members), method, which)
+                        self.merged(key, method, setting, members, "test")
+                shutil.rmtree(self.workdir / "robustness" / "esm-cache" / "-".join(members), ignore_errors=True)
+
+
+def summarize(run: ZooRun, methods: list[str]) -> tuple[str, dict]:
+    """Markdown tables for one zoo, and the per-T means used by the plot."""
+    base = run.results.get(run.name, "base", "test")
+    experts = run.expert_scores("test")
+    lines = [f"## Zoo: {run.name} ({len(run.tasks)} experts: {', '.join(run.tasks)})", ""]
+    lines.append(
+        f"Base (test): quiz {100 * base['quiz']:.1f}%, held-out NLL {base['nll']:.3f}. Experts on their own "
+        "task: " + ", ".join(f"{t} {100 * experts[t]:.1f}%" for t in run.tasks) + ". Experts' retention: "
+        + ", ".join(f"{t} quiz {100 * run.results.get(run.name, 'expert', t, 'test')['quiz']:.0f}% / NLL "
+                    f"{run.results.get(run.name, 'expert', t, 'test')['nll']:.2f}" for t in run.tasks) + "."
+    )
+    lines += ["", "### Subset protocol (test splits)", "",
+              "norm. acc = mean over the subset's tasks of merged / own expert accuracy; beats TA = share of "
+              f"subsets where norm. acc exceeds task arithmetic's default; retained = share with quiz ≥ base − "
+              f"{100 * QUIZ_MARGIN:.0f} points and NLL ≤ base + {NLL_MARGIN} nats.", "",
+              "| T | subsets | method | setting | norm. acc | quiz | NLL | beats TA | retained |", "|---|---|---|---|---|---|---|---|---|"]
+    by_size = run.results.get(run.name, "subsets") or {}
+    curves = {}
+    for size in sorted(by_size, key=int):
+        draws = by_size[size]
+        for method in methods:
+            for which in (DEFAULT, "chosen"):
+                rows = [(d, draws[d][method][which]) for d in draws if which in draws[d].get(method, {})]
+                if not rows:
+                    continue
+                accs = [normalized(r["tasks"], {t: experts[t] for t in r["tasks"]}) for _, r in rows]
+                ta = [draws[d].get("task_arithmetic", {}).get(DEFAULT) for d, _ in rows]
+                beats = [a > normalized(t["tasks"], {k: experts[k] for k in t["tasks"]}) for a, t in zip(accs, ta) if t]
+                kept = [r["quiz"] >= base["quiz"] - QUIZ_MARGIN and r["nll"] <= base["nll"] + NLL_MARGIN for _, r in rows]
+                quiz = sum(r["quiz"] for _, r in rows) / len(rows)
+                nll = sum(r["nll"] for _, r in rows) / len(rows)
+                acc = sum(accs) / len(accs)
+                curves.setdefault((method, which), []).append((int(size), acc, quiz, nll))
+                beat = f"{sum(beats)}/{len(beats)}" if beats and method != "task_arithmetic" else "–"
+                lines.append(f"| {size} | {len(rows)} | {method} | {which} | {100 * acc:.1f} | {100 * quiz:.1f} | "
+                             f"{nll:.3f} | {beat} | {sum(kept)}/{len(kept)} |")
+    sweep = run.results.get(run.name, "sweep") or {}
+    if sweep:
+        val_base = run.results.get(run.name, "base", "validation")
+        val_experts = run.expert_scores("validation")
+        lines += ["", f"### Strength sweep, all {len(run.tasks)} experts merged (validation splits)", "",
+                  f"Base (validation): quiz {100 * val_base['quiz']:.1f}%, NLL {val_base['nll']:.3f}.", "",
+                  "| method | setting | norm. acc | quiz | NLL | merge s |", "|---|---|---|---|---|---|"]
+        for method in methods:
+            for label, r in (sweep.get(method) or {}).items():
+                lines.append(f"| {method} | {label} | {100 * normalized(r['tasks'], val_experts):.1f} | "
+                             f"{100 * r['quiz']:.1f} | {r['nll']:.3f} | {r.get('merge_s', '')} |")
+    return "\n".join(lines), curves
+
+
+def plot_by_size(curves_by_zoo: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    zoos = [z for z in curves_by_zoo if curves_by_zoo[z]]
+    if not zoos:
+        return
+    fig, axes = plt.subplots(len(zoos), 3, figsize=(14, 3.8 * len(zoos)), squeeze=False)
+    for row, zoo in zip(axes, zoos):
+        for (method, which), points in sorted(curves_by_zoo[zoo].items()):
+            points.sort()
+            style = "-" if which == DEFAULT else ":"
+            for ax, i, scale in zip(row, (1, 2, 3), (100, 100, 1)):
+                ax.plot([p[0] for p in points], [scale * p[i] for p in points], style, marker="o",
+                        label=f"{method} ({which})", color="tab:red" if method == "esm" else None)
+        for ax, title in zip(row, ("norm. accuracy on the subset's tasks (%)", "quiz (%)", "held-out NLL (nats)")):
+            ax.set_title(f"{zoo}: {title}", fontsize=9)
+            ax.set_xlabel("T (experts merged)")
+        row[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_pareto(run: ZooRun, methods: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = run.results.get(run.name, "sweep") or {}
+    if not sweep:
+        return
+    experts = run.expert_scores("validation")
+    base = run.results.get(run.name, "base", "validation")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for method in methods:
+        rows = sweep.get(method) or {}
+        points = sorted((normalized(r["tasks"], experts), r["quiz"], r["nll"], label) for label, r in rows.items())
+        if not points:
+            continue
+        color = "tab:red" if method == "esm" else None
+        for ax, i, scale in ((axes[0], 1, 100), (axes[1], 2, 1)):
+            line, = ax.plot([100 * p[0] for p in points], [scale * p[i] for p in points], "o-", label=method, color=color)
+            for p in points:
+                if p[3] == DEFAULT:
+                    ax.plot(100 * p[0], scale * p[i], "*", markersize=14, color=line.get_color())
+    axes[0].axhline(100 * base["quiz"], color="grey", linestyle="--", label="base")
+    axes[1].axhline(base["nll"], color="grey", linestyle="--", label="base")
+    axes[0].set_ylabel("quiz (%) — higher keeps more")
+    axes[1].set_ylabel("held-out NLL — lower keeps more")
+    for ax in axes:
+        ax.set_xlabel("experts' tasks, mean normalized accuracy (%)")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{run.name} zoo, all {len(run.tasks)} experts: strength sweeps (★ = default), validation")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(runs: list[ZooRun], methods: list[str]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    sections, curves = [], {}
+    for run in runs:
+        text, curves[run.name] = summarize(run, methods)
+        sections.append(text)
+        plot_pareto(run, methods, RESULTS / f"pareto_{run.name}.png")
+    plot_by_size(curves, RESULTS / "robustness_by_T.png")
+    out = RESULTS / "robustness.md"
+    out.write_text("# Robustness protocol (`make robustness`)\n\n" + "\n\n".join(sections) + "\n")
+    (RESULTS / "robustness.json").write_text(json.dumps({r.name: r.results.get(r.name) for r in runs}, indent=1))
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=REPO / "eval" / "workdir")
+    parser.add_argument("--zoos", default="community,synthetic")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--stages", default="sweep,subsets", help="comma-separated: sweep, subsets, report")
+    parser.add_argument("--subsets", type=int, default=5, help="subsets per T (fewer where the zoo has fewer)")
+    args = parser.parse_args()
+    methods = args.methods.split(",")
+    results = Results(args.workdir / "robustness" / "results.json")
+    runs = [ZooRun(name, args.workdir, results) for name in args.zoos.split(",")]
+    stages = args.stages.split(",")
+    for run in runs:
+        run.references()
+        if "sweep" in stages:
+            run.sweep(methods)
+            report(runs, methods)
+        if "subsets" in stages:
+            run.protocol(methods, args.subsets, with_chosen="sweep" in stages)
+    print(report(runs, methods).read_text())
+
+
+if __name__ == "__main__":
+    main()
