@@ -23,8 +23,10 @@ import time
 from pathlib import Path
 
 import yaml
+from transformers import AutoTokenizer
 
 from eval.report import bar_chart, markdown_table, normalized
+from eval.retention import retention, write_quiz_task
 from eval.score import score, write_task_configs
 from eval.zoo.build import build_zoo
 from eval.zoo.tasks import TASKS
@@ -162,12 +164,14 @@ class Zoo:
         self.models = build_zoo(workdir)
         self.timings.setdefault("zoo_s", round(time.perf_counter() - start, 1))
         self.include = write_task_configs(self.models["data"], workdir / "tasks")
+        write_quiz_task(self.include, AutoTokenizer.from_pretrained(self.models["base"]))
         self.tasks = list(TASKS)
         t = time.perf_counter()
         experts = self.models["experts"]
         self.expert_val = {x: self.scored("val", f"expert:{x}", experts[x], [x])[x] for x in self.tasks}
         self.expert_test = {x: self.scored("test", f"expert:{x}", experts[x], [x])[x] for x in self.tasks}
         self.base_test = self.scored("test", "base", self.models["base"])
+        self.retained("base", self.models["base"])
         self.timings.setdefault("score_base_and_experts_s", round(time.perf_counter() - t, 1))
 
     def scored(self, split: str, label: str, model: Path, tasks: list[str] | None = None) -> dict[str, float]:
@@ -179,6 +183,14 @@ class Zoo:
             raw = score(model, names, self.include)
             cached = {n.removesuffix("_val"): v for n, v in raw.items()}
             self.results.put(cached, split, label)
+        return cached
+
+    def retained(self, label: str, model: Path) -> dict[str, float]:
+        """What the model keeps of the base (eval/retention.py, test split), cached under the label."""
+        cached = self.results.get("retention", label)
+        if cached is None:
+            cached = retention(model, self.include, "test")
+            self.results.put(cached, "retention", label)
         return cached
 
     def merge(self, method: str, setting: dict, model_parameters: dict[str, dict] | None = None) -> tuple[Path, float]:
@@ -200,9 +212,10 @@ class Zoo:
         merges folder when the scores were cached)."""
         path = self.workdir / "merges" / method
         test = self.results.get("test", label)
-        if test is None:
+        if test is None or self.results.get("retention", label) is None:
             path, _ = self.merge(method, setting, model_parameters)
             test = self.scored("test", label, path)
+            self.retained(label, path)
         return test, path
 
 
@@ -210,6 +223,8 @@ def run(workdir: Path, methods: list[str], ablation: bool) -> Path:
     zoo = Zoo(workdir)
     results, timings = zoo.results, zoo.timings
     expert_val, expert_test, base_test = zoo.expert_val, zoo.expert_test, zoo.base_test
+
+    retained = {"base (no merge)": zoo.retained("base", zoo.models["base"])}
 
     def search(method: str) -> tuple[dict[str, float], str]:
         """Best setting of the method's grid on validation; its test scores and label."""
@@ -223,6 +238,7 @@ def run(workdir: Path, methods: list[str], ablation: bool) -> Path:
                 best = (quality, setting, label)
         _, setting, label = best
         test, path = zoo.merged_test(method, setting, label)
+        retained[method] = results.get("retention", label)
         if path.parent.name == method:  # merged just now: keep only the chosen merge
             for other in path.parent.iterdir():
                 if other != path:
@@ -236,7 +252,9 @@ def run(workdir: Path, methods: list[str], ablation: bool) -> Path:
         test_rows[method], settings[method] = search(method)
     report = (
         "Test accuracy (%) per task; mean normalized = mean of merged / own expert. "
-        "Settings chosen on the validation split.\n\n" + markdown_table(test_rows, expert_test, settings)
+        "Settings chosen on the validation split. Quiz and held-out NLL: what the merge keeps of the "
+        "base (eval/retention.py; higher quiz and lower NLL keep more).\n\n"
+        + markdown_table(test_rows, expert_test, settings, retention=retained)
     )
     chart = bar_chart(test_rows, expert_test, workdir / "results.png", "Zoo merges (test split): ESM vs others")
     report += f"\n\n![chart]({chart.name})\n"

@@ -10,24 +10,37 @@ def normalized(scores: dict[str, float], expert_scores: dict[str, float]) -> flo
 
 
 def markdown_table(
-    rows: dict[str, dict[str, float]], expert_scores: dict[str, float], settings: dict[str, str], ordered: bool = True
+    rows: dict[str, dict[str, float]],
+    expert_scores: dict[str, float],
+    settings: dict[str, str],
+    ordered: bool = True,
+    retention: dict[str, dict[str, float]] | None = None,
 ) -> str:
     """rows: label → {task: accuracy}; expert_scores: task → own expert's accuracy.
 
-    ordered: best first; otherwise the rows keep their given order (the ablation table)."""
+    ordered: best first; otherwise the rows keep their given order (the ablation table).
+    retention: label → {"quiz", "nll"} (eval/retention.py), shown as two more columns."""
     tasks = list(expert_scores)
     head = "| model | setting (chosen on validation) | " + " | ".join(tasks) + " | mean | mean normalized |"
-    lines = [head, "|" + "---|" * (len(tasks) + 4)]
+    extra = 2 if retention is not None else 0
+    if extra:
+        head += " quiz | held-out NLL |"
+    lines = [head, "|" + "---|" * (len(tasks) + 4 + extra)]
     labels = sorted(rows, key=lambda r: -normalized(rows[r], expert_scores)) if ordered else list(rows)
     for label in labels:
         scores = rows[label]
         cells = " | ".join(f"{100 * scores[t]:.1f}" for t in tasks)
         mean = 100 * sum(scores[t] for t in tasks) / len(tasks)
-        lines.append(
-            f"| {label} | {settings.get(label, '')} | {cells} | {mean:.1f} | {100 * normalized(scores, expert_scores):.1f} |"
-        )
+        line = f"| {label} | {settings.get(label, '')} | {cells} | {mean:.1f} | {100 * normalized(scores, expert_scores):.1f} |"
+        if extra:
+            kept = retention.get(label)
+            line += f" {100 * kept['quiz']:.1f} | {kept['nll']:.3f} |" if kept else " | |"
+        lines.append(line)
     own = " | ".join(f"{100 * expert_scores[t]:.1f}" for t in tasks)
-    lines.append(f"| each task's own expert | | {own} | {100 * sum(expert_scores.values()) / len(tasks):.1f} | 100.0 |")
+    lines.append(
+        f"| each task's own expert | | {own} | {100 * sum(expert_scores.values()) / len(tasks):.1f} | 100.0 |"
+        + " | |" * (extra // 2)
+    )
     return "\n".join(lines)
 
 

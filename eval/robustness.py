@@ -10,13 +10,15 @@ Stages, each cached in <workdir>/robustness/results.json so that a rerun resumes
    merging the whole zoo, scored on the validation splits (tasks, quiz) and the held-out
    prose. Gives the tasks-vs-retention curves and the setting chosen on validation (best
    mean normalized accuracy, as in `make compare`).
+   ablation: ESM with one of its parts off at a time (ABLATIONS), each over α, the same way.
 3. subsets (Hitit et al., arXiv 2511.21437): for T = 2 … N, seeded random subsets of the
    zoo's experts, each merged with every method at its default (the shipped recipe) and at
    its setting chosen in stage 2, scored on the test splits and retention.
 Merged models are deleted once scored (only the scores are kept); each subset's ESM cache
 is deleted with it.
 
-Writes eval/results/robustness.md (tables), robustness_by_T.png and pareto_<zoo>.png.
+Writes eval/results/robustness.md (tables), robustness_by_T.png, pareto_<zoo>.png and
+pareto_<zoo>_esm_ablation.png.
 """
 
 import argparse
@@ -27,28 +29,50 @@ import shutil
 import time
 from pathlib import Path
 
-from eval.compare import GRIDS, REPO, Results, _label, merge
+import yaml
+
+from eval.compare import GRIDS, REPO, Results, _label, merge, recipe_file
 from eval.report import normalized
 from eval.retention import QUIZ_TASK, heldout_nll, write_quiz_task
 from eval.score import score, write_task_configs
 
 METHODS = ["esm", "tsv", "iso_c", "task_arithmetic", "ties", "della"]
 DEFAULT = "default"
+# Retention kept "within the margin of the base": quiz at most 15 points below the base's,
+# held-out NLL at most 0.25 nats above it (fine-tuning one expert often loses more).
+QUIZ_MARGIN, NLL_MARGIN = 0.15, 0.25
+RESULTS = REPO / "eval" / "results"
+# ESM's parts, each switched off alone, swept over α against the frontier (not judged at one
+# point): curve name → the recipe parameters that differ from ESM's defaults.
+ABLATIONS = {
+    "esm, no whitening": {"whiten_factors": False},
+    "esm, no dimension scaling": {"dimension_exponent": 0.0},
+    "esm, svd basis": {"basis": "svd"},
+    "esm, no layer scaling": {"layer_exponent": 0.0},
+    "esm, no task scaling": {"task_exponent": 0.0},
+    "esm, no flattening": {"gamma": 0.0},
+}
+ABLATION_ALPHAS = (1.0, 2.0, 3.0, 4.0)
 
 
 def default_setting(method: str) -> dict:
-    """What a user gets without choosing: this package's parameter defaults for its methods;
-    for mergekit's, the values of the shipped recipe (recipes/zoo/<method>.yml), which
-    mergekit requires a user to set."""
+    """What a user gets without choosing, in the terms of the method's grid: this package's
+    parameter defaults for its methods; for mergekit's, the values of the shipped recipe
+    (recipes/zoo/<method>.yml), which mergekit requires a user to set."""
     from mergekit_esm.methods import METHODS as OURS
 
     if method in OURS:
         return {"alpha": OURS[method].settings_type.model_fields["alpha"].default}
-    return {}
-# Retention kept "within the margin of the base": quiz at most 15 points below the base's,
-# held-out NLL at most 0.25 nats above it (the experts themselves lose more than this).
-QUIZ_MARGIN, NLL_MARGIN = 0.15, 0.25
-RESULTS = REPO / "eval" / "results"
+    recipe = yaml.safe_load(recipe_file(method).read_text())["parameters"]
+    return {key: recipe[key] for key in GRIDS[method][0] if key in recipe}
+
+
+def sweep_settings(method: str) -> dict[str, dict]:
+    """label → setting: the method's grid, plus its default where the grid lacks it."""
+    settings = {_label(s): s for s in GRIDS[method]}
+    default = default_setting(method)
+    settings.setdefault(_label(default), default)
+    return settings
 
 
 def subsets(n_experts: int, size: int, count: int, seed: int = 0) -> list[tuple[int, ...]]:
@@ -120,20 +144,28 @@ class ZooRun:
     def sweep(self, methods: list[str]) -> None:
         members = self.tasks
         for method in methods:
-            for label, setting in [(DEFAULT, default_setting(method)), *((_label(s), s) for s in GRIDS[method])]:
+            for label, setting in sweep_settings(method).items():
                 self.merged(("sweep", method, label), method, setting, members, "validation")
+        shutil.rmtree(self.workdir / "robustness" / "esm-cache" / "-".join(members), ignore_errors=True)
+
+    def ablation(self, names: list[str]) -> None:
+        """ESM (and each variant in `names`) over ABLATION_ALPHAS, all experts, validation."""
+        members = self.tasks
+        for name in ["esm", *names]:
+            row = ABLATIONS.get(name, {})
+            for alpha in ABLATION_ALPHAS:
+                setting = {**row, "alpha": alpha}
+                self.merged(("sweep", name, _label(setting)), "esm", setting, members, "validation")
         shutil.rmtree(self.workdir / "robustness" / "esm-cache" / "-".join(members), ignore_errors=True)
 
     def chosen(self, method: str) -> dict | None:
         """The method's setting with the best mean normalized validation accuracy in the sweep."""
         experts = self.expert_scores("validation")
-        rows = {label: self.results.get(self.name, "sweep", method, label) for label in
-                [DEFAULT, *(_label(s) for s in GRIDS[method])]}
+        rows = {label: self.results.get(self.name, "sweep", method, label) for label in sweep_settings(method)}
         rows = {k: v for k, v in rows.items() if v is not None}
         if not rows:
             return None
-        best = max(rows, key=lambda k: normalized(rows[k]["tasks"], experts))
-        return default_setting(method) if best == DEFAULT else next(s for s in GRIDS[method] if _label(s) == best)
+        return sweep_settings(method)[max(rows, key=lambda k: normalized(rows[k]["tasks"], experts))]
 
     def protocol(self, methods: list[str], per_size: int, with_chosen: bool) -> None:
         for size, draws in subsets_per_size(len(self.tasks), per_size).items():
@@ -193,8 +225,9 @@ def summarize(run: ZooRun, methods: list[str]) -> tuple[str, dict]:
         lines += ["", f"### Strength sweep, all {len(run.tasks)} experts merged (validation splits)", "",
                   f"Base (validation): quiz {100 * val_base['quiz']:.1f}%, NLL {val_base['nll']:.3f}.", "",
                   "| method | setting | norm. acc | quiz | NLL | merge s |", "|---|---|---|---|---|---|"]
-        for method in methods:
-            for label, r in (sweep.get(method) or {}).items():
+        for method, rows in sweep.items():
+            for label, r in rows.items():
+                label += " (default)" if method in GRIDS and label == _label(default_setting(method)) else ""
                 lines.append(f"| {method} | {label} | {100 * normalized(r['tasks'], val_experts):.1f} | "
                              f"{100 * r['quiz']:.1f} | {r['nll']:.3f} | {r.get('merge_s', '')} |")
     return "\n".join(lines), curves
@@ -226,37 +259,39 @@ def plot_by_size(curves_by_zoo: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_pareto(run: ZooRun, methods: list[str], path: Path) -> None:
+def plot_pareto(run: ZooRun, curves: list[str], path: Path, title: str) -> None:
+    """Experts' tasks against quiz and against held-out NLL, one line per swept curve (★ default)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     sweep = run.results.get(run.name, "sweep") or {}
-    if not sweep:
+    if not any(sweep.get(c) for c in curves):
         return
     experts = run.expert_scores("validation")
     base = run.results.get(run.name, "base", "validation")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for method in methods:
-        rows = sweep.get(method) or {}
+    for curve in curves:
+        rows = sweep.get(curve) or {}
         points = sorted((normalized(r["tasks"], experts), r["quiz"], r["nll"], label) for label, r in rows.items())
         if not points:
             continue
-        color = "tab:red" if method == "esm" else None
+        default = _label(default_setting(curve)) if curve in GRIDS else None
+        color = "tab:red" if curve == "esm" else None
         for ax, i, scale in ((axes[0], 1, 100), (axes[1], 2, 1)):
-            line, = ax.plot([100 * p[0] for p in points], [scale * p[i] for p in points], "o-", label=method, color=color)
+            line, = ax.plot([100 * p[0] for p in points], [scale * p[i] for p in points], "o-", label=curve, color=color)
             for p in points:
-                if p[3] == DEFAULT:
+                if p[3] == default:
                     ax.plot(100 * p[0], scale * p[i], "*", markersize=14, color=line.get_color())
     axes[0].axhline(100 * base["quiz"], color="grey", linestyle="--", label="base")
     axes[1].axhline(base["nll"], color="grey", linestyle="--", label="base")
-    axes[0].set_ylabel("quiz (%) — higher keeps more")
-    axes[1].set_ylabel("held-out NLL — lower keeps more")
+    axes[0].set_ylabel("quiz (%): higher keeps more")
+    axes[1].set_ylabel("held-out NLL: lower keeps more")
     for ax in axes:
         ax.set_xlabel("experts' tasks, mean normalized accuracy (%)")
         ax.legend(fontsize=7)
-    fig.suptitle(f"{run.name} zoo, all {len(run.tasks)} experts: strength sweeps (★ = default), validation")
+    fig.suptitle(f"{run.name} zoo, all {len(run.tasks)} experts, validation: {title} (★ = default)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -268,7 +303,9 @@ def report(runs: list[ZooRun], methods: list[str]) -> Path:
     for run in runs:
         text, curves[run.name] = summarize(run, methods)
         sections.append(text)
-        plot_pareto(run, methods, RESULTS / f"pareto_{run.name}.png")
+        plot_pareto(run, methods, RESULTS / f"pareto_{run.name}.png", "strength sweeps")
+        plot_pareto(run, ["esm", *ABLATIONS, "tsv"], RESULTS / f"pareto_{run.name}_esm_ablation.png",
+                    "ESM with one part off at a time, over α")
     plot_by_size(curves, RESULTS / "robustness_by_T.png")
     out = RESULTS / "robustness.md"
     out.write_text("# Robustness protocol (`make robustness`)\n\n" + "\n\n".join(sections) + "\n")
@@ -281,7 +318,7 @@ def main():
     parser.add_argument("--workdir", type=Path, default=REPO / "eval" / "workdir")
     parser.add_argument("--zoos", default="community,synthetic")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--stages", default="sweep,subsets", help="comma-separated: sweep, subsets, report")
+    parser.add_argument("--stages", default="sweep,ablation,subsets", help="comma-separated: sweep, ablation, subsets, report")
     parser.add_argument("--subsets", type=int, default=5, help="subsets per T (fewer where the zoo has fewer)")
     args = parser.parse_args()
     methods = args.methods.split(",")
@@ -292,6 +329,9 @@ def main():
         run.references()
         if "sweep" in stages:
             run.sweep(methods)
+            report(runs, methods)
+        if "ablation" in stages:
+            run.ablation(list(ABLATIONS))
             report(runs, methods)
         if "subsets" in stages:
             run.protocol(methods, args.subsets, with_chosen="sweep" in stages)

@@ -340,3 +340,25 @@ def test_common_space_split_fills_the_rank(rank, t, fraction):
     common, per_task = common_space_split(rank, t, fraction)
     assert common + t * per_task == rank and common >= 0 and per_task >= 0
     assert abs(common - rank * fraction) <= t  # close to the asked share
+
+
+def test_esd_basis_without_whitening_keeps_tsv_m_combination():
+    """whiten_factors=False merges ESD factors as TSV-M merges SVD factors (σ kept, polar
+    factors on both sides); True is ESM's mean-σ whitening of both factors."""
+    from mergekit_esm.algebra import essential_subspace
+    from mergekit_esm.algebra.merge import merge_task_factors
+    from mergekit_esm.algebra.subspace import InputMoment
+    from mergekit_esm.methods.esm import EsmSettings, merge_weight
+
+    g = torch.Generator().manual_seed(3)
+    deltas = [torch.randn(12, 10, generator=g, dtype=D) for _ in range(3)]
+    inputs = [InputMoment(40, tokens=torch.randn(40, 10, generator=g, dtype=D)) for _ in range(3)]
+    off = dict(gamma=0.0, task_exponent=0.0, dimension_exponent=0.0)
+    for whiten, combination in ((True, "essential"), (False, "tsv")):
+        settings = EsmSettings(whiten_factors=whiten, **off)
+        expected = merge_task_factors(
+            (essential_subspace(d, i, 4) for d, i in zip(deltas, inputs)), **off, combination=combination
+        )
+        assert torch.allclose(merge_weight(settings, deltas, 4, inputs), expected, atol=1e-12)
+    unwhitened = merge_weight(EsmSettings(whiten_factors=False, **off), deltas, 4, inputs)
+    assert not torch.allclose(unwhitened, merge_weight(EsmSettings(**off), deltas, 4, inputs), atol=1e-6)

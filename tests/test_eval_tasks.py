@@ -80,6 +80,9 @@ def test_report_builds_from_a_small_fake_result_set(tmp_path):
     lines = table.splitlines()
     assert lines[2].startswith("| esm | alpha=1 | 40.0 | 50.0 | 45.0 | 75.0 |")
     assert lines[3].startswith("| ties |") and lines[-1].startswith("| each task's own expert")
+    with_retention = markdown_table(rows, experts, {}, retention={"esm": {"quiz": 0.25, "nll": 3.5}}).splitlines()
+    assert with_retention[0].endswith("| quiz | held-out NLL |")
+    assert with_retention[2].endswith("| 75.0 | 25.0 | 3.500 |") and with_retention[3].endswith("| | |")
     png = bar_chart(rows, experts, tmp_path / "chart.png", "test")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -291,3 +294,39 @@ def test_lora_expert_is_written_as_full_weights_with_a_low_rank_update(tmp_path,
     assert torch.linalg.matrix_rank(delta.double(), rtol=1e-6) <= 2
     norm = "model.layers.0.input_layernorm.weight"
     assert torch.equal(after[norm], before[norm])  # LoRA touches only the target linears
+
+
+def test_robustness_report_from_a_small_fake_result_set(tmp_path, monkeypatch):
+    """Tables, win rates and plots come out of cached scores without merging anything."""
+    import eval.robustness as rb
+    from eval.compare import Results
+
+    monkeypatch.setattr(rb, "RESULTS", tmp_path)
+    results = Results(tmp_path / "results.json")
+    run = object.__new__(rb.ZooRun)
+    run.name, run.results, run.tasks = "toy", results, ["a", "b", "c"]
+    score = lambda acc, quiz, nll: {"tasks": acc, "quiz": quiz, "nll": nll}
+    for split in ("validation", "test"):
+        results.put(score({"a": 0.0, "b": 0.0, "c": 0.0}, 0.8, 3.0), "toy", "base", split)
+        for t in run.tasks:
+            results.put(score({t: 1.0}, 0.5, 3.2), "toy", "expert", t, split)
+    # subset a+b: esm beats TA (0.9 vs 0.5) and keeps the base within the margin; ties does neither
+    draws = {"a+b": {"esm": 0.9, "task_arithmetic": 0.5, "ties": 0.4}, "b+c": {"esm": 0.6, "task_arithmetic": 0.7, "ties": 0.8}}
+    for members, accs in draws.items():
+        for method, acc in accs.items():
+            kept = (0.75, 3.1) if method == "esm" and members == "a+b" else (0.2, 3.6)
+            results.put(score({t: acc for t in members.split("+")}, *kept), "toy", "subsets", "2", members, method, rb.DEFAULT)
+    for label, acc in (("alpha=1.0", 0.5), ("alpha=3.0", 0.9)):
+        results.put(score({"a": acc, "b": acc, "c": acc}, 0.5, 3.3), "toy", "sweep", "esm", label)
+    text, curves = rb.summarize(run, ["esm", "task_arithmetic", "ties"])
+    row = next(l for l in text.splitlines() if l.startswith("| 2 | 2 | esm | default |"))
+    assert row == "| 2 | 2 | esm | default | 75.0 | 47.5 | 3.350 | 1/2 | 1/2 |"
+    ties = next(l for l in text.splitlines() if l.startswith("| 2 | 2 | ties | default |"))
+    assert ties.endswith("| 1/2 | 0/2 |")
+    assert "| esm | alpha=3.0 (default) | 90.0 | 50.0 | 3.300 |" in text
+    assert curves[("esm", rb.DEFAULT)] == [(2, 0.75, 0.475, 3.35)]
+    assert run.chosen("esm") == {"alpha": 3.0}
+    rb.plot_by_size({"toy": curves}, tmp_path / "by_T.png")
+    rb.plot_pareto(run, ["esm"], tmp_path / "pareto.png", "test")
+    for png in ("by_T.png", "pareto.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -33,6 +33,12 @@ class EsmSettings(MergeSettings):
         description="esd: essential subspace from proxy activations (ESM); svd: singular "
         "vectors of ΔW merged the TSV-M way (the paper's SVD ablation rows).",
     )
+    whiten_factors: bool = Field(
+        True,
+        description="esd basis: orthogonalize both concatenated factors at their mean singular "
+        "value (ESM). false: keep each direction's weight as TSV-M does (polar factors with "
+        "A_cat's row norms as singular values); an ablation switch.",
+    )
     proxy: str = Field(
         BUILTIN_PROXY,
         description="Calibration text: 'builtin' (generic text shipped with the package), "
@@ -69,7 +75,7 @@ def merge_weight(
         gamma=settings.gamma,
         task_exponent=settings.task_exponent,
         dimension_exponent=settings.dimension_exponent,
-        combination="essential" if settings.basis == "esd" else "tsv",
+        combination="essential" if settings.basis == "esd" and settings.whiten_factors else "tsv",
     )
 
 
