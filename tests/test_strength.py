@@ -138,7 +138,8 @@ def test_auto_alpha_agrees_with_a_brute_force_search_over_a_fine_grid(zoo, tmp_p
     # each expert's "own samples": text it predicts better than the base does
     windows = {e: [torch.randint(0, 256, (48,), generator=g).tolist() for _ in range(3)] for e in inputs.experts}
     margin = 0.02  # tiny random models differ from their base by little
-    chosen, tried = auto.auto_alpha(prepared, windows, refine_steps=6, margin=margin)
+    chosen, tried, (costs, budget) = auto.auto_alpha(prepared, windows, refine_steps=6, margin=margin)
+    assert costs is None and budget is None  # no base samples: no retention budget
 
     grid = [0.1 * i for i in range(1, 100)]
     losses = auto.self_prediction_losses(prepared, windows, [0.0, *grid])
@@ -148,6 +149,49 @@ def test_auto_alpha_agrees_with_a_brute_force_search_over_a_fine_grid(zoo, tmp_p
     best = min(brute, key=brute.get)
     assert tried[chosen] <= brute[best] + 1e-3 * abs(brute[best]), (chosen, best)
     assert abs(math.log(chosen / best)) < 0.2, (chosen, best)
+
+
+def test_auto_alpha_within_the_retention_budget_agrees_with_a_brute_force_search(zoo, tmp_path, monkeypatch):
+    """With the base's samples, auto_alpha picks the best α whose cost to the base's text is
+    within the mean expert's, as a fine grid searched by hand does."""
+    from mergekit_esm.integration.preflight import checked_reader
+    from mergekit_esm.strength import auto
+
+    prepared, _ = _prepared(zoo, tmp_path, monkeypatch, {})
+    inputs = prepared.inputs
+    g = torch.Generator().manual_seed(1)
+    windows = {e: [torch.randint(0, 256, (48,), generator=g).tolist() for _ in range(3)] for e in inputs.experts}
+    base_windows = [torch.randint(0, 256, (48,), generator=g).tolist() for _ in range(3)]
+    margin = 0.02
+    chosen, tried, (costs, budget) = auto.auto_alpha(prepared, windows, refine_steps=6, margin=margin, base_windows=base_windows)
+
+    losses_of = lambda model, ws: auto.model_token_losses(checked_reader(model, "cpu"), inputs.layout, ws)
+    base_own = losses_of(inputs.base, base_windows)
+    expected_budget = sum(float((losses_of(e, base_windows) - base_own).mean()) for e in windows) / len(windows)
+    assert budget == pytest.approx(expected_budget, rel=1e-4)
+    grid = [0.1 * i for i in range(1, 100)]
+    judged = {**windows, inputs.base: base_windows}
+    losses = auto.self_prediction_losses(prepared, judged, [0.0, *grid])
+    base = losses.pop(0.0)
+    own = {e: losses_of(e, windows[e]) for e in windows}
+    cost = {a: float((v.pop(inputs.base) - base_own).mean()) for a, v in losses.items()}
+    base.pop(inputs.base)
+    brute = {a: auto.distinctive_token_loss(v, base, own, margin) for a, v in losses.items()}
+    feasible = [a for a in grid if cost[a] <= budget]
+    assert feasible and len(feasible) < len(grid), "the test needs a budget that binds"
+    best = min(feasible, key=brute.get)
+    assert costs[chosen] <= budget + 1e-6
+    assert tried[chosen] <= brute[best] + 1e-3 * abs(brute[best]), (chosen, best)
+
+
+def test_best_within_budget_rules():
+    from mergekit_esm.strength.auto import best_within_budget
+
+    criterion = {0.5: 3.0, 1.0: 2.0, 2.0: 1.0}
+    cost = {0.5: 0.1, 1.0: 0.2, 2.0: 0.4}
+    assert best_within_budget(criterion, cost, None) == 2.0
+    assert best_within_budget(criterion, cost, 0.25) == 1.0
+    assert best_within_budget(criterion, cost, 0.05) == 0.5  # none within: the least costly
 
 
 def test_alpha_auto_end_to_end_writes_the_chosen_alpha_into_the_card(zoo, tmp_path, monkeypatch):

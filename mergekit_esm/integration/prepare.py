@@ -198,6 +198,7 @@ class PreparedMerge:
     betas: dict[str, float]  # target tensor name → β_ℓ
     alpha: float
     alpha_search: dict[float, float] | None = None  # alpha: auto — every α tried → its loss
+    alpha_retention: tuple[float, float] | None = None  # alpha: auto — (chosen α's cost, budget), nats/token
 
     def target_update(self, name: str, device: torch.device | str) -> torch.Tensor:
         layer = self.inputs.layout.layer_of[name]
@@ -246,6 +247,12 @@ def prepare(inputs: MergeInputs) -> PreparedMerge:
             e: self_written_windows(inputs, e, root, s.auto_alpha_samples, s.auto_alpha_max_tokens)
             for e in inputs.experts
         }
-        prepared.alpha, prepared.alpha_search = auto_alpha(prepared, windows)
-        print(f"{inputs.method.name} alpha: auto chose α = {prepared.alpha:.4g}", file=sys.stderr)
+        base_windows = self_written_windows(inputs, inputs.base, root, s.auto_alpha_samples, s.auto_alpha_max_tokens)
+        prepared.alpha, prepared.alpha_search, (costs, budget) = auto_alpha(prepared, windows, base_windows=base_windows)
+        prepared.alpha_retention = (costs[prepared.alpha], budget)
+        print(
+            f"{inputs.method.name} alpha: auto chose α = {prepared.alpha:.4g} (cost to the base's own text "
+            f"{costs[prepared.alpha]:+.3f} nats/token; budget, the mean expert's: {budget:+.3f})",
+            file=sys.stderr,
+        )
     return prepared

@@ -1,10 +1,18 @@
 """`alpha: auto` — α without labels: the α whose merged model best predicts what each expert
-does differently from the base, on text the expert wrote itself.
+does differently from the base, on text the expert wrote itself, among the α whose merge
+forgets no more of the base than the experts themselves did.
 
 Each expert samples a little text (calibration/self_proxy.py). Its *distinctive tokens* are
 those it predicts at least DISTINCTIVE_MARGIN nats better than the base does: where its
 fine-tuning shows. The criterion is the merged model's cross-entropy on those tokens,
 averaged per expert and then over experts (so each expert counts the same), minimised over α.
+
+The criterion counts only what the experts gain, and a larger α keeps gaining on it while
+the merge loses what the base could do. So the base writes samples too, and α is bounded by
+a *retention budget*: the merge's mean loss increase on the base's own text may not exceed
+the mean expert's (each expert's loss on that text minus the base's). A merge that replaces
+T experts should not forget more of the base than a typical one of them did. The bound is a
+ratio of the experts' own behaviour, so it needs no constant tuned to a zoo.
 
 Why not the plain loss on the samples: most sampled tokens are generic text that base and
 expert predict alike; their loss only rises with α, so it picks an α near 1 where every
@@ -109,26 +117,56 @@ def distinctive_token_loss(merged: dict, base: dict, own: dict, margin: float) -
     return sum(per_expert) / len(per_expert)
 
 
-def auto_alpha(prepared, windows: dict, refine_steps: int = 4, margin: float | None = None):
-    """The α with the lowest distinctive-token loss, and every (α, loss) evaluated."""
+def retention_cost(losses: torch.Tensor, base_losses: torch.Tensor) -> float:
+    """Mean loss increase (nats per token) over the base's own loss on text the base wrote."""
+    return float((losses - base_losses).mean())
+
+
+def best_within_budget(criterion: dict[float, float], cost: dict[float, float], budget: float | None) -> float:
+    """The α with the lowest criterion among those whose retention cost is within the budget
+    (all of them without a budget); the least costly α when none is."""
+    feasible = [a for a in criterion if budget is None or cost[a] <= budget]
+    if not feasible:
+        return min(cost, key=cost.get)
+    return min(feasible, key=criterion.get)
+
+
+def auto_alpha(prepared, windows: dict, refine_steps: int = 4, margin: float | None = None, base_windows=None):
+    """The α with the lowest distinctive-token loss within the retention budget, every (α,
+    loss) evaluated, and every (α, retention cost) with the budget (None without base_windows:
+    the budget is then off)."""
     margin = DISTINCTIVE_MARGIN if margin is None else margin
     inputs = prepared.inputs
-    own = {
-        e: model_token_losses(checked_reader(e, inputs.device), inputs.layout, windows[e], inputs.device)
-        for e in windows
-    }
-    first = self_prediction_losses(prepared, windows, [0.0, *COARSE_ALPHAS])
+    losses_of = lambda model, ws: model_token_losses(checked_reader(model, inputs.device), inputs.layout, ws, inputs.device)
+    own = {e: losses_of(e, windows[e]) for e in windows}
+    judged = dict(windows)
+    budget = None
+    if base_windows is not None:
+        judged[inputs.base] = base_windows
+    first = self_prediction_losses(prepared, judged, [0.0, *COARSE_ALPHAS])
     base = first.pop(0.0)
-    criterion = {a: distinctive_token_loss(v, base, own, margin) for a, v in first.items()}
-    best = min(criterion, key=criterion.get)
+    if base_windows is not None:
+        base_own = base.pop(inputs.base)
+        budget = sum(retention_cost(losses_of(e, base_windows), base_own) for e in windows) / len(windows)
+    cost, criterion = {}, {}
+
+    def judge(alpha: float, merged: dict) -> None:
+        if base_windows is not None:
+            cost[alpha] = retention_cost(merged.pop(inputs.base), base_own)
+        else:
+            cost[alpha] = 0.0
+        criterion[alpha] = distinctive_token_loss(merged, base, own, margin)
+
+    for alpha, merged in first.items():
+        judge(alpha, merged)
+    best = best_within_budget(criterion, cost, budget)
 
     def score(log_alpha: float) -> float:
         alpha = math.exp(log_alpha)
         if alpha not in criterion:
-            merged = self_prediction_losses(prepared, windows, [alpha])[alpha]
-            criterion[alpha] = distinctive_token_loss(merged, base, own, margin)
-        return -criterion[alpha]
+            judge(alpha, self_prediction_losses(prepared, judged, [alpha])[alpha])
+        return -criterion[alpha] if budget is None or cost[alpha] <= budget else -math.inf
 
     golden_section_max(score, math.log(best / 2), math.log(best * 2), tolerance=0.05, max_evaluations=refine_steps)
-    best = min(criterion, key=criterion.get)
-    return best, criterion
+    best = best_within_budget(criterion, cost, budget)
+    return best, criterion, (cost if budget is not None else None, budget)
