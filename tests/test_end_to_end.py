@@ -57,6 +57,16 @@ def test_output_is_a_complete_model_with_an_esm_card(merged):
     assert "esm calibrating and merging" in merged["result"].stderr
 
 
+def test_model_card_is_titled_by_the_output_and_shows_defaults_in_words(merged):
+    """mergekit titles the card with the folder it wrote into (the hidden staging folder); unset
+    settings read as the default that applied, not `None`."""
+    card = (merged["out"] / "README.md").read_text()
+    assert "\n# out\n" in card and "esm-partial" not in card
+    assert "| None |" not in card
+    assert "| rank | default (⌊d_out / T⌋, at most d_in) |" in card
+    assert "| cache_dir | default ($MERGEKIT_ESM_CACHE or ~/.cache/mergekit-esm) |" in card
+
+
 def test_output_is_written_in_the_recipes_dtype(zoo, merged):
     """mergekit writes what a method returns unless `out_dtype` is set: ESM must return the
     recipe's `dtype`, as mergekit's own methods do, not its float32 working copy (twice the

@@ -62,6 +62,16 @@ def exit_on_sigterm():
         signal.signal(signal.SIGTERM, previous)
 
 
+def _card_value(settings, name: str, value) -> str:
+    """A setting as the card's reader should see it: an unset one (None) as the default that
+    applied, in the words of the field's description ("...; default X."), not "None"."""
+    if value is not None:
+        return str(value)
+    description = type(settings).model_fields[name].description or ""
+    _, found, default = description.partition("; default ")
+    return f"default ({default.rstrip('.')})" if found else "default"
+
+
 def _card_section(prepared) -> str:
     inputs = prepared.inputs
     method = inputs.method
@@ -78,7 +88,7 @@ def _card_section(prepared) -> str:
         "| parameter | value |",
         "|---|---|",
     ]
-    lines += [f"| {k} | {v} |" for k, v in settings.items()]
+    lines += [f"| {k} | {_card_value(inputs.settings, k, v)} |" for k, v in settings.items()]
     if prepared.alpha_search:
         tried = ", ".join(f"{a:.3g}: {loss:.4f}" for a, loss in sorted(prepared.alpha_search.items()))
         lines.append(f"| α chosen by alpha: auto | {prepared.alpha:.4g} (distinctive-token loss per α tried: {tried}) |")
@@ -87,6 +97,16 @@ def _card_section(prepared) -> str:
         lines.append(f"| rank used (k per expert) | {', '.join(map(str, ranks))} |")
     lines += [f"| experts | {len(inputs.experts)} |", ""]
     return "\n".join(lines)
+
+
+def _finish_card(staging: Path, name: str, prepared) -> None:
+    """Title mergekit's model card with the output folder's name (mergekit took the name of
+    the staging folder it wrote into) and add the method's settings."""
+    card = staging / "README.md"
+    if not card.exists():
+        return
+    text = card.read_text(encoding="utf-8").replace(f"\n# {staging.name}\n", f"\n# {name}\n", 1)
+    card.write_text(text + _card_section(prepared), encoding="utf-8")
 
 
 def wrap_run_merge(run_merge):
@@ -110,10 +130,7 @@ def wrap_run_merge(run_merge):
             prepared = prepare(preflight(merge_config, options))
             with activated(prepared):
                 run_merge(merge_config, str(staging), options, *args, **kwargs)
-            card = staging / "README.md"
-            if card.exists():
-                with open(card, "a", encoding="utf-8") as f:
-                    f.write(_card_section(prepared))
+            _finish_card(staging, Path(out_path).resolve().name, prepared)
 
     run_merge_with_esm.__wrapped_by_esm__ = True
     return run_merge_with_esm
