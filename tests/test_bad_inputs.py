@@ -83,6 +83,13 @@ def test_invalid_parameter_value(tmp_path, models, monkeypatch):
     assert "'gamma'" in message and "greater than or equal to 0" in message
 
 
+@pytest.mark.parametrize("alpha", ["banana", -1])
+def test_invalid_alpha_names_both_forms_it_takes(tmp_path, models, monkeypatch, alpha):
+    base, experts = models
+    message = run(tmp_path, recipe(tmp_path / "r.yml", base, experts, {"alpha": alpha}), monkeypatch)
+    assert f"parameter 'alpha' takes a non-negative number or 'auto' (got {alpha!r})" in message
+
+
 def test_expert_with_other_shapes(tmp_path, models, monkeypatch):
     base, experts = models
     torch.manual_seed(1)

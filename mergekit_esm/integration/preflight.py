@@ -20,7 +20,7 @@ from mergekit_esm.architecture import DecoderLayout
 from mergekit_esm.calibration.proxy import SELF_PROXY, load_documents, token_windows
 from mergekit_esm.errors import EsmInputError, ensure_finite
 from mergekit_esm.methods import METHODS, MergeSettings, MethodDefinition
-from mergekit_esm.methods.base import unknown_parameter_message
+from mergekit_esm.methods.base import Strength, unknown_parameter_message
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,12 @@ def _settings(method: MethodDefinition, config: MergeConfiguration) -> tuple[Mer
     except ValidationError as error:
         first = error.errors()[0]
         field = str(first["loc"][0])
+        # pydantic reports a strength's first alternative only ("a valid number"), never 'auto'
+        if settings_type.model_fields[field].annotation == Strength:
+            raise EsmInputError(
+                f"{method.name} parameter '{field}' takes a non-negative number or 'auto' "
+                f"(got {first.get('input')!r})"
+            ) from None
         raise EsmInputError(
             f"{method.name} parameter '{field}': {first['msg']} (got {first.get('input')!r})"
         ) from None
