@@ -182,6 +182,28 @@ def test_pickle_only_checkpoint(tmp_path, models, monkeypatch):
     assert "pickle" in message and "save_pretrained" in message
 
 
+def test_missing_model_folder_is_named_as_a_folder(tmp_path, models, monkeypatch):
+    """mergekit takes a path that is not a folder for a Hub id: the Hub's repo-id complaint
+    must not be what a mistyped folder gets."""
+    base, experts = models
+    missing = tmp_path / "no_such_expert"
+    message = run(tmp_path, recipe(tmp_path / "r.yml", base, [experts[0], missing]), monkeypatch)
+    assert f"model folder {missing} does not exist" in message and "Repo id" not in message
+
+
+def test_offline_hub_id_not_in_the_cache_fails_at_once(tmp_path, models):
+    base, experts = models
+    config = recipe(tmp_path / "r.yml", base, [experts[0], "my-org/not-downloaded"])
+    result = mergekit_yaml(config, tmp_path / "out", tmp_path / "cache")  # with HF_HUB_OFFLINE=1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert errors == [
+        "Error: model my-org/not-downloaded is neither a local folder nor in the Hugging Face cache, and "
+        "HF_HUB_OFFLINE=1 forbids downloading it: download it while online, or give the path of a local copy"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
 def test_output_folder_with_other_content_is_refused(tmp_path, models, monkeypatch):
     base, experts = models
     (tmp_path / "out").mkdir()

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 from mergekit.io.tasks import LoaderCache
@@ -106,6 +109,38 @@ def _settings(method: MethodDefinition, config: MergeConfiguration) -> tuple[Mer
     return settings, per_model
 
 
+def _missing_folder_message(path: str) -> str:
+    if os.path.exists(os.path.expanduser(path)):
+        return f"model folder {path}: mergekit does not expand '~'; write it as {os.path.expanduser(path)}"
+    where = "" if os.path.isabs(path) else f" (relative to {os.getcwd()})"
+    return f"model folder {path} does not exist{where}: check the path in the recipe"
+
+
+def _in_hub_cache(source, hub_cache: str | None) -> bool:
+    found = try_to_load_from_cache(source.path, "config.json", cache_dir=hub_cache, revision=source.revision)
+    return isinstance(found, str)  # else None (never fetched) or a marker (known to be missing)
+
+
+def _check_model_sources(models: tuple[ModelReference, ...], hub_cache: str | None) -> None:
+    """Name a model that cannot be found before mergekit asks the Hub for it. mergekit takes
+    every path that is not a folder for a Hub id: a mistyped folder gets the Hub's repo-id
+    complaint, and an id it cannot download offline a connection error."""
+    for model in models:
+        for source in filter(None, (model.model, model.lora)):
+            if os.path.exists(source.path):
+                continue
+            try:
+                validate_repo_id(source.path)
+            except HFValidationError:
+                raise EsmInputError(_missing_folder_message(source.path)) from None
+            if hub_constants.HF_HUB_OFFLINE and not _in_hub_cache(source, hub_cache):
+                raise EsmInputError(
+                    f"model {source} is neither a local folder nor in the Hugging Face cache, and "
+                    "HF_HUB_OFFLINE=1 forbids downloading it: download it while online, or give the "
+                    "path of a local copy"
+                )
+
+
 def _open_safetensors_index(model: ModelReference):
     try:
         index = LoaderCache().get(model).index
@@ -167,8 +202,9 @@ def preflight(config: MergeConfiguration, options: MergeOptions) -> MergeInputs:
         )
     settings, per_model = _settings(method, config)
 
-    LoaderCache().setup(options=options)
     base = config.base_model
+    _check_model_sources((base, *experts), options.transformers_cache)
+    LoaderCache().setup(options=options)
     trust = options.trust_remote_code
     indexes = {m: _open_safetensors_index(m) for m in (base, *experts)}
     base_config = base.config(trust_remote_code=trust)
