@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -51,11 +52,21 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale(folder: Path, prefix: str) -> None:
-    """Remove the folders `prefix<pid>` whose process is gone: what a killed run left."""
+    """Remove the folders `prefix<pid>` and `prefix<pid>-<suffix>` whose process is gone:
+    what a killed run left."""
     for stale in folder.glob(prefix + "*"):
-        pid = stale.name.removeprefix(prefix)
+        pid = stale.name.removeprefix(prefix).split("-", 1)[0]
         if pid.isdigit() and not _pid_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def process_temporary_directory(kind: str) -> tempfile.TemporaryDirectory:
+    """A temporary folder `mergekit-esm-<kind>-<pid>-<random>` in the system's temp folder,
+    after removing those of processes that are gone: SIGKILL runs no cleanup, and without the
+    owner's pid in the name a later run could not tell a left-over folder from a live one."""
+    prefix = f"mergekit-esm-{kind}-"
+    remove_stale(Path(tempfile.gettempdir()), prefix)
+    return tempfile.TemporaryDirectory(prefix=f"{prefix}{os.getpid()}-")
 
 
 class CacheEntry:

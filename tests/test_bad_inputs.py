@@ -280,6 +280,24 @@ def test_sigterm_removes_everything_the_run_wrote(tmp_path, models, zoo):
     assert not [p for p in (tmp_path / "cache").rglob("*") if ".tmp-" in p.name]
 
 
+def test_hidden_state_folder_of_a_killed_run_is_swept(tmp_path, models, zoo, monkeypatch):
+    """SIGKILL runs no cleanup: the next calibration removes the spilled-hidden-state folders
+    whose process is gone, and only those."""
+    import tempfile
+
+    base, experts = models
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    stale = tmp_path / "tmp" / "mergekit-esm-hidden-999999999-x1y2z3"  # no such process
+    live = tmp_path / "tmp" / f"mergekit-esm-hidden-{os.getppid()}-a1b2c3"  # a running process's
+    stale.mkdir(parents=True)
+    live.mkdir()
+    monkeypatch.setenv("MERGEKIT_ESM_CACHE", str(tmp_path / "cache"))
+    config = recipe(tmp_path / "r.yml", base, experts, {"proxy": str(zoo["proxy"])})
+    result = CliRunner().invoke(mergekit_yaml_main, [str(config), str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output[-2000:]
+    assert list((tmp_path / "tmp").iterdir()) == [live]
+
+
 def test_real_cli_prints_one_error_line_without_traceback(tmp_path, models):
     base, experts = models
     result = mergekit_yaml(recipe(tmp_path / "r.yml", base, experts, {"rnak": 4}), tmp_path / "out", tmp_path / "cache")

@@ -7,7 +7,6 @@ memory does not grow with depth. Weights are read through a caller-supplied func
 
 import contextlib
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from torch import nn
 
 from mergekit_esm.algebra.subspace import InputMoment, add_gram_upper_, fill_lower_from_upper_
 from mergekit_esm.architecture import DecoderLayout, build_meta_model
+from mergekit_esm.cache import process_temporary_directory
 
 
 @dataclass
@@ -167,7 +167,7 @@ def layer_input_moments(
     n_tokens = sum(len(w) for w in windows)
     on_cpu = torch.device(device).type == "cpu"
     # closing this generator (or its end) removes the spilled hidden states
-    with tempfile.TemporaryDirectory(prefix="mergekit-esm-hidden-") if on_cpu else contextlib.nullcontext() as spill:
+    with process_temporary_directory("hidden") if on_cpu else contextlib.nullcontext() as spill:
         for index in range(layout.num_layers):
             if hidden is None:
                 hidden = torch.load(os.path.join(spill, "hidden.pt"), weights_only=True)

@@ -10,7 +10,6 @@ for each forward step, so a model larger than memory still generates, only slowe
 token reads the offloaded layers once more).
 """
 
-import tempfile
 from collections.abc import Iterator
 
 import psutil
@@ -18,6 +17,7 @@ import torch
 import tqdm
 from transformers import AutoModelForCausalLM
 
+from mergekit_esm.cache import process_temporary_directory
 from mergekit_esm.calibration.proxy import PromptMode, pack_windows
 
 # Short open requests, one per sequence in turn: they let an instruction-tuned expert answer
@@ -106,7 +106,7 @@ def self_generated_windows(
     trust_remote_code: bool = False,
 ) -> list[list[int]]:
     """`samples` windows of `max_tokens` tokens sampled from the model, packed like text."""
-    with tempfile.TemporaryDirectory(prefix="mergekit-esm-offload-") as offload:
+    with process_temporary_directory("offload") as offload:
         model = AutoModelForCausalLM.from_pretrained(
             model_path,
             dtype="auto",
