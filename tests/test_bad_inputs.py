@@ -318,3 +318,40 @@ def test_finiteness_check_decides_every_case(dtype):
         x[2, 3] = bad
         with pytest.raises(EsmInputError, match="NaN or Inf"):
             ensure_finite(x, "w", "m")
+
+
+def test_tune_without_lm_eval_stops_before_any_merge(tmp_path, models, monkeypatch):
+    from mergekit_esm import cli
+
+    base, experts = models
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` raises ImportError
+    monkeypatch.setenv("MERGEKIT_ESM_CACHE", str(tmp_path / "cache"))
+    config = recipe(tmp_path / "r.yml", base, experts, merge_method="tsv")
+    result = CliRunner().invoke(cli.main, ["tune", str(config), str(tmp_path / "tuned"), "--tasks", "x"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert not (tmp_path / "tuned").exists() and not (tmp_path / "cache").exists()  # nothing merged
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert errors == ["Error: tune scores merges with lm-eval, which is not installed: pip install 'mergekit-esm[eval]'"]
+
+
+def test_tune_leaves_no_trial_merges_when_it_fails(tmp_path, models, monkeypatch):
+    """A failure after some trials (here: scoring the second) removes the trials' merges."""
+    from mergekit_esm import cli
+    from mergekit_esm.strength import tune as tune_module
+
+    base, experts = models
+    calls = []
+
+    def score_once(path, tasks, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise EsmInputError("lm-eval does not know the task(s) x")
+        return {t: 0.5 for t in tasks}
+
+    monkeypatch.setattr(tune_module, "score", score_once)
+    monkeypatch.setenv("MERGEKIT_ESM_CACHE", str(tmp_path / "cache"))
+    config = recipe(tmp_path / "r.yml", base, experts, merge_method="tsv")
+    result = CliRunner().invoke(cli.main, ["tune", str(config), str(tmp_path / "tuned"), "--tasks", "x"])
+    assert len(calls) == 2 and result.exit_code == 1, result.output[-2000:]
+    assert "Error: lm-eval does not know the task(s) x" in result.output
+    assert not (tmp_path / "tuned" / ".trials").exists()

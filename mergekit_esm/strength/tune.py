@@ -48,6 +48,16 @@ def _load_recipe(path: Path) -> dict:
     return recipe
 
 
+def _require_lm_eval() -> None:
+    """Scoring needs the `eval` extra: say so before the first merge, not after it."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise EsmInputError(
+            "tune scores merges with lm-eval, which is not installed: pip install 'mergekit-esm[eval]'"
+        ) from None
+
+
 def _prepare_output(out: Path) -> None:
     if out.exists() and any(out.iterdir()) and not (out / "tune.json").exists():
         raise EsmInputError(f"output folder {out} exists and is not an earlier tune run: choose a new one")
@@ -76,6 +86,7 @@ def tune(
     high = high if high is not None else DEFAULT_HIGH.get(recipe["merge_method"], DEFAULT_HIGH_OTHERS)
     if not 0 <= low < high:
         raise EsmInputError(f"the α range must satisfy 0 ≤ low < high; got [{low}, {high}]")
+    _require_lm_eval()
     _prepare_output(out)
     options = merge_options or MergeOptions()
     trials_dir = out / ".trials"
@@ -98,13 +109,13 @@ def tune(
 
     try:
         result.best_alpha, _ = golden_section_max(evaluate, low, high, tolerance, max_trials)
-    finally:
+        _write_report(result, recipe, tasks, out)
+        best_model = trials_dir / f"alpha_{result.best_alpha:.6f}"
+        shutil.rmtree(out / "model", ignore_errors=True)
+        best_model.rename(out / "model")
+    finally:  # empty after success; after a failure or Ctrl-C it holds trial merges nobody asked for
         progress.close()
-    _write_report(result, recipe, tasks, out)
-    best_model = trials_dir / f"alpha_{result.best_alpha:.6f}"
-    shutil.rmtree(out / "model", ignore_errors=True)
-    best_model.rename(out / "model")
-    shutil.rmtree(trials_dir, ignore_errors=True)
+        shutil.rmtree(trials_dir, ignore_errors=True)
     return result
 
 
