@@ -4,10 +4,21 @@ from pathlib import Path
 
 import click
 
+from mergekit_esm import __version__
+from mergekit_esm.integration.run import exit_on_interrupt
 from mergekit_esm.strength.tune import tune as run_tune
 
 
-@click.group()
+class _Commands(click.Group):
+    """The command group, with Ctrl-C answered as a shell expects: one line, exit status 130."""
+
+    def invoke(self, ctx):
+        with exit_on_interrupt("nothing partial was kept"):
+            return super().invoke(ctx)
+
+
+@click.group(cls=_Commands)
+@click.version_option(__version__, prog_name="mergekit-esm")
 def main():
     """mergekit-esm tools (merge with: mergekit-yaml recipe.yml out/)."""
 

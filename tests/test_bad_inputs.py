@@ -280,6 +280,40 @@ def test_sigterm_removes_everything_the_run_wrote(tmp_path, models, zoo):
     assert not [p for p in (tmp_path / "cache").rglob("*") if ".tmp-" in p.name]
 
 
+# mergekit-yaml that sends itself SIGINT (Ctrl-C) when the pre-pass starts merging its first layer
+SIGINT_AT_FIRST_LAYER = SIGTERM_AT_FIRST_LAYER.replace("SIGTERM", "SIGINT")
+
+
+def test_ctrl_c_in_mergekit_yaml_exits_130_with_one_line(tmp_path, models, zoo):
+    """A shell expects 130 from a process stopped by Ctrl-C; click said "Aborted!" and exited 1."""
+    base, experts = models
+    config = recipe(tmp_path / "r.yml", base, experts, {"proxy": str(zoo["proxy"])})
+    env = {**os.environ, "MERGEKIT_ESM_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", SIGINT_AT_FIRST_LAYER, str(config), str(tmp_path / "out")],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 130, result.stderr[-2000:]
+    assert "Interrupted: the merge stopped and wrote no output" in result.stderr.splitlines()
+    assert "Aborted!" not in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_in_mergekit_esm_tune_exits_130_with_one_line(tmp_path, models, monkeypatch):
+    from mergekit_esm import cli
+    from mergekit_esm.strength import tune as tune_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    base, experts = models
+    monkeypatch.setattr(tune_module, "score", interrupted)
+    monkeypatch.setenv("MERGEKIT_ESM_CACHE", str(tmp_path / "cache"))
+    config = recipe(tmp_path / "r.yml", base, experts, merge_method="tsv")
+    result = CliRunner().invoke(cli.main, ["tune", str(config), str(tmp_path / "tuned"), "--tasks", "x"])
+    assert result.exit_code == 130, result.output[-2000:]
+    assert "Interrupted: nothing partial was kept" in result.output and "Aborted!" not in result.output
+    assert not (tmp_path / "tuned" / ".trials").exists()
+
+
 def test_hidden_state_folder_of_a_killed_run_is_swept(tmp_path, models, zoo, monkeypatch):
     """SIGKILL runs no cleanup: the next calibration removes the spilled-hidden-state folders
     whose process is gone, and only those."""

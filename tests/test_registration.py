@@ -51,3 +51,12 @@ def test_kernel_outside_a_prepared_run_explains_itself():
 
     with pytest.raises(EsmInputError, match="run through mergekit-yaml"):
         merge_tensors([torch.zeros(2), torch.ones(2), torch.ones(2)], get("esm"), base_index=0)
+
+
+def test_mergekit_esm_prints_its_version():
+    from importlib.metadata import version
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("mergekit-esm")
+    result = subprocess.run([str(exe), "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == f"mergekit-esm, version {version('mergekit-esm')}"

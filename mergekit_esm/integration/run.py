@@ -10,8 +10,10 @@ import os
 import shutil
 import signal
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+
+import click
 
 from mergekit_esm.cache import remove_stale
 from mergekit_esm.errors import EsmInputError
@@ -60,6 +62,26 @@ def exit_on_sigterm():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def exit_on_interrupt(message: str):
+    """Ctrl-C ends a command with status 130, as a shell expects of a process stopped by
+    SIGINT, and one line; click would print "Aborted!" and exit 1. Cleanup inside the block
+    has run by the time the KeyboardInterrupt reaches here."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        click.echo(f"Interrupted: {message}", err=True)
+        raise SystemExit(128 + signal.SIGINT) from None
+
+
+def _on_interrupt():
+    """Under a command (mergekit-yaml, mergekit-esm tune), Ctrl-C exits 130; called from
+    Python, it stays a KeyboardInterrupt for the caller."""
+    if click.get_current_context(silent=True) is None:
+        return nullcontext()
+    return exit_on_interrupt("the merge stopped and wrote no output")
 
 
 def _card_value(settings, name: str, value) -> str:
@@ -126,7 +148,7 @@ def wrap_run_merge(run_merge):
         from mergekit_esm.integration.preflight import preflight
         from mergekit_esm.integration.prepare import prepare
 
-        with exit_on_sigterm(), staged_output(out_path) as staging:
+        with _on_interrupt(), exit_on_sigterm(), staged_output(out_path) as staging:
             prepared = prepare(preflight(merge_config, options))
             with activated(prepared):
                 run_merge(merge_config, str(staging), options, *args, **kwargs)
