@@ -1,12 +1,40 @@
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-import pytest
-import yaml
 
-from tests.tiny_models import write_zoo
+def _isolate_caches() -> Path:
+    """Point every cache the suite could write (mergekit-esm's, Hugging Face's hub and datasets,
+    matplotlib's, the XDG default) at one temporary folder for the whole session: tests must
+    never touch a user's caches, and a test that names no cache would otherwise write
+    ~/.cache/mergekit-esm. Subprocesses inherit it."""
+    root = Path(tempfile.mkdtemp(prefix="mergekit-esm-tests-"))
+    for name, folder in {
+        "MERGEKIT_ESM_CACHE": "mergekit-esm",
+        "HF_HOME": "huggingface",
+        "HF_HUB_CACHE": "huggingface/hub",
+        "HF_DATASETS_CACHE": "huggingface/datasets",
+        "MPLCONFIGDIR": "matplotlib",
+        "XDG_CACHE_HOME": "xdg",
+    }.items():
+        os.environ[name] = str(root / folder)
+    return root
+
+
+# before the imports below: huggingface_hub reads its cache variables once, when imported
+SESSION_CACHES = _isolate_caches()
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from tests.tiny_models import write_zoo  # noqa: E402
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(SESSION_CACHES, ignore_errors=True)
 
 PROXY_TEXT = "\n\n".join(
     f"Document {i}: the quick brown fox {i} jumps over {i * 7} lazy dogs near river {i % 5}."

@@ -196,3 +196,23 @@ def test_float32_precision_merge_runs_end_to_end_and_tracks_float64(zoo, merged)
     differences.sort()
     assert differences[len(differences) // 2] <= 1e-4
     assert differences[-1] <= 2e-3
+
+
+def test_the_suite_never_writes_the_users_cache(zoo, tmp_path):
+    """A merge that names no cache, as a test may forget to, lands in the session's temporary
+    caches (tests/conftest.py), never in the user's ~/.cache/mergekit-esm."""
+    from pathlib import Path
+
+    from click.testing import CliRunner
+    from mergekit.scripts.run_yaml import main as mergekit_yaml_main
+
+    from mergekit_esm.cache import cache_root
+
+    home_cache = Path.home() / ".cache" / "mergekit-esm"
+    session_cache = cache_root(None)
+    assert session_cache != home_cache
+    before = set(session_cache.glob("*/*"))
+    config = recipe(tmp_path / "r.yml", zoo["base"], zoo["experts"], merge_method="tsv")
+    assert CliRunner().invoke(mergekit_yaml_main, [str(config), str(tmp_path / "out")]).exit_code == 0
+    written = [p.relative_to(session_cache) for p in set(session_cache.glob("*/*")) - before]
+    assert written and not any((home_cache / p).exists() for p in written)
