@@ -114,6 +114,11 @@ def _card_section(prepared) -> str:
     if prepared.alpha_search:
         tried = ", ".join(f"{a:.3g}: {loss:.4f}" for a, loss in sorted(prepared.alpha_search.items()))
         lines.append(f"| α chosen by alpha: auto | {prepared.alpha:.4g} (distinctive-token loss per α tried: {tried}) |")
+        cost, budget = prepared.alpha_retention
+        lines.append(
+            f"| alpha: auto's cost to the base | {cost:+.3f} nats/token on text the base wrote (budget, the mean "
+            f"expert's: {budget:+.3f}) |"
+        )
     ranks = sorted({k for k in inputs.ranks.values() if k is not None})
     if ranks:
         lines.append(f"| rank used (k per expert) | {', '.join(map(str, ranks))} |")
