@@ -24,7 +24,7 @@ def polar_orthogonalize(x: torch.Tensor, keep_scale: bool, float64_retry: bool |
     twice as fast as an SVD on CPU and within ~1e-9 of U Vᵀ. Lower precision (the GPU
     default): the Gram matrix would square the condition number and lose directions below
     ~3% of σ_max, so the scaled Newton iteration is used, which is matrix products and
-    inverses (2.8 s for a 14336² factor on an H200, where the SVD took 34 s); on a GPU, in
+    inverses, an order of magnitude faster than the SVD at d_ff widths on a GPU; on a GPU, in
     float64 where κ is too large for float32 (float64_retry; default: off the CPU); the SVD
     only where that iteration does not apply.
     """
@@ -35,10 +35,9 @@ def polar_orthogonalize(x: torch.Tensor, keep_scale: bool, float64_retry: bool |
         float64_retry = x.device.type != "cpu"
     if q is None and float64_retry:
         # κ beyond what float32 resolves (0.1/eps ≈ 8e5) need not mean singular: the float64
-        # iteration resolves it as the float32 one does smaller κ, and on an H200 it took 2.1 s
-        # for a 14336² factor where the SVD took 34 s and cut directions below ~1e-3·σ_max
-        # (eval/results/polar_h200.md). Not on the CPU, where float32 is chosen to save
-        # memory that the float64 copies would spend.
+        # iteration resolves it as the float32 one does smaller κ, far faster than the SVD,
+        # which would also cut directions below ~1e-3·σ_max (docs/performance.md). Not on the
+        # CPU, where float32 is chosen to save memory that the float64 copies would spend.
         q = newton_polar(x.double())
         q = None if q is None else q.to(x.dtype)
     if q is None:
@@ -138,7 +137,7 @@ def carrying_directions(factors: TaskFactors) -> torch.Tensor:
     The rest are arbitrary vectors of a null space: a low-rank task matrix (every LoRA expert)
     or rounding that made an eigenvalue ≤ 0 (inputs of lower rank than k). Kept, they would
     make the concatenated factors singular — every direction gets weight 1 in the polar factor —
-    and send it to the slow SVD route (30 s for an 8B gate/up_proj on an H200). Directions
+    and send it to the slow SVD route. Directions
     that the proxy barely excites but that carry part of ΔW stay, as ESM keeps k per expert.
     """
     d_out, d_in = factors.basis.shape[0], factors.coords.shape[1]

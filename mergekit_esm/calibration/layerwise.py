@@ -104,14 +104,12 @@ class _InputCollector:
     instead of 14336² and fewer multiply-adds than XᵀX and ΔW XᵀX ΔWᵀ together. X and XᵀX are
     kept in float32 at the end, the shift moment in the sums' dtype: rounded to float32 it
     would carry errors of eps·λ₁ in every direction, where XᵀX's rounding reaches S scaled by
-    ΔW, and fine-tuned ΔWs span decades (on the zoo, a float64 merge's down_proj then moved by
-    up to 6.7e-3 relative, against 5e-7 with XᵀX in float32; eval/results/stages_1b_cpu.md).
+    ΔW, and fine-tuned ΔWs span decades (measured in docs/performance.md).
     Sums are taken in `sum_dtype`: float64 for the float64 precision (the
     cut at rank k is sensitive to XᵀX where eigenvalues cluster near λ_k); float32 otherwise,
     since a consumer GPU multiplies float64 at 1/64 of its float32 rate (the sums of
-    Llama-3-8B's 14336-wide down_proj input would take seconds per layer and expert). With the
-    rest of the float32 path, this moves the merged updates of tests/test_end_to_end.py's zoo
-    by a median 1.7e-6 relative to float64 (largest 5.2e-5)."""
+    Llama-3-8B's 14336-wide down_proj input would take seconds per layer and expert). Tests
+    hold the float32 path to the float64 reference."""
 
     def __init__(self, n_tokens: int, d_in: int, device, sum_dtype: torch.dtype, delta: torch.Tensor | None = None):
         self.n_tokens, self.d_in, self.filled, self.delta = n_tokens, d_in, 0, delta

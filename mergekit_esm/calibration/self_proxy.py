@@ -1,7 +1,7 @@
 """`proxy: self` — calibration text that each expert writes itself.
 
 Hobbyists merging Hub models rarely have the experts' training data, and on LLM experts the
-proxy's domain matters (README, "Proxy text"). Sampling from the expert gives text from the
+proxy's domain matters (docs/zoo_studies.md, "Proxy text"). Sampling from the expert gives text from the
 distribution it was fine-tuned towards, at the cost of one generation run per expert.
 
 The model is loaded by transformers with accelerate's `device_map="auto"`: layers that do not

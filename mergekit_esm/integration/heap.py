@@ -26,9 +26,8 @@ def map_large_allocations() -> bool:
 
     By default glibc raises the threshold (up to 32 MiB) as large blocks are freed, and then
     serves the pre-pass's many 1–32 MiB tensors (each window's activations and hidden states)
-    from its heap, which fragments: at 1.1B widths ESM's anonymous peak grew from 1649 to
-    2012 MiB between 2 and 4 layers; with the threshold fixed, 4 layers peaked at 1388 MiB
-    in the same wall time (`eval/results/bench_scale_1b_float32_lean.md`).
+    from its heap, which fragments, so the peak grows with depth (measured in
+    docs/performance.md).
     """
     libc = _glibc()
     if libc is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
@@ -39,8 +38,8 @@ def map_large_allocations() -> bool:
 def trim_heap() -> bool:
     """Hand the free pages inside glibc's heaps back to the system (malloc_trim(0)), after each
     layer: the allocations below the mmap threshold fragment the heaps too, and glibc only
-    returns what lies at a heap's top. Milliseconds a call. Without it the pre-pass's peaks
-    crept up ~2 MiB a layer on the test shape (`eval/results/depth_memory.md`)."""
+    returns what lies at a heap's top. Milliseconds a call; without it the pre-pass's peaks
+    creep up layer by layer."""
     libc = _glibc()
     if libc is None:
         return False

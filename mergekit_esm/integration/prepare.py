@@ -214,8 +214,8 @@ class PreparedMerge:
         mean of the task vectors, the authors' rule for 1-D tensors; vocabulary matrices
         too by default (`embedding_merge`): the authors' TSV-M fallback for 2-D tensors
         would need an SVD per expert of a 128k-row matrix, more than the rest of the merge
-        costs, and on the zoo the sum (what TSV-M approaches for disjoint row updates)
-        scored no better than the mean.
+        costs, and the sum (what TSV-M approaches for disjoint row updates) measured no
+        better than the mean (docs/zoo_studies.md).
         """
         if name in self.betas:
             return self.target_update(name, base.device).mul_(self.betas[name])

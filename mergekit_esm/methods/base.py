@@ -32,7 +32,7 @@ class MergeSettings(BaseModel):
     embedding_merge: Literal["mean", "sum"] = Field(
         "mean",
         description="Vocabulary matrices (embed_tokens, lm_head): mean or sum of the task "
-        "vectors, times α (mean measured as good or better on the zoo; see README).",
+        "vectors, times α (mean measured as good or better than sum; docs/zoo_studies.md).",
     )
     auto_alpha_samples: int = Field(
         8, ge=1, description="alpha: auto — samples each expert writes to judge the merge by."
@@ -50,7 +50,7 @@ class MergeSettings(BaseModel):
         "auto",
         description="Working precision of the per-weight linear algebra. auto: float64 on CPU "
         "(about 1.5× the time of float32 there), float32 on a GPU (consumer GPUs run float64 "
-        "at 1/32–1/64 of float32 speed). See README, 'Memory, speed and the cache'.",
+        "at 1/32–1/64 of float32 speed). See docs/performance.md.",
     )
     cache_dir: Optional[str] = Field(
         None,

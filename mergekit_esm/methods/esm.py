@@ -1,4 +1,6 @@
-"""`merge_method: esm` — Essential Subspace Merging (Li et al., CVPR 2026), ../shared/ESM.md."""
+"""`merge_method: esm` — Essential Subspace Merging (Li et al., CVPR 2026, arXiv 2602.20208).
+
+The formulas and where this implementation differs from the authors' code: docs/design.md."""
 
 from collections.abc import Sequence
 from typing import ClassVar, Literal, Optional
@@ -17,7 +19,7 @@ class EsmSettings(MergeSettings):
         3.0,
         description="Global strength α: W = W0 + α·β_ℓ·ΔW_merged, or 'auto'. α=1 is the merged "
         "update as ESM builds it, without the authors' ViT factor 2 (α=1 here is their α=0.5). "
-        "Default 3: best on the validation split of our expert zoo (see README).",
+        "Default 3: chosen on our zoos' validation splits (README, 'Choosing the strength').",
     )
     rank: Optional[int] = Field(
         None, ge=1, description="Directions kept per expert and weight; default ⌊d_out / T⌋, at most d_in."

@@ -16,7 +16,7 @@ ratio of the experts' own behaviour, so it needs no constant tuned to a zoo.
 
 Why not the plain loss on the samples: most sampled tokens are generic text that base and
 expert predict alike; their loss only rises with α, so it picks an α near 1 where every
-task is still weak (on our zoo: α = 1 against a labeled optimum of 3). Closed forms that
+task is still weak (docs/zoo_studies.md). Closed forms that
 match each layer's output shift (least squares of β·ΔW_merged against ΔW_t on X_t) pick α
 10–40× too small, because they judge each layer alone. The loss is evaluated out-of-core,
 layer by layer from the cached merged updates, for several candidate α in one pass.

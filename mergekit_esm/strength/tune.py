@@ -17,7 +17,7 @@ from mergekit_esm.errors import EsmInputError
 from mergekit_esm.strength.lm_eval_score import score
 from mergekit_esm.strength.search import golden_section_max
 
-# The paper searches its α in [0, 2]; ESM's α here is half of theirs (README, α), so [0, 4].
+# The paper searches its α in [0, 2]; ESM's α here is half of theirs (README, 'Recipe parameters'), so [0, 4].
 # TSV-M and Iso-C/CTS have no such factor: their papers' searches stay within [0, 3].
 DEFAULT_HIGH = {"esm": 4.0}
 DEFAULT_HIGH_OTHERS = 3.0
