@@ -16,7 +16,7 @@ from unittest import mock
 
 import torch
 
-from mergekit_esm.algebra.merge import _gram_polar, _svd_polar, newton_polar, polar_orthogonalize, with_mean_sigma
+from mergekit_esm.algebra.merge import gram_polar, newton_polar, polar_orthogonalize, svd_polar, with_mean_sigma
 
 
 def concatenated_basis(d: int, tasks: int, device: str, seed: int = 0) -> torch.Tensor:
@@ -49,9 +49,9 @@ def main():
     device = "cuda" if args.cuda else "cpu"
     # (route, function, largest d it runs at): the first route is the float64 reference
     routes = [
-        ("float64 Gram eigh (CPU default)", lambda x: _gram_polar(x.double(), keep_scale=True), args.reference_max),
+        ("float64 Gram eigh (CPU default)", lambda x: gram_polar(x.double(), keep_scale=True), args.reference_max),
         ("float32 Newton (GPU default)", lambda x: polar_orthogonalize(x.float(), keep_scale=True), None),
-        ("float32 SVD", lambda x: _svd_polar(x.float(), keep_scale=True), args.svd_max),
+        ("float32 SVD", lambda x: svd_polar(x.float(), keep_scale=True), args.svd_max),
         ("float64 Newton (GPU, where κ is too large for float32)",
          lambda x: with_mean_sigma(newton_polar(x.double()), x.double()), None),
     ]

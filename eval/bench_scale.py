@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import LlamaConfig
 
-from tests.tiny_models import byte_tokenizer
+from eval.byte_tokenizer import byte_tokenizer
 
 SHAPES = {
     "test": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,

@@ -104,14 +104,14 @@ def _timed_generator(stage: str, function):
 STAGES = [
     (prepare, "merged_updates", "pre-pass (calibration and merge)"),
     (prepare, "layer_input_moments", "calibration: forward and statistics"),
-    (prepare, "_merge_layer", LAYER_STAGE),
+    (prepare, "merge_layer", LAYER_STAGE),
     (prepare.TaskMatrices, "__init__", "· read base weight"),
     (prepare.TaskMatrices, "__getitem__", "· read expert weight − base"),
     (esm, "essential_subspace", "· essential subspace (eigh)"),
     (subspace, "moment_sqrt", "· · √XᵀX for wide outputs"),
     (merge, "polar_orthogonalize", "· polar factors"),
     (merge, "newton_polar", "· · Newton route (a wide factor counts twice)"),
-    (merge, "_svd_polar", "· · SVD route (fallback)"),
+    (merge, "svd_polar", "· · SVD route (fallback)"),
     (prepare, "save_file", "write merged updates to the cache"),
     (prepare, "trim_heap", "return free heap pages (malloc_trim)"),
 ]

@@ -16,7 +16,7 @@ import sys
 
 
 def _on_registry(module) -> None:
-    from mergekit_esm.integration.method import register_methods
+    from mergekit_esm.integration.registration import register_methods
 
     register_methods(module)
 

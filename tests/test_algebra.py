@@ -183,7 +183,7 @@ def test_a_factor_too_ill_conditioned_for_float32_newton_is_resolved_in_float64_
     assert newton_polar(x) is None  # beyond float32's reach
     uu, sigma, vh = torch.linalg.svd(x.double())
     assert sigma[-1] > 0 and sigma[0] / sigma[-1] > 0.1 / torch.finfo(torch.float32).eps
-    with mock.patch("mergekit_esm.algebra.merge._svd_polar", side_effect=AssertionError("SVD route")):
+    with mock.patch("mergekit_esm.algebra.merge.svd_polar", side_effect=AssertionError("SVD route")):
         q = polar_orthogonalize(x, keep_scale=True, float64_retry=True)
     assert q.dtype == torch.float32
     expected = (uu @ vh) * sigma.mean()
@@ -284,7 +284,7 @@ def test_low_rank_experts_merge_as_if_truncated_at_their_rank_by_the_fast_route(
     def merged(precision, rank):
         moment = InputMoment(n, moment=(x.T @ x).to(precision))
         factors = [essential_subspace((b @ a).to(precision), moment, rank) for b, a in zip(bs, as_)]
-        with mock.patch("mergekit_esm.algebra.merge._svd_polar", side_effect=AssertionError("SVD route")):
+        with mock.patch("mergekit_esm.algebra.merge.svd_polar", side_effect=AssertionError("SVD route")):
             return merge_task_factors(factors, gamma=0.15, task_exponent=2.0, dimension_exponent=2.0).double()
 
     reference = merged(torch.float64, r)

@@ -12,9 +12,10 @@ from mergekit.scripts.run_yaml import main as mergekit_yaml_main
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM, MistralConfig
 
+from eval.byte_tokenizer import byte_tokenizer
 from mergekit_esm.errors import EsmInputError, ensure_finite
 from tests.conftest import mergekit_yaml, recipe
-from tests.tiny_models import byte_tokenizer, tiny_config, write_model
+from tests.tiny_models import tiny_config, write_model
 
 
 def run(tmp_path, config, monkeypatch):
@@ -250,11 +251,11 @@ def test_interrupted_run_leaves_no_output_and_keeps_an_earlier_merge(tmp_path, m
 SIGTERM_AT_FIRST_LAYER = """
 import os, signal, sys
 import mergekit_esm.integration.prepare as prepare
-merge_layer = prepare._merge_layer
+merge_layer = prepare.merge_layer
 def terminated(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGTERM)
     return merge_layer(*args, **kwargs)
-prepare._merge_layer = terminated
+prepare.merge_layer = terminated
 from mergekit.scripts.run_yaml import main
 main(sys.argv[1:])
 """

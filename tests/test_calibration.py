@@ -10,14 +10,15 @@ from mergekit.common import ModelReference
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
+from eval.byte_tokenizer import byte_tokenizer
 from mergekit_esm.algebra.subspace import add_gram_upper_, fill_lower_from_upper_
 from mergekit_esm.architecture import DecoderLayout
 from mergekit_esm.calibration import layerwise
 from mergekit_esm.calibration.layerwise import held_form, layer_input_moments
 from mergekit_esm.calibration.proxy import load_documents, token_windows
 from mergekit_esm.errors import EsmInputError
-from mergekit_esm.integration.preflight import checked_reader
-from tests.tiny_models import byte_tokenizer, tiny_config, write_model
+from mergekit_esm.weights import checked_reader
+from tests.tiny_models import tiny_config, write_model
 
 
 def test_builtin_proxy_is_large_enough_for_default_settings():

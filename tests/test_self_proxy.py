@@ -4,10 +4,10 @@ import json
 
 import yaml
 
+from eval.byte_tokenizer import byte_tokenizer
 from mergekit_esm.calibration.proxy import load_documents, token_windows
 from mergekit_esm.calibration.self_proxy import self_generated_windows
 from tests.conftest import mergekit_yaml, recipe
-from tests.tiny_models import byte_tokenizer
 
 
 def _generate(model, seed, temperature=1.0, mode="bos"):

@@ -129,8 +129,8 @@ def test_self_prediction_losses_match_whole_merged_models(zoo, tmp_path, monkeyp
 
 def test_auto_alpha_agrees_with_a_brute_force_search_over_a_fine_grid(zoo, tmp_path, monkeypatch):
     """auto_alpha's pick scores as well on its criterion as the best of a fine α grid."""
-    from mergekit_esm.integration.preflight import checked_reader
     from mergekit_esm.strength import auto
+    from mergekit_esm.weights import checked_reader
 
     prepared, _ = _prepared(zoo, tmp_path, monkeypatch, {})
     inputs = prepared.inputs
@@ -154,8 +154,8 @@ def test_auto_alpha_agrees_with_a_brute_force_search_over_a_fine_grid(zoo, tmp_p
 def test_auto_alpha_within_the_retention_budget_agrees_with_a_brute_force_search(zoo, tmp_path, monkeypatch):
     """With the base's samples, auto_alpha picks the best α whose cost to the base's text is
     within the mean expert's, as a fine grid searched by hand does."""
-    from mergekit_esm.integration.preflight import checked_reader
     from mergekit_esm.strength import auto
+    from mergekit_esm.weights import checked_reader
 
     prepared, _ = _prepared(zoo, tmp_path, monkeypatch, {})
     inputs = prepared.inputs

@@ -3,20 +3,9 @@
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM
 
-
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level tokenizer with no merges: every byte is a token (plus BOS/EOS)."""
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    vocab["<s>"] = len(vocab)
-    vocab["</s>"] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+from eval.byte_tokenizer import byte_tokenizer
 
 
 def tiny_config(layers: int = 3, hidden: int = 32, intermediate: int = 64, tied: bool = False) -> LlamaConfig:

@@ -29,7 +29,7 @@ def polar_orthogonalize(x: torch.Tensor, keep_scale: bool, float64_retry: bool |
     only where that iteration does not apply.
     """
     if x.dtype == torch.float64:
-        return _gram_polar(x, keep_scale)
+        return gram_polar(x, keep_scale)
     q = newton_polar(x)
     if float64_retry is None:
         float64_retry = x.device.type != "cpu"
@@ -41,7 +41,7 @@ def polar_orthogonalize(x: torch.Tensor, keep_scale: bool, float64_retry: bool |
         q = newton_polar(x.double())
         q = None if q is None else q.to(x.dtype)
     if q is None:
-        return _svd_polar(x, keep_scale)
+        return svd_polar(x, keep_scale)
     return with_mean_sigma(q, x) if keep_scale else q
 
 
@@ -108,7 +108,9 @@ def spectral_norm(a: torch.Tensor, steps: int = 16) -> torch.Tensor:
     return norm.sqrt()
 
 
-def _svd_polar(x: torch.Tensor, keep_scale: bool) -> torch.Tensor:
+def svd_polar(x: torch.Tensor, keep_scale: bool) -> torch.Tensor:
+    """polar_orthogonalize's SVD route: U Vᵀ over the directions above numerical zero (times
+    their mean σ with keep_scale), where the Newton iteration does not apply."""
     u, sigma, vh = torch.linalg.svd(x, full_matrices=False)
     if sigma.numel() == 0 or sigma[0] <= 0:
         return torch.zeros_like(x)
@@ -117,7 +119,9 @@ def _svd_polar(x: torch.Tensor, keep_scale: bool) -> torch.Tensor:
     return q * sigma[kept].mean() if keep_scale else q
 
 
-def _gram_polar(x: torch.Tensor, keep_scale: bool) -> torch.Tensor:
+def gram_polar(x: torch.Tensor, keep_scale: bool) -> torch.Tensor:
+    """polar_orthogonalize's float64 route: U Vᵀ from the eigen-decomposition of the smaller
+    Gram matrix, over the directions above numerical zero (times their mean σ with keep_scale)."""
     tall = x.shape[0] >= x.shape[1]
     eigenvalues, eigenvectors = torch.linalg.eigh(x.T @ x if tall else x @ x.T)  # eigh reads one triangle
     if eigenvalues.numel() == 0 or eigenvalues[-1] <= 0:

@@ -7,7 +7,6 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -21,22 +20,23 @@ from transformers import AutoTokenizer
 
 from mergekit_esm.architecture import DecoderLayout
 from mergekit_esm.calibration.proxy import SELF_PROXY, load_documents, token_windows
-from mergekit_esm.errors import EsmInputError, ensure_finite
+from mergekit_esm.errors import EsmInputError
 from mergekit_esm.methods import METHODS, MergeSettings, MethodDefinition
 from mergekit_esm.methods.base import Strength, unknown_parameter_message
 
 
 @dataclass(frozen=True)
 class MergeInputs:
-    """A checked merge: which method, who, with which settings, on which proxy tokens."""
+    """A checked merge: which method, who, with which settings, on which proxy text."""
 
     method: MethodDefinition
     base: ModelReference
     experts: tuple[ModelReference, ...]
     settings: MergeSettings
     layout: DecoderLayout
-    # proxy token windows per calibrated expert; None where the expert writes its own (proxy: self)
-    windows: dict[ModelReference, list[list[int]] | None]
+    # the recipe's proxy choice per calibrated expert ('self', 'builtin' or a file), checked to
+    # give enough tokens; prepare.proxy_windows turns it into token windows
+    proxies: dict[ModelReference, str]
     ranks: dict[str, int | None]  # target tensor name → k
     device: str
     trust_remote_code: bool
@@ -45,23 +45,6 @@ class MergeInputs:
     @property
     def models(self) -> tuple[ModelReference, ...]:
         return (self.base, *self.experts)
-
-
-def checked_reader(model: ModelReference, device: str):
-    loader = LoaderCache().get(model)
-
-    def read(name: str) -> torch.Tensor:
-        tensor = loader.get_tensor(name, device=device)
-        # Close a safetensors shard at once: mergekit's loader keeps each model's last shard
-        # mapped, and the mapped pages read so far stay in RSS until then (5 models × one
-        # layer's weights at 1.1B widths: ~440 MB); callers copy what they read, and reopening
-        # costs a header read. Not a PyTorch .bin shard, which mergekit loads whole on opening.
-        if loader.index.tensor_paths[name].endswith(".safetensors"):
-            loader.flush()
-        ensure_finite(tensor, name, model)
-        return tensor
-
-    return read
 
 
 def _scalar(method: str, name: str, value: Any, where: str) -> Any:
@@ -188,6 +171,16 @@ def _tokenizer(model: ModelReference, base_path: str, trust_remote_code: bool):
         ) from None
 
 
+def _proxy_token_count(proxy: str, tokenizer, settings: MergeSettings) -> int:
+    """How many tokens a proxy choice gives an expert, found without writing any: text the
+    expert writes itself (proxy: self) is always proxy_samples × proxy_max_tokens long; a text
+    source is read and tokenized, which also checks that it exists and holds text."""
+    if proxy == SELF_PROXY:
+        return settings.proxy_samples * settings.proxy_max_tokens
+    windows = token_windows(load_documents(proxy), tokenizer, settings.proxy_samples, settings.proxy_max_tokens)
+    return sum(len(w) for w in windows)
+
+
 def preflight(config: MergeConfiguration, options: MergeOptions) -> MergeInputs:
     method = METHODS[config.merge_method]
     name = method.name
@@ -240,19 +233,12 @@ def preflight(config: MergeConfiguration, options: MergeOptions) -> MergeInputs:
                 f"({min(d_out, d_in)}): lower `rank`"
             )
         ranks[target.name] = k
-    windows = {}
+    proxies = {}
     if method.calibrates(settings):
         needed = max(ranks.values())
         for expert in experts:
-            proxy = per_model[expert]["proxy"]
-            if proxy == SELF_PROXY:  # sampled in the pre-pass, always samples × max_tokens long
-                windows[expert] = None
-                n = settings.proxy_samples * settings.proxy_max_tokens
-            else:
-                windows[expert] = token_windows(
-                    load_documents(proxy), tokenizer, settings.proxy_samples, settings.proxy_max_tokens
-                )
-                n = sum(len(w) for w in windows[expert])
+            proxy = proxies[expert] = per_model[expert]["proxy"]
+            n = _proxy_token_count(proxy, tokenizer, settings)
             if n < needed:
                 raise EsmInputError(
                     f"proxy '{proxy}' gives {n} tokens for {expert} but rank {needed} needs at "
@@ -265,7 +251,7 @@ def preflight(config: MergeConfiguration, options: MergeOptions) -> MergeInputs:
         experts=experts,
         settings=settings,
         layout=layout,
-        windows=windows,
+        proxies=proxies,
         ranks=ranks,
         device=str(options.device or "cpu"),
         trust_remote_code=trust,

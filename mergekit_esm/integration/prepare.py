@@ -27,11 +27,14 @@ from safetensors.torch import save_file
 from mergekit_esm.algebra import layer_scales
 from mergekit_esm.cache import CacheEntry, cache_root, files_fingerprint, fingerprint
 from mergekit_esm.calibration.layerwise import layer_input_moments
+from mergekit_esm.calibration.proxy import SELF_PROXY, load_documents, token_windows
 from mergekit_esm.calibration.self_proxy import self_generated_windows
 from mergekit_esm.errors import EsmInputError
 from mergekit_esm.integration.heap import map_large_allocations, trim_heap
-from mergekit_esm.integration.preflight import MergeInputs, checked_reader
+from mergekit_esm.integration.preflight import MergeInputs
+from mergekit_esm.methods.non_target import non_target_update
 from mergekit_esm.strength.auto import auto_alpha
+from mergekit_esm.weights import checked_reader
 
 
 def _layer_file(layer: int) -> str:
@@ -82,13 +85,15 @@ def self_written_windows(
     return json.loads((entry.path / "windows.json").read_text())
 
 
-def calibration_windows(inputs: MergeInputs, expert: ModelReference, root: Path) -> list[list[int]]:
-    """The proxy token windows this expert is calibrated on (sampled first for proxy: self)."""
-    windows = inputs.windows[expert]
-    if windows is None:
-        s = inputs.settings
-        windows = self_written_windows(inputs, expert, root, s.proxy_samples, s.proxy_max_tokens)
-    return windows
+def proxy_windows(inputs: MergeInputs, expert: ModelReference, root: Path) -> list[list[int]]:
+    """The token windows an expert is calibrated on, from the recipe's proxy choice for it:
+    text the expert writes itself (proxy: self; sampled once, then cached) or a text source
+    ('builtin' or a file), tokenized."""
+    s = inputs.settings
+    proxy = inputs.proxies[expert]
+    if proxy == SELF_PROXY:
+        return self_written_windows(inputs, expert, root, s.proxy_samples, s.proxy_max_tokens)
+    return token_windows(load_documents(proxy), inputs.tokenizer, s.proxy_samples, s.proxy_max_tokens)
 
 
 class TaskMatrices(Sequence):
@@ -114,7 +119,10 @@ class TaskMatrices(Sequence):
         return delta
 
 
-def _merge_layer(inputs: MergeInputs, layer: int, moments: dict[ModelReference, dict], zero: set):
+def merge_layer(inputs: MergeInputs, layer: int, moments: dict[ModelReference, dict], zero: set):
+    """ΔW_merged of each target weight of one layer (float32, on the CPU), from the experts'
+    input statistics of this layer (`moments`, emptied as it goes). Experts found to change a
+    weight leave `zero`."""
     dtype = inputs.settings.compute_dtype(inputs.device)
     # Wide-output weights (gate/up_proj) need the largest workspace (T·k = d_ff columns to
     # orthogonalize): merge them last, when the other inputs' statistics have been dropped
@@ -143,7 +151,7 @@ def merged_updates(inputs: MergeInputs, root: Path) -> CacheEntry:
     expert (never the whole model's) and nothing but the merged updates reaches the disk.
     """
     s = inputs.settings
-    windows = {e: calibration_windows(inputs, e, root) for e in inputs.windows}
+    windows = {e: proxy_windows(inputs, e, root) for e in inputs.proxies}
     key = fingerprint(
         "deltas",
         inputs.method.name,
@@ -171,7 +179,7 @@ def merged_updates(inputs: MergeInputs, root: Path) -> CacheEntry:
         with entry.writing() as scratch:
             for layer in tqdm.trange(inputs.layout.num_layers, desc=f"{inputs.method.name} {work}", unit="layer"):
                 moments = {e: next(layers).moments for e, layers in statistics.items()}
-                merged = _merge_layer(inputs, layer, moments, zero)
+                merged = merge_layer(inputs, layer, moments, zero)
                 del moments
                 norms.update({name: float(torch.linalg.matrix_norm(d)) for name, d in merged.items()})
                 save_file(merged, scratch / _layer_file(layer))
@@ -207,24 +215,16 @@ class PreparedMerge:
 
     def update(self, name: str, base: torch.Tensor, experts: list[torch.Tensor]) -> torch.Tensor:
         """This tensor's update before α (W = W0 + α·update), float32, a new tensor the caller
-        may overwrite. `base` and `experts` in any float dtype, read but never converted: a
-        float32 copy of a vocabulary matrix is 2 GiB at Llama-3-8B's size.
+        may overwrite. `base` and `experts` in any float dtype, read but never converted.
 
-        Target linears: β_ℓ·ΔW_merged (cached; `experts` is not read). Other tensors: the
-        mean of the task vectors, the authors' rule for 1-D tensors; vocabulary matrices
-        too by default (`embedding_merge`): the authors' TSV-M fallback for 2-D tensors
-        would need an SVD per expert of a 128k-row matrix, more than the rest of the merge
-        costs, and the sum (what TSV-M approaches for disjoint row updates) measured no
-        better than the mean (docs/zoo_studies.md).
+        Target linears: β_ℓ·ΔW_merged (cached; `experts` is not read). Other tensors:
+        methods/non_target.py's rule.
         """
         if name in self.betas:
             return self.target_update(name, base.device).mul_(self.betas[name])
-        total = torch.zeros(base.shape, dtype=torch.float32, device=base.device)
-        for e in experts:  # summed in place, in float32 (in-place ops promote exactly)
-            total.add_(e).sub_(base)
         layout = self.inputs.layout
         vocabulary = base.ndim == 2 and name in (layout.embed_name, layout.head_names[1])
-        return total if vocabulary and self.inputs.settings.embedding_merge == "sum" else total.div_(len(experts))
+        return non_target_update(base, experts, vocabulary, self.inputs.settings)
 
 
 def prepare(inputs: MergeInputs) -> PreparedMerge:

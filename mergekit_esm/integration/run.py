@@ -141,7 +141,7 @@ def wrap_run_merge(run_merge):
 
     @functools.wraps(run_merge)
     def run_merge_with_esm(merge_config, out_path, options, *args, **kwargs):
-        from mergekit_esm.integration.method import activated
+        from mergekit_esm.integration.registration import activated
         from mergekit_esm.methods import METHODS
 
         if merge_config.merge_method not in METHODS:

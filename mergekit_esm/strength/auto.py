@@ -29,8 +29,8 @@ import tqdm
 
 from mergekit_esm.calibration.layerwise import LayerStack
 from mergekit_esm.errors import EsmInputError
-from mergekit_esm.integration.preflight import checked_reader
 from mergekit_esm.strength.search import golden_section_max
+from mergekit_esm.weights import checked_reader
 
 
 @torch.inference_mode()

@@ -1,5 +1,5 @@
-"""The mergekit side of each method in mergekit_esm.methods: a spec generated from its
-settings model, and one shared kernel.
+"""Registration of each method in mergekit_esm.methods with mergekit: a spec generated from
+its settings model, and one shared kernel.
 
 The kernel itself is thin: all heavy work happened in the pre-pass (prepare.py), which the
 run_merge wrapper activates for the duration of the merge.
