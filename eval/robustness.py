@@ -11,6 +11,7 @@ Stages, each cached in <workdir>/robustness/results.json so that a rerun resumes
    prose. Gives the tasks-vs-retention curves and the setting chosen on validation (best
    mean normalized accuracy, as in `make compare`).
    ablation: ESM with one of its parts off at a time (ABLATIONS), each over α, the same way.
+   auto: `alpha: auto` for this package's methods, the same way (where it lands on the curves).
 3. subsets (Hitit et al., arXiv 2511.21437): for T = 2 … N, seeded random subsets of the
    zoo's experts, each merged with every method at its default (the shipped recipe) and at
    its setting chosen in stage 2, scored on the test splits and retention.
@@ -43,7 +44,8 @@ DEFAULT = "default"
 QUIZ_MARGIN, NLL_MARGIN = 0.15, 0.25
 RESULTS = REPO / "eval" / "results"
 # ESM's parts, each switched off alone, swept over α against the frontier (not judged at one
-# point): curve name → the recipe parameters that differ from ESM's defaults.
+# point): curve name → the recipe parameters that differ from ESM's defaults. Ordered by how
+# much each part changes the update's spectrum, the first suspects for what a merge forgets.
 ABLATIONS = {
     "esm, no whitening": {"whiten_factors": False},
     "esm, no dimension scaling": {"dimension_exponent": 0.0},
@@ -137,16 +139,19 @@ class ZooRun:
                         self.workdir / "robustness", cache=cache)
         merge_s = time.perf_counter() - start
         scores = {**self.evaluate(key, path, members, split), "merge_s": round(merge_s, 1)}
+        if setting.get("alpha") == "auto":  # the α it chose, from the model card
+            card = (path / "README.md").read_text()
+            line = next(l for l in card.splitlines() if l.startswith("| α chosen by alpha: auto |"))
+            scores["alpha"] = float(line.split("|")[2].split()[0])
         self.results.put(scores, self.name, *key)
         shutil.rmtree(path)
         return scores
 
     def sweep(self, methods: list[str]) -> None:
-        members = self.tasks
+        members = self.tasks  # the merged updates stay cached for the ablation, which removes them
         for method in methods:
             for label, setting in sweep_settings(method).items():
                 self.merged(("sweep", method, label), method, setting, members, "validation")
-        shutil.rmtree(self.workdir / "robustness" / "esm-cache" / "-".join(members), ignore_errors=True)
 
     def ablation(self, names: list[str]) -> None:
         """ESM (and each variant in `names`) over ABLATION_ALPHAS, all experts, validation."""
@@ -157,6 +162,13 @@ class ZooRun:
                 setting = {**row, "alpha": alpha}
                 self.merged(("sweep", name, _label(setting)), "esm", setting, members, "validation")
         shutil.rmtree(self.workdir / "robustness" / "esm-cache" / "-".join(members), ignore_errors=True)
+
+    def auto(self, methods: list[str]) -> None:
+        """`alpha: auto` for each of this package's methods, all experts, validation."""
+        from mergekit_esm.methods import METHODS as OURS
+
+        for method in (m for m in methods if m in OURS):
+            self.merged(("auto", method), method, {"alpha": "auto"}, self.tasks, "validation")
 
     def chosen(self, method: str) -> dict | None:
         """The method's setting with the best mean normalized validation accuracy in the sweep."""
@@ -230,6 +242,10 @@ def summarize(run: ZooRun, methods: list[str]) -> tuple[str, dict]:
                 label += " (default)" if method in GRIDS and label == _label(default_setting(method)) else ""
                 lines.append(f"| {method} | {label} | {100 * normalized(r['tasks'], val_experts):.1f} | "
                              f"{100 * r['quiz']:.1f} | {r['nll']:.3f} | {r.get('merge_s', '')} |")
+    for method, r in (run.results.get(run.name, "auto") or {}).items():
+        val_experts = run.expert_scores("validation")
+        lines.append(f"| {method} | alpha: auto (chose {r['alpha']:.3g}) | {100 * normalized(r['tasks'], val_experts):.1f} | "
+                     f"{100 * r['quiz']:.1f} | {r['nll']:.3f} | {r.get('merge_s', '')} |")
     return "\n".join(lines), curves
 
 
@@ -284,6 +300,11 @@ def plot_pareto(run: ZooRun, curves: list[str], path: Path, title: str) -> None:
             for p in points:
                 if p[3] == default:
                     ax.plot(100 * p[0], scale * p[i], "*", markersize=14, color=line.get_color())
+    for method, r in (run.results.get(run.name, "auto") or {}).items():
+        if method in curves:
+            x = 100 * normalized(r["tasks"], experts)
+            axes[0].plot(x, 100 * r["quiz"], "D", markersize=9, markerfacecolor="none", label=f"{method}, alpha: auto")
+            axes[1].plot(x, r["nll"], "D", markersize=9, markerfacecolor="none", label=f"{method}, alpha: auto")
     axes[0].axhline(100 * base["quiz"], color="grey", linestyle="--", label="base")
     axes[1].axhline(base["nll"], color="grey", linestyle="--", label="base")
     axes[0].set_ylabel("quiz (%): higher keeps more")
@@ -318,8 +339,9 @@ def main():
     parser.add_argument("--workdir", type=Path, default=REPO / "eval" / "workdir")
     parser.add_argument("--zoos", default="community,synthetic")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--stages", default="sweep,ablation,subsets", help="comma-separated: sweep, ablation, subsets, report")
+    parser.add_argument("--stages", default="sweep,ablation,auto,subsets", help="comma-separated: sweep, ablation, auto, subsets, report")
     parser.add_argument("--subsets", type=int, default=5, help="subsets per T (fewer where the zoo has fewer)")
+    parser.add_argument("--ablation-rows", type=int, default=len(ABLATIONS), help="the first N of ESM's ablation rows")
     args = parser.parse_args()
     methods = args.methods.split(",")
     results = Results(args.workdir / "robustness" / "results.json")
@@ -331,7 +353,10 @@ def main():
             run.sweep(methods)
             report(runs, methods)
         if "ablation" in stages:
-            run.ablation(list(ABLATIONS))
+            run.ablation(list(ABLATIONS)[: args.ablation_rows])
+            report(runs, methods)
+        if "auto" in stages:
+            run.auto(methods)
             report(runs, methods)
         if "subsets" in stages:
             run.protocol(methods, args.subsets, with_chosen="sweep" in stages)

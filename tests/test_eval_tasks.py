@@ -318,7 +318,9 @@ def test_robustness_report_from_a_small_fake_result_set(tmp_path, monkeypatch):
             results.put(score({t: acc for t in members.split("+")}, *kept), "toy", "subsets", "2", members, method, rb.DEFAULT)
     for label, acc in (("alpha=1.0", 0.5), ("alpha=3.0", 0.9)):
         results.put(score({"a": acc, "b": acc, "c": acc}, 0.5, 3.3), "toy", "sweep", "esm", label)
+    results.put({**score({"a": 0.8, "b": 0.8, "c": 0.8}, 0.6, 3.2), "alpha": 2.5}, "toy", "auto", "esm")
     text, curves = rb.summarize(run, ["esm", "task_arithmetic", "ties"])
+    assert "| esm | alpha: auto (chose 2.5) | 80.0 | 60.0 | 3.200 |" in text
     row = next(l for l in text.splitlines() if l.startswith("| 2 | 2 | esm | default |"))
     assert row == "| 2 | 2 | esm | default | 75.0 | 47.5 | 3.350 | 1/2 | 1/2 |"
     ties = next(l for l in text.splitlines() if l.startswith("| 2 | 2 | ties | default |"))
