@@ -282,7 +282,11 @@ def test_sigterm_removes_everything_the_run_wrote(tmp_path, models, zoo):
 
 
 # mergekit-yaml that sends itself SIGINT (Ctrl-C) when the pre-pass starts merging its first layer
-SIGINT_AT_FIRST_LAYER = SIGTERM_AT_FIRST_LAYER.replace("SIGTERM", "SIGINT")
+# A shell started in the background ignores SIGINT, and so would the child: restore Python's
+# handler so the test behaves as in a terminal however the suite is launched.
+SIGINT_AT_FIRST_LAYER = SIGTERM_AT_FIRST_LAYER.replace("SIGTERM", "SIGINT").replace(
+    "import os, signal, sys\n", "import os, signal, sys\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+)
 
 
 def test_ctrl_c_in_mergekit_yaml_exits_130_with_one_line(tmp_path, models, zoo):
