@@ -362,3 +362,36 @@ def test_esd_basis_without_whitening_keeps_tsv_m_combination():
         assert torch.allclose(merge_weight(settings, deltas, 4, inputs), expected, atol=1e-12)
     unwhitened = merge_weight(EsmSettings(whiten_factors=False, **off), deltas, 4, inputs)
     assert not torch.allclose(unwhitened, merge_weight(EsmSettings(**off), deltas, 4, inputs), atol=1e-6)
+
+
+def test_polarized_coordinates_preserve_the_norm_and_keep_the_papers_proportions():
+    """preserve_norm rescales each level to the norm before it; the proportions between tasks
+    and between columns stay those of the paper's raw ratios."""
+    from mergekit_esm.algebra.merge import polarized_coordinates
+
+    g = torch.Generator().manual_seed(5)
+    coords = [torch.randn(3, 6, generator=g, dtype=D) * scale for scale in (0.1, 1.0, 10.0)]
+    norms = torch.stack([torch.linalg.matrix_norm(c) for c in coords])
+    paper = polarized_coordinates([c.clone() for c in coords], norms, 2.0, 2.0, preserve_norm=False)
+    kept = polarized_coordinates([c.clone() for c in coords], norms, 2.0, 2.0, preserve_norm=True)
+    unscaled = torch.linalg.matrix_norm(torch.cat(coords))
+    assert torch.allclose(torch.linalg.matrix_norm(kept), unscaled, rtol=1e-12)
+    assert torch.linalg.matrix_norm(paper) > 10 * unscaled  # the raw ratios inflate it here
+    assert torch.allclose(kept / torch.linalg.matrix_norm(kept), paper / torch.linalg.matrix_norm(paper), atol=1e-12)
+    # by hand: task scales (‖A_t‖/mean)², then column scales (‖col‖/mean)²
+    s = (norms / norms.mean()) ** 2
+    a = torch.cat([c * si for c, si in zip(coords, s)])
+    cols = torch.linalg.vector_norm(a, dim=0)
+    assert torch.allclose(paper, a * (cols / cols.mean()) ** 2, rtol=1e-12)
+
+
+def test_layer_scales_preserving_the_norm_keep_the_total_and_the_proportions():
+    from mergekit_esm.algebra.scaling import layer_scales
+
+    norms = {"q": {0: 1.0, 1: 2.0, 2: 8.0}}
+    paper = layer_scales(norms, 2.0)
+    kept = layer_scales(norms, 2.0, preserve_norm=True)
+    total = sum((kept[("q", l)] * n) ** 2 for l, n in norms["q"].items())
+    assert total == pytest.approx(sum(n**2 for n in norms["q"].values()))
+    assert kept[("q", 2)] / kept[("q", 0)] == pytest.approx(paper[("q", 2)] / paper[("q", 0)])
+    assert paper[("q", 2)] == pytest.approx((8 / (11 / 3)) ** 2)

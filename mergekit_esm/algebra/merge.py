@@ -156,8 +156,14 @@ def merge_task_factors(
     task_exponent: float,
     dimension_exponent: float,
     combination: Combination = "essential",
+    preserve_norm: bool = False,
 ) -> torch.Tensor:
     """ESM §2: flatten, scale tasks and input dimensions, concatenate, orthogonalize, multiply.
+
+    preserve_norm: after task and after dimension scaling, restore A_cat's Frobenius norm, so
+    that polarized scaling shifts weight between tasks and dimensions without changing the
+    total. The paper's raw ratios r^p average E[r^p] ≥ 1, which grows with how much the norms
+    differ: experts trained with different budgets inflate the update by orders of magnitude.
 
     combination="essential" (ESM): P̃ Ã with both concatenated factors polar-whitened.
     combination="tsv" (TSV-M): polar(P_cat) diag(σ) polar(B) where A_cat = diag(σ) B has unit
@@ -183,17 +189,43 @@ def merge_task_factors(
         return like.new_zeros(shape)
     p_cat = torch.cat(bases, dim=1)
     del bases
-    for c, s in zip(coords, polarized_scale(torch.stack(norms), task_exponent)):
-        c.mul_(s)
-    a_cat = torch.cat(coords, dim=0)
+    a_cat = polarized_coordinates(coords, torch.stack(norms), task_exponent, dimension_exponent, preserve_norm)
     del coords
-    a_cat.mul_(polarized_scale(torch.linalg.vector_norm(a_cat, dim=0), dimension_exponent))
 
     if combination == "essential":
         return polar_orthogonalize(p_cat, keep_scale=True) @ polar_orthogonalize(
             a_cat, keep_scale=True
         )
     return singular_vector_merge(p_cat, a_cat, isotropic=False)
+
+
+def polarized_coordinates(
+    coords: list[torch.Tensor], norms: torch.Tensor, task_exponent: float, dimension_exponent: float, preserve_norm: bool
+) -> torch.Tensor:
+    """A_cat: each expert's coordinates scaled by its task scale (from `norms`, the task
+    vectors' norms), concatenated, then scaled per input dimension (column). The coordinate
+    tensors are scaled in place.
+
+    preserve_norm: after each level, A_cat is brought back to the Frobenius norm it had
+    before that level, so scaling changes the weights' proportions and not their total.
+    """
+    before = torch.linalg.vector_norm(torch.stack([torch.linalg.matrix_norm(c) for c in coords]))
+    for c, s in zip(coords, polarized_scale(norms, task_exponent)):
+        c.mul_(s)
+    a_cat = torch.cat(coords, dim=0)
+    if preserve_norm:
+        _rescale_to_norm_(a_cat, before)
+    before = torch.linalg.matrix_norm(a_cat)
+    a_cat.mul_(polarized_scale(torch.linalg.vector_norm(a_cat, dim=0), dimension_exponent))
+    if preserve_norm:
+        _rescale_to_norm_(a_cat, before)
+    return a_cat
+
+
+def _rescale_to_norm_(x: torch.Tensor, norm: torch.Tensor) -> None:
+    current = torch.linalg.matrix_norm(x)
+    if current > 0:
+        x.mul_(norm / current)
 
 
 def concatenate_factors(factors: Sequence[TaskFactors]) -> tuple[torch.Tensor, torch.Tensor]:

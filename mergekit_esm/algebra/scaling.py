@@ -31,16 +31,23 @@ def eigenvalue_flattening(eigenvalues: torch.Tensor, gamma: float) -> torch.Tens
 
 
 def layer_scales(
-    norms: Mapping[Hashable, Mapping[int, float]], exponent: float
+    norms: Mapping[Hashable, Mapping[int, float]], exponent: float, preserve_norm: bool = False
 ) -> dict[tuple[Hashable, int], float]:
     """β_ℓ per (module type, layer): polarized scale over all layers of the same module type.
 
     Only layers of one type are compared, so q_proj never competes with down_proj.
+    preserve_norm: scale the β of one module type so that the scaled updates keep their total
+    Frobenius norm, Σ β_ℓ²‖ΔW_ℓ‖² = Σ ‖ΔW_ℓ‖² (as merge_task_factors does for tasks and
+    dimensions).
     """
     result = {}
     for module_type, by_layer in norms.items():
         layers = sorted(by_layer)
         values = torch.tensor([by_layer[i] for i in layers], dtype=torch.float64)
-        for layer, beta in zip(layers, polarized_scale(values, exponent).tolist()):
+        betas = polarized_scale(values, exponent)
+        scaled = torch.linalg.vector_norm(betas * values)
+        if preserve_norm and scaled > 0:
+            betas = betas * torch.linalg.vector_norm(values) / scaled
+        for layer, beta in zip(layers, betas.tolist()):
             result[(module_type, layer)] = beta
     return result

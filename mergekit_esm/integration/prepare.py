@@ -234,7 +234,7 @@ def prepare(inputs: MergeInputs) -> PreparedMerge:
     by_type: dict[str, dict[int, float]] = {}
     for target in inputs.layout.targets:
         by_type.setdefault(target.module_type, {})[target.layer] = norms[target.name]
-    betas = layer_scales(by_type, inputs.settings.layer_exponent_or_off)
+    betas = layer_scales(by_type, inputs.settings.layer_exponent_or_off, inputs.settings.scaling_preserves_norm)
     s = inputs.settings
     prepared = PreparedMerge(
         inputs=inputs,

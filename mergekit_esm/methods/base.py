@@ -79,6 +79,10 @@ class MergeSettings(BaseModel):
     def layer_exponent_or_off(self) -> float:
         return getattr(self, "layer_exponent", 0.0)
 
+    @property
+    def scaling_preserves_norm(self) -> bool:
+        return getattr(self, "preserve_norm", False)
+
     def compute_dtype(self, device: str) -> torch.dtype:
         if self.precision == "auto":
             return torch.float64 if torch.device(device).type == "cpu" else torch.float32

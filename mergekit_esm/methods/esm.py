@@ -30,6 +30,12 @@ class EsmSettings(MergeSettings):
         2.0, description="Input-dimension-level polarized scaling exponent; 0 = off."
     )
     layer_exponent: float = Field(2.0, description="Layer-level polarized scaling exponent; 0 = off.")
+    preserve_norm: bool = Field(
+        False,
+        description="Polarized scaling (task, dimension, layer) shifts weight without changing "
+        "the update's total Frobenius norm: each level's scales are renormalized. false: the "
+        "paper's raw ratios, whose mean grows with how much the experts' norms differ.",
+    )
     basis: Literal["esd", "svd"] = Field(
         "esd",
         description="esd: essential subspace from proxy activations (ESM); svd: singular "
@@ -77,6 +83,7 @@ def merge_weight(
         gamma=settings.gamma,
         task_exponent=settings.task_exponent,
         dimension_exponent=settings.dimension_exponent,
+        preserve_norm=settings.preserve_norm,
         combination="essential" if settings.basis == "esd" and settings.whiten_factors else "tsv",
     )
 
