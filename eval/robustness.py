@@ -44,9 +44,11 @@ DEFAULT = "default"
 QUIZ_MARGIN, NLL_MARGIN = 0.15, 0.25
 RESULTS = REPO / "eval" / "results"
 # ESM's parts, each switched off alone, swept over α against the frontier (not judged at one
-# point): curve name → the recipe parameters that differ from ESM's defaults. Ordered by how
-# much each part changes the update's spectrum, the first suspects for what a merge forgets.
+# point): curve name → the recipe parameters that differ from ESM's defaults. First the
+# norm-preserving variant of polarized scaling, then ordered by how much each part changes
+# the update's spectrum, the first suspects for what a merge forgets.
 ABLATIONS = {
+    "esm, norm-preserving scaling": {"preserve_norm": True},
     "esm, no whitening": {"whiten_factors": False},
     "esm, no dimension scaling": {"dimension_exponent": 0.0},
     "esm, svd basis": {"basis": "svd"},
@@ -154,10 +156,11 @@ class ZooRun:
                 self.merged(("sweep", method, label), method, setting, members, "validation")
 
     def ablation(self, names: list[str]) -> None:
-        """ESM (and each variant in `names`) over ABLATION_ALPHAS, all experts, validation."""
+        """Each ESM variant in `names` over ABLATION_ALPHAS, all experts, validation (ESM
+        itself is swept in `sweep`)."""
         members = self.tasks
-        for name in ["esm", *names]:
-            row = ABLATIONS.get(name, {})
+        for name in names:
+            row = ABLATIONS[name]
             for alpha in ABLATION_ALPHAS:
                 setting = {**row, "alpha": alpha}
                 self.merged(("sweep", name, _label(setting)), "esm", setting, members, "validation")
