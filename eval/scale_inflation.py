@@ -1,0 +1,63 @@
+"""How much ESM's polarized scaling inflates one weight's merged update, per scaling level.
+
+    python -m eval.scale_inflation [--weight model.layers.29.mlp.gate_proj.weight] [--zoo community]
+
+Reads the base and the zoo's experts from <workdir>/models, merges the one weight with the
+SVD basis (no calibration needed; the scaling levels act the same on ESD factors) under each
+combination of task and dimension scaling, with the paper's raw ratios and with
+`preserve_norm`, and prints the Frobenius norms beside each task vector's and their sum.
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from eval.compare import REPO
+from mergekit_esm.algebra import svd_subspace
+from mergekit_esm.algebra.merge import merge_task_factors
+from mergekit_esm.methods.esm import EsmSettings, default_rank
+
+
+def read(model: Path, name: str) -> torch.Tensor:
+    with safe_open(str(model / "model.safetensors"), framework="pt") as f:
+        return f.get_tensor(name).double()
+
+
+def inflation_table(base: Path, experts: dict[str, Path], name: str) -> str:
+    w0 = read(base, name)
+    deltas = {e: read(path, name) - w0 for e, path in experts.items()}
+    rank = default_rank(*w0.shape, len(deltas))
+    gamma = EsmSettings().gamma
+    lines = [f"`{name}`, rank {rank} per expert, γ = {gamma}", "",
+             "task vectors' norms: " + ", ".join(f"{e} {d.norm():.3f}" for e, d in deltas.items()),
+             f"sum of the task vectors: {torch.stack(list(deltas.values())).sum(0).norm():.3f}", "",
+             "| task exponent | dimension exponent | ‖ΔW_merged‖, paper's ratios | ‖ΔW_merged‖, preserve_norm |",
+             "|---|---|---|---|"]
+    for task_exponent, dimension_exponent in ((2.0, 2.0), (2.0, 0.0), (0.0, 2.0), (0.0, 0.0)):
+        norms = [
+            merge_task_factors((svd_subspace(d, rank) for d in deltas.values()), gamma=gamma,
+                               task_exponent=task_exponent, dimension_exponent=dimension_exponent,
+                               preserve_norm=preserve).norm()
+            for preserve in (False, True)
+        ]
+        lines.append(f"| {task_exponent:g} | {dimension_exponent:g} | {norms[0]:.2f} | {norms[1]:.2f} |")
+    return "\n".join(lines)
+
+
+def main():
+    from eval.zoo import community, tasks
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=REPO / "eval" / "workdir")
+    parser.add_argument("--zoo", choices=["community", "synthetic"], default="community")
+    parser.add_argument("--weight", default="model.layers.29.mlp.gate_proj.weight")
+    args = parser.parse_args()
+    names = community.TASKS if args.zoo == "community" else tasks.TASKS
+    models = args.workdir / "models"
+    print(inflation_table(models / "base", {t: models / t for t in names}, args.weight))
+
+
+if __name__ == "__main__":
+    main()
