@@ -149,10 +149,14 @@ class ZooRun:
         shutil.rmtree(path)
         return scores
 
-    def sweep(self, methods: list[str]) -> None:
+    def sweep(self, methods: list[str], default_only: frozenset[str] = frozenset()) -> None:
+        """Each method over its grid (only its default for those in default_only)."""
         members = self.tasks  # the merged updates stay cached for the ablation, which removes them
         for method in methods:
-            for label, setting in sweep_settings(method).items():
+            settings = sweep_settings(method)
+            if method in default_only:
+                settings = {_label(default_setting(method)): default_setting(method)}
+            for label, setting in settings.items():
                 self.merged(("sweep", method, label), method, setting, members, "validation")
 
     def ablation(self, names: list[str]) -> None:
@@ -344,6 +348,7 @@ def main():
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--stages", default="sweep,ablation,auto,subsets", help="comma-separated: sweep, ablation, auto, subsets, report")
     parser.add_argument("--subsets", type=int, default=5, help="subsets per T (fewer where the zoo has fewer)")
+    parser.add_argument("--default-only", default="", help="comma-separated methods swept at their default only")
     parser.add_argument("--ablation-rows", type=int, default=len(ABLATIONS), help="the first N of ESM's ablation rows")
     args = parser.parse_args()
     methods = args.methods.split(",")
@@ -353,7 +358,7 @@ def main():
     for run in runs:
         run.references()
         if "sweep" in stages:
-            run.sweep(methods)
+            run.sweep(methods, frozenset(filter(None, args.default_only.split(","))))
             report(runs, methods)
         if "ablation" in stages:
             run.ablation(list(ABLATIONS)[: args.ablation_rows])
