@@ -121,8 +121,8 @@ class ZooRun:
             self.results.put(cached, self.name, *key)
         return cached
 
-    def references(self) -> None:
-        for split in ("validation", "test"):
+    def references(self, splits: tuple[str, ...] = ("validation", "test")) -> None:
+        for split in splits:
             self.evaluate(("base", split), self.base, self.tasks, split)
             for task, path in self.experts.items():
                 self.evaluate(("expert", task, split), path, [task], split)
@@ -203,9 +203,11 @@ class ZooRun:
 
 def summarize(run: ZooRun, methods: list[str]) -> tuple[str, dict]:
     """Markdown tables for one zoo, and the per-T means used by the plot."""
-    base = run.results.get(run.name, "base", "test")
-    experts = run.expert_scores("test")
     lines = [f"## Zoo: {run.name} ({len(run.tasks)} experts: {', '.join(run.tasks)})", ""]
+    base = run.results.get(run.name, "base", "test")
+    if base is None:  # only validation was scored (no subset protocol yet)
+        return "\n".join(lines + sweep_table(run)), {}
+    experts = run.expert_scores("test")
     lines.append(
         f"Base (test): quiz {100 * base['quiz']:.1f}%, held-out NLL {base['nll']:.3f}. Experts on their own "
         "task: " + ", ".join(f"{t} {100 * experts[t]:.1f}%" for t in run.tasks) + ". Experts' retention: "
@@ -237,23 +239,31 @@ def summarize(run: ZooRun, methods: list[str]) -> tuple[str, dict]:
                 beat = f"{sum(beats)}/{len(beats)}" if beats and method != "task_arithmetic" else "–"
                 lines.append(f"| {size} | {len(rows)} | {method} | {which} | {100 * acc:.1f} | {100 * quiz:.1f} | "
                              f"{nll:.3f} | {beat} | {sum(kept)}/{len(kept)} |")
+    return "\n".join(lines + sweep_table(run)), curves
+
+
+def sweep_table(run: ZooRun) -> list[str]:
+    """The strength sweeps, ESM's ablation rows and alpha: auto, all experts, validation."""
     sweep = run.results.get(run.name, "sweep") or {}
-    if sweep:
-        val_base = run.results.get(run.name, "base", "validation")
-        val_experts = run.expert_scores("validation")
-        lines += ["", f"### Strength sweep, all {len(run.tasks)} experts merged (validation splits)", "",
-                  f"Base (validation): quiz {100 * val_base['quiz']:.1f}%, NLL {val_base['nll']:.3f}.", "",
-                  "| method | setting | norm. acc | quiz | NLL | merge s |", "|---|---|---|---|---|---|"]
-        for method, rows in sweep.items():
-            for label, r in rows.items():
-                label += " (default)" if method in GRIDS and label == _label(default_setting(method)) else ""
-                lines.append(f"| {method} | {label} | {100 * normalized(r['tasks'], val_experts):.1f} | "
-                             f"{100 * r['quiz']:.1f} | {r['nll']:.3f} | {r.get('merge_s', '')} |")
+    if not sweep:
+        return []
+    val_base = run.results.get(run.name, "base", "validation")
+    val_experts = run.expert_scores("validation")
+    lines = ["", f"### Strength sweep, all {len(run.tasks)} experts merged (validation splits)", "",
+             f"Base (validation): quiz {100 * val_base['quiz']:.1f}%, NLL {val_base['nll']:.3f}. Experts (validation), "
+             "own task / quiz / NLL: " + ", ".join(
+                 f"{t} {100 * val_experts[t]:.1f}% / {100 * run.results.get(run.name, 'expert', t, 'validation')['quiz']:.1f}% / "
+                 f"{run.results.get(run.name, 'expert', t, 'validation')['nll']:.2f}" for t in run.tasks) + ".", "",
+             "| method | setting | norm. acc | quiz | NLL | merge s |", "|---|---|---|---|---|---|"]
+    for method, rows in sweep.items():
+        for label, r in rows.items():
+            label += " (default)" if method in GRIDS and label == _label(default_setting(method)) else ""
+            lines.append(f"| {method} | {label} | {100 * normalized(r['tasks'], val_experts):.1f} | "
+                         f"{100 * r['quiz']:.1f} | {r['nll']:.3f} | {r.get('merge_s', '')} |")
     for method, r in (run.results.get(run.name, "auto") or {}).items():
-        val_experts = run.expert_scores("validation")
         lines.append(f"| {method} | alpha: auto (chose {r['alpha']:.3g}) | {100 * normalized(r['tasks'], val_experts):.1f} | "
                      f"{100 * r['quiz']:.1f} | {r['nll']:.3f} | {r.get('merge_s', '')} |")
-    return "\n".join(lines), curves
+    return lines
 
 
 def plot_by_size(curves_by_zoo: dict, path: Path) -> None:
@@ -356,7 +366,7 @@ def main():
     runs = [ZooRun(name, args.workdir, results) for name in args.zoos.split(",")]
     stages = args.stages.split(",")
     for run in runs:
-        run.references()
+        run.references(("validation", "test") if "subsets" in stages else ("validation",))
         if "sweep" in stages:
             run.sweep(methods, frozenset(filter(None, args.default_only.split(","))))
             report(runs, methods)
