@@ -93,7 +93,27 @@ def subsets_per_size(n_experts: int, per_size: int) -> dict[int, list[tuple[int,
     return {size: subsets(n_experts, size, per_size) for size in range(2, n_experts + 1)}
 
 
-class ZooRun:
+class ZooScores:
+    """One zoo's cached scores: what the report reads, without the models."""
+
+    def __init__(self, name: str, results: Results):
+        self.name, self.results = name, results
+        self.tasks = list(results.get(name, "expert") or {})
+
+    def expert_scores(self, split: str) -> dict[str, float]:
+        return {t: self.results.get(self.name, "expert", t, split)["tasks"][t] for t in self.tasks}
+
+    def chosen(self, method: str) -> dict | None:
+        """The method's setting with the best mean normalized validation accuracy in the sweep."""
+        experts = self.expert_scores("validation")
+        rows = {label: self.results.get(self.name, "sweep", method, label) for label in sweep_settings(method)}
+        rows = {k: v for k, v in rows.items() if v is not None}
+        if not rows:
+            return None
+        return sweep_settings(method)[max(rows, key=lambda k: normalized(rows[k]["tasks"], experts))]
+
+
+class ZooRun(ZooScores):
     """One zoo: its models, its lm-eval tasks (with the quiz) and the protocol's cached scores."""
 
     def __init__(self, name: str, workdir: Path, results: Results):
@@ -101,7 +121,8 @@ class ZooRun:
 
         from eval.zoo.build import build_community_zoo, build_zoo
 
-        self.name, self.workdir, self.results = name, workdir, results
+        super().__init__(name, results)
+        self.workdir = workdir
         models = build_zoo(workdir) if name == "synthetic" else build_community_zoo(workdir)
         self.base, self.experts = models["base"], models["experts"]
         self.tasks = list(self.experts)
@@ -126,9 +147,6 @@ class ZooRun:
             self.evaluate(("base", split), self.base, self.tasks, split)
             for task, path in self.experts.items():
                 self.evaluate(("expert", task, split), path, [task], split)
-
-    def expert_scores(self, split: str) -> dict[str, float]:
-        return {t: self.results.get(self.name, "expert", t, split)["tasks"][t] for t in self.tasks}
 
     def merged(self, key: tuple, method: str, setting: dict, members: list[str], split: str) -> dict:
         """Merge the members with the method (unless cached), score, delete the merge."""
@@ -177,15 +195,6 @@ class ZooRun:
         for method in (m for m in methods if m in OURS):
             self.merged(("auto", method), method, {"alpha": "auto"}, self.tasks, "validation")
 
-    def chosen(self, method: str) -> dict | None:
-        """The method's setting with the best mean normalized validation accuracy in the sweep."""
-        experts = self.expert_scores("validation")
-        rows = {label: self.results.get(self.name, "sweep", method, label) for label in sweep_settings(method)}
-        rows = {k: v for k, v in rows.items() if v is not None}
-        if not rows:
-            return None
-        return sweep_settings(method)[max(rows, key=lambda k: normalized(rows[k]["tasks"], experts))]
-
     def protocol(self, methods: list[str], per_size: int, with_chosen: bool) -> None:
         for size, draws in subsets_per_size(len(self.tasks), per_size).items():
             for draw in draws:
@@ -201,7 +210,7 @@ class ZooRun:
                 shutil.rmtree(self.workdir / "robustness" / "esm-cache" / "-".join(members), ignore_errors=True)
 
 
-def summarize(run: ZooRun, methods: list[str]) -> tuple[str, dict]:
+def summarize(run: ZooScores, methods: list[str]) -> tuple[str, dict]:
     """Markdown tables for one zoo, and the per-T means used by the plot."""
     lines = [f"## Zoo: {run.name} ({len(run.tasks)} experts: {', '.join(run.tasks)})", ""]
     base = run.results.get(run.name, "base", "test")
@@ -242,7 +251,7 @@ def summarize(run: ZooRun, methods: list[str]) -> tuple[str, dict]:
     return "\n".join(lines + sweep_table(run)), curves
 
 
-def sweep_table(run: ZooRun) -> list[str]:
+def sweep_table(run: ZooScores) -> list[str]:
     """The strength sweeps, ESM's ablation rows and alpha: auto, all experts, validation."""
     sweep = run.results.get(run.name, "sweep") or {}
     if not sweep:
@@ -292,7 +301,7 @@ def plot_by_size(curves_by_zoo: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_pareto(run: ZooRun, curves: list[str], path: Path, title: str) -> None:
+def plot_pareto(run: ZooScores, curves: list[str], path: Path, title: str) -> None:
     """Experts' tasks against quiz and against held-out NLL, one line per swept curve (★ default)."""
     import matplotlib
 
@@ -335,8 +344,10 @@ def plot_pareto(run: ZooRun, curves: list[str], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def report(runs: list[ZooRun], methods: list[str]) -> Path:
+def report(results: Results, methods: list[str]) -> Path:
+    """Tables and plots of every zoo with scores in `results` (not only this run's)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
+    runs = [ZooScores(name, results) for name in ("community", "synthetic") if results.get(name, "expert")]
     sections, curves = [], {}
     for run in runs:
         text, curves[run.name] = summarize(run, methods)
@@ -347,7 +358,7 @@ def report(runs: list[ZooRun], methods: list[str]) -> Path:
     plot_by_size(curves, RESULTS / "robustness_by_T.png")
     out = RESULTS / "robustness.md"
     out.write_text("# Robustness protocol (`make robustness`)\n\n" + "\n\n".join(sections) + "\n")
-    (RESULTS / "robustness.json").write_text(json.dumps({r.name: r.results.get(r.name) for r in runs}, indent=1))
+    (RESULTS / "robustness.json").write_text(json.dumps({r.name: results.get(r.name) for r in runs}, indent=1))
     return out
 
 
@@ -369,16 +380,16 @@ def main():
         run.references(("validation", "test") if "subsets" in stages else ("validation",))
         if "sweep" in stages:
             run.sweep(methods, frozenset(filter(None, args.default_only.split(","))))
-            report(runs, methods)
+            report(results, methods)
         if "ablation" in stages:
             run.ablation(list(ABLATIONS)[: args.ablation_rows])
-            report(runs, methods)
+            report(results, methods)
         if "auto" in stages:
             run.auto(methods)
-            report(runs, methods)
+            report(results, methods)
         if "subsets" in stages:
             run.protocol(methods, args.subsets, with_chosen="sweep" in stages)
-    print(report(runs, methods).read_text())
+    print(report(results, methods).read_text())
 
 
 if __name__ == "__main__":

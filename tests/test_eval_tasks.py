@@ -303,13 +303,13 @@ def test_robustness_report_from_a_small_fake_result_set(tmp_path, monkeypatch):
 
     monkeypatch.setattr(rb, "RESULTS", tmp_path)
     results = Results(tmp_path / "results.json")
-    run = object.__new__(rb.ZooRun)
-    run.name, run.results, run.tasks = "toy", results, ["a", "b", "c"]
     score = lambda acc, quiz, nll: {"tasks": acc, "quiz": quiz, "nll": nll}
     for split in ("validation", "test"):
         results.put(score({"a": 0.0, "b": 0.0, "c": 0.0}, 0.8, 3.0), "toy", "base", split)
-        for t in run.tasks:
+        for t in "abc":
             results.put(score({t: 1.0}, 0.5, 3.2), "toy", "expert", t, split)
+    run = rb.ZooScores("toy", results)
+    assert run.tasks == ["a", "b", "c"]
     # subset a+b: esm beats TA (0.9 vs 0.5) and keeps the base within the margin; ties does neither
     draws = {"a+b": {"esm": 0.9, "task_arithmetic": 0.5, "ties": 0.4}, "b+c": {"esm": 0.6, "task_arithmetic": 0.7, "ties": 0.8}}
     for members, accs in draws.items():
