@@ -15,8 +15,11 @@ def whiten(m):
     return u @ vh * s.mean()
 
 
-def esm_weight(deltas, xs, k, gamma, p_task, p_dim):
-    """ESM §1–2 for one weight: deltas[t] = ΔW_t, xs[t] = expert t's inputs to it (n × d_in)."""
+def esm_weight(deltas, xs, k, gamma, p_task, p_dim, preserve_norm=False):
+    """ESM §1–2 for one weight: deltas[t] = ΔW_t, xs[t] = expert t's inputs to it (n × d_in).
+
+    preserve_norm: after task and after dimension scaling, A_cat is rescaled to the Frobenius
+    norm it had before that scaling."""
     norms = [torch.linalg.matrix_norm(d) for d in deltas]
     mean_norm = sum(norms) / len(norms)
     ps, as_ = [], []
@@ -27,10 +30,16 @@ def esm_weight(deltas, xs, k, gamma, p_task, p_dim):
         e = (lam / lam.mean()) ** gamma
         e = e / e.mean()
         ps.append(vec * e)
-        as_.append((vec.T @ d) * e[:, None] * (norm / mean_norm) ** p_task)
+        as_.append((vec.T @ d) * e[:, None])
     p, a = torch.cat(ps, 1), torch.cat(as_, 0)
-    col = torch.linalg.vector_norm(a, dim=0)
-    a = a * (col / col.mean()) ** p_dim
+    task_scales = torch.cat([torch.full((x.shape[0],), float((n / mean_norm) ** p_task)) for x, n in zip(as_, norms)])
+    scaled = a * task_scales[:, None].double()
+    if preserve_norm:
+        scaled = scaled * torch.linalg.matrix_norm(a) / torch.linalg.matrix_norm(scaled)
+    col = torch.linalg.vector_norm(scaled, dim=0)
+    a = scaled * (col / col.mean()) ** p_dim
+    if preserve_norm:
+        a = a * torch.linalg.matrix_norm(scaled) / torch.linalg.matrix_norm(a)
     return whiten(p) @ whiten(a)
 
 
@@ -69,7 +78,8 @@ VOCABULARY = ("model.embed_tokens.weight", "lm_head.weight")
 
 
 def esm_merge(
-    base_dir, expert_dirs, windows, alpha=1.0, gamma=0.15, p_task=2.0, p_dim=2.0, p_layer=2.0, embedding_merge="mean"
+    base_dir, expert_dirs, windows, alpha=1.0, gamma=0.15, p_task=2.0, p_dim=2.0, p_layer=2.0, embedding_merge="mean",
+    preserve_norm=False,
 ):
     base = {k: v.double() for k, v in LlamaForCausalLM.from_pretrained(base_dir).state_dict().items()}
     experts, inputs = [], []
@@ -83,7 +93,7 @@ def esm_merge(
         deltas = [e[name] - w0 for e in experts]
         if name in inputs[0]:
             k = max(1, w0.shape[0] // T)
-            merged_delta[name] = esm_weight(deltas, [x[name] for x in inputs], k, gamma, p_task, p_dim)
+            merged_delta[name] = esm_weight(deltas, [x[name] for x in inputs], k, gamma, p_task, p_dim, preserve_norm)
         else:
             combine = torch.sum if name in VOCABULARY and embedding_merge == "sum" else torch.mean
             out[name] = w0 + alpha * combine(torch.stack(deltas), 0)
@@ -91,6 +101,10 @@ def esm_merge(
         names = [n for n in merged_delta if f".{kind}." in n]
         norms = {n: torch.linalg.matrix_norm(merged_delta[n]) for n in names}
         mean = sum(norms.values()) / len(norms)
+        betas = {n: (norms[n] / mean) ** p_layer for n in names}
+        if preserve_norm:  # Σ β²‖ΔW‖² = Σ ‖ΔW‖² over the layers of this module type
+            ratio = (sum(v**2 for v in norms.values()) / sum((betas[n] * norms[n]) ** 2 for n in names)) ** 0.5
+            betas = {n: b * ratio for n, b in betas.items()}
         for n in names:
-            out[n] = base[n] + alpha * (norms[n] / mean) ** p_layer * merged_delta[n]
+            out[n] = base[n] + alpha * betas[n] * merged_delta[n]
     return out

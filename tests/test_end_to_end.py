@@ -29,7 +29,8 @@ def merged(zoo, tmp_path_factory):
 def test_output_matches_independent_in_memory_esm(zoo, merged):
     tokenizer = AutoTokenizer.from_pretrained(zoo["base"])
     windows = packed_windows(PROXY_TEXT.split("\n\n"), tokenizer, samples=4, max_tokens=64)
-    expected = esm_merge(zoo["base"], zoo["experts"], windows, alpha=EsmSettings().alpha)
+    defaults = EsmSettings()
+    expected = esm_merge(zoo["base"], zoo["experts"], windows, alpha=defaults.alpha, preserve_norm=defaults.preserve_norm)
     model = AutoModelForCausalLM.from_pretrained(merged["out"])
     got = model.state_dict()
     assert got.keys() == expected.keys()
@@ -44,6 +45,24 @@ def test_output_matches_independent_in_memory_esm(zoo, merged):
     base = AutoModelForCausalLM.from_pretrained(zoo["base"]).state_dict()
     name = "model.layers.1.mlp.down_proj.weight"
     assert (got[name] - base[name]).abs().max() > 1e-3
+
+
+def test_preserve_norm_matches_the_reference_both_ways(zoo, merged):
+    """The non-default setting of preserve_norm, merged by mergekit-yaml, against the reference."""
+    tmp = merged["tmp"]
+    flipped = not EsmSettings().preserve_norm
+    config = recipe(tmp / "preserve.yml", zoo["base"], zoo["experts"], {"proxy": str(zoo["proxy"]), "preserve_norm": flipped})
+    result = mergekit_yaml(config, tmp / "out_preserve", tmp / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    tokenizer = AutoTokenizer.from_pretrained(zoo["base"])
+    windows = packed_windows(PROXY_TEXT.split("\n\n"), tokenizer, samples=4, max_tokens=64)
+    expected = esm_merge(zoo["base"], zoo["experts"], windows, alpha=EsmSettings().alpha, preserve_norm=flipped)
+    got = AutoModelForCausalLM.from_pretrained(tmp / "out_preserve").state_dict()
+    errors = sorted((got[n].double() - expected[n]).abs().max().item() for n in expected)
+    assert errors[-1] <= 1e-4 and errors[len(errors) // 2] <= 1e-6
+    default = AutoModelForCausalLM.from_pretrained(merged["out"]).state_dict()
+    name = "model.layers.1.mlp.up_proj.weight"
+    assert (got[name] - default[name]).abs().max() > 1e-4  # the switch changes the merge
 
 
 def test_output_is_a_complete_model_with_an_esm_card(merged):
