@@ -45,10 +45,10 @@ QUIZ_MARGIN, NLL_MARGIN = 0.15, 0.25
 RESULTS = REPO / "eval" / "results"
 # ESM's parts, each switched off alone, swept over α against the frontier (not judged at one
 # point): curve name → the recipe parameters that differ from ESM's defaults. First the
-# norm-preserving variant of polarized scaling, then ordered by how much each part changes
-# the update's spectrum, the first suspects for what a merge forgets.
+# paper's raw polarized scaling, then ordered by how much each part changes the update's
+# spectrum, the first suspects for what a merge forgets.
 ABLATIONS = {
-    "esm, norm-preserving scaling": {"preserve_norm": True},
+    "esm, paper's scaling": {"preserve_norm": False},
     "esm, no whitening": {"whiten_factors": False},
     "esm, no dimension scaling": {"dimension_exponent": 0.0},
     "esm, svd basis": {"basis": "svd"},
@@ -56,7 +56,7 @@ ABLATIONS = {
     "esm, no task scaling": {"task_exponent": 0.0},
     "esm, no flattening": {"gamma": 0.0},
 }
-ABLATION_ALPHAS = (1.0, 2.0, 3.0, 4.0)
+ABLATION_ALPHAS = tuple(s["alpha"] for s in GRIDS["esm"])  # ESM's own grid, the same budget
 
 
 def default_setting(method: str) -> dict:

@@ -31,10 +31,11 @@ class EsmSettings(MergeSettings):
     )
     layer_exponent: float = Field(2.0, description="Layer-level polarized scaling exponent; 0 = off.")
     preserve_norm: bool = Field(
-        False,
+        True,
         description="Polarized scaling (task, dimension, layer) shifts weight without changing "
         "the update's total Frobenius norm: each level's scales are renormalized. false: the "
-        "paper's raw ratios, whose mean grows with how much the experts' norms differ.",
+        "paper's raw ratios, whose mean grows with how much the experts' norms differ (experts "
+        "trained with different budgets gave an unusable model at every α; docs/robustness.md).",
     )
     basis: Literal["esd", "svd"] = Field(
         "esd",
