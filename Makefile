@@ -1,5 +1,5 @@
 # Entry points: `make demo` (the quick start: 3 small experts → ESM and task arithmetic through
-# mergekit-yaml → lm-eval scores, ~10 min on 2 cores) and `make test` (the test suite); the
+# mergekit-yaml → lm-eval scores, ~15 min on 2 cores) and `make test` (the test suite); the
 # studies below reproduce docs/. Every target sets up .venv.
 PY ?= python3
 VENV := .venv
