@@ -370,8 +370,12 @@ def main():
     parser.add_argument("--stages", default="sweep,ablation,auto,subsets", help="comma-separated: sweep, ablation, auto, subsets, report")
     parser.add_argument("--subsets", type=int, default=5, help="subsets per T (fewer where the zoo has fewer)")
     parser.add_argument("--default-only", default="", help="comma-separated methods swept at their default only")
-    parser.add_argument("--ablation-rows", type=int, default=len(ABLATIONS), help="the first N of ESM's ablation rows")
+    rows = {name.removeprefix("esm, "): name for name in ABLATIONS}
+    parser.add_argument("--ablations", default=",".join(rows), help=f"comma-separated ESM ablation rows, of: {', '.join(rows)}")
     args = parser.parse_args()
+    unknown = set(args.ablations.split(",")) - set(rows)
+    if unknown:
+        parser.error(f"unknown ablation rows {sorted(unknown)}; choose from {list(rows)}")
     methods = args.methods.split(",")
     results = Results(args.workdir / "robustness" / "results.json")
     runs = [ZooRun(name, args.workdir, results) for name in args.zoos.split(",")]
@@ -382,7 +386,7 @@ def main():
             run.sweep(methods, frozenset(filter(None, args.default_only.split(","))))
             report(results, methods)
         if "ablation" in stages:
-            run.ablation(list(ABLATIONS)[: args.ablation_rows])
+            run.ablation([rows[r] for r in args.ablations.split(",")])
             report(results, methods)
         if "auto" in stages:
             run.auto(methods)
