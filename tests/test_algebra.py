@@ -395,3 +395,16 @@ def test_layer_scales_preserving_the_norm_keep_the_total_and_the_proportions():
     assert total == pytest.approx(sum(n**2 for n in norms["q"].values()))
     assert kept[("q", 2)] / kept[("q", 0)] == pytest.approx(paper[("q", 2)] / paper[("q", 0)])
     assert paper[("q", 2)] == pytest.approx((8 / (11 / 3)) ** 2)
+
+
+def test_norm_preserving_flattening_ignores_near_null_directions():
+    """preserve_norm: flattening keeps the expert's norm, Σ e⁴‖a‖² = Σ ‖a‖², and a low-rank
+    expert's noise directions do not inflate its real ones as the mean-1 rule lets them."""
+    g = torch.Generator().manual_seed(0)
+    lam = torch.cat([torch.rand(4, generator=g, dtype=D) + 1, torch.full((12,), 1e-28, dtype=D)])
+    norms = lam.sqrt()
+    e = eigenvalue_flattening(lam, 0.15, norms)
+    assert torch.allclose((e**4 * norms**2).sum(), (norms**2).sum())
+    assert e[:4].max() < 1.2  # the four real directions keep about their own size
+    assert eigenvalue_flattening(lam, 0.15)[:4].min() > 2.5  # the mean-1 rule inflates them
+    assert torch.allclose(eigenvalue_flattening(lam, 0.0, norms), torch.ones(16, dtype=D))
