@@ -19,7 +19,7 @@ from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from mergekit_esm.architecture import DecoderLayout
-from mergekit_esm.calibration.proxy import SELF_PROXY, load_documents, token_windows
+from mergekit_esm.calibration.proxy import SELF_PROXY, default_window_count, load_documents, token_windows
 from mergekit_esm.errors import EsmInputError
 from mergekit_esm.methods import METHODS, MergeSettings, MethodDefinition
 from mergekit_esm.methods.base import Strength, unknown_parameter_message
@@ -236,6 +236,9 @@ def preflight(config: MergeConfiguration, options: MergeOptions) -> MergeInputs:
     proxies = {}
     if method.calibrates(settings):
         needed = max(ranks.values())
+        if settings.proxy_samples is None:
+            count = default_window_count(needed, settings.proxy_max_tokens)
+            settings = settings.model_copy(update={"proxy_samples": count})
         for expert in experts:
             proxy = proxies[expert] = per_model[expert]["proxy"]
             n = _proxy_token_count(proxy, tokenizer, settings)

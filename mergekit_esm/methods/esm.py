@@ -10,7 +10,7 @@ from pydantic import Field
 
 from mergekit_esm.algebra import essential_subspace, merge_task_factors, svd_subspace
 from mergekit_esm.algebra.subspace import InputMoment
-from mergekit_esm.calibration.proxy import BUILTIN_PROXY
+from mergekit_esm.calibration.proxy import BUILTIN_PROXY, MAX_PROXY_WINDOWS, MIN_PROXY_WINDOWS, TOKENS_PER_DIRECTION
 from mergekit_esm.methods.base import MergeSettings, MethodDefinition, Strength
 
 
@@ -55,7 +55,13 @@ class EsmSettings(MergeSettings):
         "blank lines) or .jsonl file ({\"text\": ...} or chat {\"messages\": [...]} per line). "
         "May be set per model.",
     )
-    proxy_samples: int = Field(32, ge=1, description="Proxy windows per expert (paper: 32).")
+    proxy_samples: Optional[int] = Field(
+        None,
+        ge=1,
+        description="Proxy windows per expert. Default: enough tokens for the kept rank, "
+        f"{TOKENS_PER_DIRECTION} per direction of the largest k, in {MIN_PROXY_WINDOWS} to "
+        f"{MAX_PROXY_WINDOWS} windows (the paper's 32).",
+    )
     proxy_max_tokens: int = Field(512, ge=2, description="Tokens per proxy window.")
 
     PER_MODEL: ClassVar[frozenset[str]] = frozenset({"proxy"})
