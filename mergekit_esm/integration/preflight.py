@@ -235,7 +235,8 @@ def preflight(config: MergeConfiguration, options: MergeOptions) -> MergeInputs:
         ranks[target.name] = k
     proxies = {}
     if method.calibrates(settings):
-        needed = max(ranks.values())
+        # RegMean has no rank: any token will do, its ridge covers the directions left unseen
+        needed = max((k for k in ranks.values() if k is not None), default=1)
         for expert in experts:
             proxy = proxies[expert] = per_model[expert]["proxy"]
             n = _proxy_token_count(proxy, tokenizer, settings)

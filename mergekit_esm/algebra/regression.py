@@ -1,0 +1,69 @@
+"""RegMean's closed form (Jin et al., ICLR 2023): the linear weight whose outputs come closest,
+in least squares, to every expert's outputs on that expert's own inputs.
+
+For y = x Wᵀ and expert t's inputs X_t (n_t × d_in), min_W Σ_t ‖X_t Wᵀ − X_t W_tᵀ‖²_F / n_t is
+solved by Wᵀ = (Σ_t G_t)⁻¹ Σ_t G_t W_tᵀ with G_t = X_tᵀX_t / n_t. The same weights applied to
+the task vectors give the same merge (Σ_t G_t (W_t − W0)ᵀ = Σ_t G_t W_tᵀ − (Σ_t G_t) W0ᵀ), so
+ΔW_merged = W_merged − W0 and α scales it like every other method's update.
+"""
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from mergekit_esm.algebra.subspace import GRAM_BLOCK, InputMoment
+
+# The ridge λ_t = RIDGE · mean(diag G_t) added to each expert's Gram, so that Σ_t G̃_t is
+# positive definite wherever the inputs leave it singular (fewer tokens than d_in; an input
+# coordinate that is zero on every token; non_diagonal_ratio 1 on rank-deficient inputs).
+# Why this size: a float64 Cholesky succeeds when the smallest eigenvalue exceeds about
+# d·eps64·‖G‖₂ ≤ d²·1.1e-16·mean(diag G) (‖G‖₂ ≤ trace G), i.e. 2.3e-8·mean(diag G) at
+# Llama-3-8B's d_ff = 14336: 1e-6 clears it 40-fold. And it changes nothing the statistics
+# resolve: XᵀX is held in float32, whose rounding alone (eps32·‖G‖₂, up to 6e-8·d·mean(diag G))
+# is larger. Added per expert (G_t + λ_t I, with λ_t ΔW_tᵀ on the right), it makes directions
+# that no expert's inputs reach fall back to the λ-weighted mean of the task vectors, RegMean's
+# own answer for isotropic inputs, rather than to the base.
+RIDGE = 1e-6
+
+
+def regression_mean(
+    deltas: Sequence[torch.Tensor],
+    inputs: Iterable[InputMoment],
+    non_diagonal_ratio: float,
+    block: int = GRAM_BLOCK,
+) -> torch.Tensor:
+    """ΔW_merged (d_out × d_in, float64) = [(Σ_t A_t)⁻¹ Σ_t A_t ΔW_tᵀ]ᵀ with
+    A_t = G̃_t + λ_t I, G̃_t = r·G_t + (1 − r)·Diag(G_t), r = `non_diagonal_ratio`.
+
+    r = 0 weights each input coordinate's column by its mean square (diagonal RegMean);
+    r = 1 is RegMean unshrunk. Always float64, whatever the statistics' precision: the
+    normal equations square the inputs' condition number. Solved by Cholesky, never an
+    inverse. Memory: Σ_t A_t and Σ_t A_t ΔW_tᵀ in float64, one expert's ΔW_t at a time, each
+    Gram read `block` rows at a time (the statistics stay in their stored dtype).
+    """
+    r = non_diagonal_ratio
+    total = rhs = None
+    for delta, moment in zip(deltas, inputs):
+        delta = delta.to(torch.float64)
+        d_in = delta.shape[1]
+        if total is None:
+            total = torch.zeros(d_in, d_in, dtype=torch.float64, device=delta.device)
+            rhs = torch.zeros(d_in, delta.shape[0], dtype=torch.float64, device=delta.device)
+        diagonal = torch.empty(d_in, dtype=torch.float64, device=delta.device)
+        for start in range(0, d_in, block):
+            stop = min(start + block, d_in)
+            rows = moment.gram_rows(start, stop, torch.float64).div_(moment.n_tokens)
+            diagonal[start:stop] = rows[:, start:stop].diagonal()
+            if r:
+                total[start:stop].add_(rows, alpha=r)
+                rhs[start:stop].addmm_(rows, delta.T, alpha=r)
+        mean_square = diagonal.mean()
+        # an input that is zero on every token constrains nothing: the plain mean there
+        ridge = RIDGE * mean_square if mean_square > 0 else torch.ones_like(mean_square)
+        weight = diagonal.mul_(1 - r).add_(ridge)  # the diagonal this expert adds beyond r·G_t
+        total.diagonal().add_(weight)
+        rhs.addcmul_(weight[:, None], delta.T)
+        del delta, diagonal, weight
+    factor = torch.linalg.cholesky(total)
+    del total
+    return torch.cholesky_solve(rhs, factor).T
