@@ -7,29 +7,33 @@ the task vectors give the same merge (Σ_t G_t (W_t − W0)ᵀ = Σ_t G_t W_tᵀ
 ΔW_merged = W_merged − W0 and α scales it like every other method's update.
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from mergekit_esm.algebra.subspace import GRAM_BLOCK, InputMoment
 
-# The ridge λ_t = RIDGE · mean(diag G_t) added to each expert's Gram, so that Σ_t G̃_t is
+# The ridge λ_t = ridge · mean(diag G_t) added to each expert's Gram, so that Σ_t G̃_t is
 # positive definite wherever the inputs leave it singular (fewer tokens than d_in; an input
 # coordinate that is zero on every token; non_diagonal_ratio 1 on rank-deficient inputs).
-# Why this size: a float64 Cholesky succeeds when the smallest eigenvalue exceeds about
-# d·eps64·‖G‖₂ ≤ d²·1.1e-16·mean(diag G) (‖G‖₂ ≤ trace G), i.e. 2.3e-8·mean(diag G) at
-# Llama-3-8B's d_ff = 14336: 1e-6 clears it 40-fold. And it changes nothing the statistics
-# resolve: XᵀX is held in float32, whose rounding alone (eps32·‖G‖₂, up to 6e-8·d·mean(diag G))
-# is larger. Added per expert (G_t + λ_t I, with λ_t ΔW_tᵀ on the right), it makes directions
-# that no expert's inputs reach fall back to the λ-weighted mean of the task vectors, RegMean's
-# own answer for isotropic inputs, rather than to the base.
-RIDGE = 1e-6
+# Why RIDGE = 1e-7: XᵀX is held in float32, whose rounding (6e-8 of each entry) moves its
+# eigenvalues by about 6e-8·mean(diag G); directions below that are noise the statistics do
+# not resolve, so a ridge of that size changes nothing they do resolve (1e-6 moved RegMean++
+# by 1.4e-5 on the test zoo, 1e-7 by 1.8e-6), while a float64 Cholesky needs far less
+# (d·eps64·‖G‖₂ ≤ d²·1.1e-16·mean(diag G) = 2.3e-8·mean(diag G) at Llama-3-8B's d_ff).
+# Where the rounding left Σ_t G̃_t indefinite beyond that, the ridge grows tenfold until the
+# factorization exists, up to MAX_RIDGE. Added per expert (G_t + λ_t I, with λ_t ΔW_tᵀ on the
+# right), it makes directions that no expert's inputs reach fall back to the λ-weighted mean of
+# the task vectors, RegMean's own answer for isotropic inputs, rather than to the base.
+RIDGE = 1e-7
+MAX_RIDGE = 1e-2
 
 
 def regression_mean(
     deltas: Sequence[torch.Tensor],
-    inputs: Iterable[InputMoment],
+    inputs: Sequence[InputMoment],
     non_diagonal_ratio: float,
+    ridge: float = RIDGE,
     block: int = GRAM_BLOCK,
 ) -> torch.Tensor:
     """ΔW_merged (d_out × d_in, float64) = [(Σ_t A_t)⁻¹ Σ_t A_t ΔW_tᵀ]ᵀ with
@@ -57,13 +61,20 @@ def regression_mean(
             if r:
                 total[start:stop].add_(rows, alpha=r)
                 rhs[start:stop].addmm_(rows, delta.T, alpha=r)
-        mean_square = diagonal.mean()
-        # an input that is zero on every token constrains nothing: the plain mean there
-        ridge = RIDGE * mean_square if mean_square > 0 else torch.ones_like(mean_square)
-        weight = diagonal.mul_(1 - r).add_(ridge)  # the diagonal this expert adds beyond r·G_t
+        # the diagonal this expert adds beyond r·G_t: the rest of its own, and its ridge
+        added = ridge * diagonal.mean()
+        weight = diagonal.mul_(1 - r).add_(added)
         total.diagonal().add_(weight)
         rhs.addcmul_(weight[:, None], delta.T)
-        del delta, diagonal, weight
-    factor = torch.linalg.cholesky(total)
+        del delta, diagonal, weight, added
+    factor, failed = torch.linalg.cholesky_ex(total)
     del total
+    if failed:
+        if ridge * 10 > MAX_RIDGE:
+            raise ValueError(
+                f"RegMean's input Gram is not positive definite even with a ridge of {ridge:g}·mean(diag G): "
+                "the proxy inputs to this weight are degenerate (zero on every token?)"
+            )
+        del factor, rhs
+        return regression_mean(deltas, inputs, r, ridge * 10, block)
     return torch.cholesky_solve(rhs, factor).T
