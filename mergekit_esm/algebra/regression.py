@@ -13,18 +13,21 @@ import torch
 
 from mergekit_esm.algebra.subspace import GRAM_BLOCK, InputMoment
 
-# The ridge λ_t = ridge · mean(diag G_t) added to each expert's Gram, so that Σ_t G̃_t is
-# positive definite wherever the inputs leave it singular (fewer tokens than d_in; an input
-# coordinate that is zero on every token; non_diagonal_ratio 1 on rank-deficient inputs).
-# Why RIDGE = 1e-7: XᵀX is held in float32, whose rounding (6e-8 of each entry) moves its
-# eigenvalues by about 6e-8·mean(diag G); directions below that are noise the statistics do
-# not resolve, so a ridge of that size changes nothing they do resolve (1e-6 moved RegMean++
-# by 1.4e-5 on the test zoo, 1e-7 by 1.8e-6), while a float64 Cholesky needs far less
-# (d·eps64·‖G‖₂ ≤ d²·1.1e-16·mean(diag G) = 2.3e-8·mean(diag G) at Llama-3-8B's d_ff).
-# Where the rounding left Σ_t G̃_t indefinite beyond that, the ridge grows tenfold until the
-# factorization exists, up to MAX_RIDGE. Added per expert (G_t + λ_t I, with λ_t ΔW_tᵀ on the
-# right), it makes directions that no expert's inputs reach fall back to the λ-weighted mean of
-# the task vectors, RegMean's own answer for isotropic inputs, rather than to the base.
+# The ridge: each expert's Gram gets `ridge`·Diag(G_t) more diagonal, so that Σ_t G̃_t is
+# positive definite wherever the inputs leave it singular (fewer tokens than d_in; a
+# non_diagonal_ratio of 1 on rank-deficient inputs). Relative to each input coordinate's own
+# mean square, not to one global scale: LLM activations span decades between coordinates, and
+# a ridge of 1e-7 of the mean diagonal moved a random test's merge by 7e-4 where the
+# coordinates' mean squares spanned 10^4. In those units (the Gram scaled to a unit diagonal)
+# the float32 rounding of the held XᵀX is 6e-8 of each entry, so a ridge of 1e-7 sits at the
+# noise floor of the statistics and changes nothing they resolve (the test zoo's RegMean++
+# merge stays within 6e-7 of the ridge-free reference), while float64 Cholesky, whose error
+# depends on the scaled matrix, needs far less. Where the rounding left Σ_t G̃_t indefinite
+# beyond that (ratio 1 on singular inputs), the ridge grows tenfold until the factorization
+# exists, up to MAX_RIDGE. An input coordinate that is exactly zero on every token of an expert
+# gets ridge·mean(diag G_t) instead, so that a column no expert's inputs reach is the
+# mean-square-weighted mean of the task vectors' columns (RegMean's answer for isotropic
+# inputs) rather than undetermined.
 RIDGE = 1e-7
 MAX_RIDGE = 1e-2
 
@@ -37,7 +40,7 @@ def regression_mean(
     block: int = GRAM_BLOCK,
 ) -> torch.Tensor:
     """ΔW_merged (d_out × d_in, float64) = [(Σ_t A_t)⁻¹ Σ_t A_t ΔW_tᵀ]ᵀ with
-    A_t = G̃_t + λ_t I, G̃_t = r·G_t + (1 − r)·Diag(G_t), r = `non_diagonal_ratio`.
+    A_t = G̃_t + ridge·Diag(G_t), G̃_t = r·G_t + (1 − r)·Diag(G_t), r = `non_diagonal_ratio`.
 
     r = 0 weights each input coordinate's column by its mean square (diagonal RegMean);
     r = 1 is RegMean unshrunk. Always float64, whatever the statistics' precision: the
@@ -62,18 +65,18 @@ def regression_mean(
                 total[start:stop].add_(rows, alpha=r)
                 rhs[start:stop].addmm_(rows, delta.T, alpha=r)
         # the diagonal this expert adds beyond r·G_t: the rest of its own, and its ridge
-        added = ridge * diagonal.mean()
-        weight = diagonal.mul_(1 - r).add_(added)
+        unseen = diagonal == 0
+        weight = diagonal.mul(1 - r + ridge).masked_fill_(unseen, ridge * float(diagonal.mean()))
         total.diagonal().add_(weight)
         rhs.addcmul_(weight[:, None], delta.T)
-        del delta, diagonal, weight, added
+        del delta, diagonal, weight, unseen
     factor, failed = torch.linalg.cholesky_ex(total)
     del total
     if failed:
         if ridge * 10 > MAX_RIDGE:
             raise ValueError(
-                f"RegMean's input Gram is not positive definite even with a ridge of {ridge:g}·mean(diag G): "
-                "the proxy inputs to this weight are degenerate (zero on every token?)"
+                f"RegMean's input Gram is not positive definite even with a ridge of {ridge:g}·Diag(G): "
+                "the proxy inputs to this weight are degenerate"
             )
         del factor, rhs
         return regression_mean(deltas, inputs, r, ridge * 10, block)
