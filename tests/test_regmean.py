@@ -4,7 +4,6 @@ tests/reference_regmean.py (dense, float64, from the papers' formulas)."""
 import shutil
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mergekit_esm.methods.regmean import RegMeanSettings

@@ -60,7 +60,8 @@ def regression_mean(
         diagonal = torch.empty(d_in, dtype=torch.float64, device=delta.device)
         for start in range(0, d_in, block):
             stop = min(start + block, d_in)
-            rows = moment.gram_rows(start, stop, torch.float64) / moment.n_tokens  # never in place: may be the held moment
+            # a new tensor, never the held moment divided in place
+            rows = moment.gram_rows(start, stop, torch.float64) / moment.n_tokens
             diagonal[start:stop] = rows[:, start:stop].diagonal()
             if r:
                 total[start:stop].add_(rows, alpha=r)
