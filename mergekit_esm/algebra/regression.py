@@ -74,7 +74,7 @@ def regression_mean(
         del delta, diagonal, weight, unseen
     # Factored in place: Σ_t A_t is symmetric, so its transpose is the same matrix laid out
     # column-major, as LAPACK factors it without a copy (a second d_in² float64 matrix is
-    # 1.6 GiB at Llama-3-8B's d_ff).
+    # 1.5 GiB at Llama-3-8B's d_ff).
     factor = total.mT
     failed = torch.empty((), dtype=torch.int32, device=total.device)
     torch.linalg.cholesky_ex(factor, out=(factor, failed))
