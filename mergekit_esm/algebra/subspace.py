@@ -64,6 +64,16 @@ class InputMoment:
             )
         return self._factors[dtype]
 
+    def gram_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows start:stop of XᵀX in `dtype` (RegMean reads its Gram a block of rows at a time,
+        so no `dtype` copy of a whole d_in × d_in moment is made)."""
+        if self.shift is not None:
+            raise ValueError("inputs held as one weight's shift moment ΔW XᵀX ΔWᵀ have no XᵀX")
+        if self.tokens is not None:
+            x = self.factor(dtype)
+            return x[:, start:stop].T @ x
+        return self.moment[start:stop].to(dtype)
+
     def output_covariance(self, delta: torch.Tensor) -> torch.Tensor:
         """ΔW XᵀX ΔWᵀ (d_out × d_out), without forming √XᵀX."""
         if self.shift is not None:

@@ -147,12 +147,18 @@ def layer_input_moments(
     device: str | torch.device = "cpu",
     sum_dtype: torch.dtype = torch.float64,
     read_base: Callable[[str], torch.Tensor] | None = None,
+    read_merged: Callable[[str], torch.Tensor] | None = None,
 ) -> Iterator[LayerMoments]:
     """Yield each layer's input statistics, in layer order, for this expert's weights.
 
     With `read_base` (the base model's weights), an input that one weight alone reads
     (down_proj's) may be held as that weight's shift moment ΔW XᵀX ΔWᵀ, ΔW = this expert's
     weight − the base's, both as read here, in `sum_dtype` (what the merge computes too).
+
+    With `read_merged` (the merged model's weights; RegMean++), the windows are embedded by
+    the merged embedding, and layer ℓ's statistics come from this expert's layer ℓ run on
+    them; once the caller has merged layer ℓ and resumes this generator, the hidden states
+    move on through the merged layer ℓ (read then) instead of this expert's.
 
     Memory: one layer's weights, the windows' hidden states (n × hidden, float32) and this
     layer's statistics (in `sum_dtype` while summing); nothing grows with depth. On CPU the
@@ -161,7 +167,7 @@ def layer_input_moments(
     a layer's minute or more. On a GPU they stay in device memory.
     """
     stack = LayerStack(layout, device)
-    hidden = stack.embed(read_tensor(layout.embed_name), windows)
+    hidden = stack.embed((read_merged or read_tensor)(layout.embed_name), windows)
     n_tokens = sum(len(w) for w in windows)
     on_cpu = torch.device(device).type == "cpu"
     # closing this generator (or its end) removes the spilled hidden states
@@ -185,7 +191,9 @@ def layer_input_moments(
                 collectors[target.input_group] = collector
                 module = stack.model.get_submodule(target.name.removesuffix(".weight"))
                 hooks.append(module.register_forward_pre_hook(collector))
-            hidden = stack.run_layer(layer, hidden)
+            # in place on `hidden`, unless the merged layer is to carry it on: then the
+            # outputs fill a copy of the list, dropped at once
+            stack.run_layer(layer, hidden if read_merged is None else list(hidden))
             for hook in hooks:
                 hook.remove()
             stack.release(index)  # release this layer's weights before loading the next
@@ -198,3 +206,8 @@ def layer_input_moments(
                 hidden = None
             yield LayerMoments(layer=index, moments=moments)
             del moments  # the caller holds them until it has merged this layer
+            if read_merged is not None and index + 1 < layout.num_layers:
+                if hidden is None:
+                    hidden = torch.load(os.path.join(spill, "hidden.pt"), weights_only=True)
+                stack.run_layer(stack.load_layer(index, read_merged), hidden)
+                stack.release(index)

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from mergekit_esm.architecture import DecoderLayout
-from mergekit_esm.calibration.proxy import SELF_PROXY, default_window_count, load_documents, token_windows
+from mergekit_esm.calibration.proxy import MAX_PROXY_WINDOWS, SELF_PROXY, default_window_count, load_documents, token_windows
 from mergekit_esm.errors import EsmInputError
 from mergekit_esm.methods import METHODS, MergeSettings, MethodDefinition
 from mergekit_esm.methods.base import Strength, unknown_parameter_message
@@ -235,9 +235,11 @@ def preflight(config: MergeConfiguration, options: MergeOptions) -> MergeInputs:
         ranks[target.name] = k
     proxies = {}
     if method.calibrates(settings):
-        needed = max(ranks.values())
+        # RegMean has no rank: any token will do, its ridge covers the directions left unseen
+        ranked = [k for k in ranks.values() if k is not None]
+        needed = max(ranked, default=1)
         if settings.proxy_samples is None:
-            count = default_window_count(needed, settings.proxy_max_tokens)
+            count = default_window_count(needed, settings.proxy_max_tokens) if ranked else MAX_PROXY_WINDOWS
             settings = settings.model_copy(update={"proxy_samples": count})
         for expert in experts:
             proxy = proxies[expert] = per_model[expert]["proxy"]

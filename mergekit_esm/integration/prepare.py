@@ -143,6 +143,33 @@ def merge_layer(inputs: MergeInputs, layer: int, moments: dict[ModelReference, d
     return merged
 
 
+def non_target(inputs: MergeInputs, name: str, base: torch.Tensor, experts: list[torch.Tensor]) -> torch.Tensor:
+    """methods/non_target.py's update of a tensor outside the target linears."""
+    layout = inputs.layout
+    vocabulary = base.ndim == 2 and name in (layout.embed_name, layout.head_names[1])
+    return non_target_update(base, experts, vocabulary, inputs.settings)
+
+
+def merged_model_reader(inputs: MergeInputs, updates: Path):
+    """A function name → tensor of the merged model at α = 1 as the pre-pass builds it
+    (RegMean++): W0 + ΔW_merged for a target linear, from its layer's file in `updates`
+    (readable once that layer is merged), W0 + the non-target update for the rest."""
+    read_base = checked_reader(inputs.base, inputs.device)
+    readers = [checked_reader(e, inputs.device) for e in inputs.experts]
+
+    def read(name: str) -> torch.Tensor:
+        base = read_base(name)
+        layer = inputs.layout.layer_of.get(name)
+        if layer is None:
+            update = non_target(inputs, name, base, [r(name) for r in readers])
+        else:
+            with safe_open(updates / _layer_file(layer), framework="pt", device=str(base.device)) as f:
+                update = f.get_tensor(name)
+        return update.add_(base)
+
+    return read
+
+
 def merged_updates(inputs: MergeInputs, root: Path) -> CacheEntry:
     """ΔW_merged of every target weight (before α and β), cached; plus their norms.
 
@@ -165,18 +192,29 @@ def merged_updates(inputs: MergeInputs, root: Path) -> CacheEntry:
     if entry.complete:
         return entry
     map_large_allocations()
-    read_base = checked_reader(inputs.base, inputs.device)
-    statistics = {
-        e: layer_input_moments(
-            checked_reader(e, inputs.device), inputs.layout, w, inputs.device, s.compute_dtype(inputs.device), read_base
-        )
-        for e, w in windows.items()
-    }
+    method = inputs.method
+    # ESM may hold down_proj's input as its shift moment, which needs the base's weights
+    read_base = None if method.needs_input_gram else checked_reader(inputs.base, inputs.device)
     zero = set(inputs.experts)
     norms = {}
-    work = "calibrating and merging" if statistics else "merging"
+    work = "calibrating and merging" if windows else "merging"
+    statistics = {}
     try:
         with entry.writing() as scratch:
+            # RegMean++ carries each expert's hidden states through the layers merged so far
+            read_merged = merged_model_reader(inputs, scratch) if method.calibrates_on_merged_layers else None
+            statistics = {
+                e: layer_input_moments(
+                    checked_reader(e, inputs.device),
+                    inputs.layout,
+                    w,
+                    inputs.device,
+                    s.compute_dtype(inputs.device),
+                    read_base,
+                    read_merged,
+                )
+                for e, w in windows.items()
+            }
             for layer in tqdm.trange(inputs.layout.num_layers, desc=f"{inputs.method.name} {work}", unit="layer"):
                 moments = {e: next(layers).moments for e, layers in statistics.items()}
                 merged = merge_layer(inputs, layer, moments, zero)
@@ -222,9 +260,7 @@ class PreparedMerge:
         """
         if name in self.betas:
             return self.target_update(name, base.device).mul_(self.betas[name])
-        layout = self.inputs.layout
-        vocabulary = base.ndim == 2 and name in (layout.embed_name, layout.head_names[1])
-        return non_target_update(base, experts, vocabulary, self.inputs.settings)
+        return non_target(self.inputs, name, base, experts)
 
 
 def prepare(inputs: MergeInputs) -> PreparedMerge:
