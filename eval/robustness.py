@@ -37,7 +37,7 @@ from eval.report import normalized
 from eval.retention import QUIZ_TASK, heldout_nll, write_quiz_task
 from eval.score import score, write_task_configs
 
-METHODS = ["esm", "tsv", "iso_c", "task_arithmetic", "ties", "della"]
+METHODS = ["esm", "tsv", "iso_c", "regmean", "task_arithmetic", "ties", "della"]
 DEFAULT = "default"
 # Retention kept "within the margin of the base": quiz at most 15 points below the base's,
 # held-out NLL at most 0.25 nats above it (fine-tuning one expert often loses more).
@@ -66,7 +66,8 @@ def default_setting(method: str) -> dict:
     from mergekit_esm.methods import METHODS as OURS
 
     if method in OURS:
-        return {"alpha": OURS[method].settings_type.model_fields["alpha"].default}
+        fields = OURS[method].settings_type.model_fields
+        return {key: fields[key].default for key in GRIDS[method][0]}
     recipe = yaml.safe_load(recipe_file(method).read_text())["parameters"]
     return {key: recipe[key] for key in GRIDS[method][0] if key in recipe}
 
