@@ -1,4 +1,4 @@
-"""Which weights ESM targets in a LLaMA-family checkpoint and what feeds each of them.
+"""Which weights ESM targets in a decoder checkpoint and what feeds each of them.
 
 mergekit's WeightInfo knows names but not module types or input wiring, so the layout is
 read from the transformers model built on the meta device (no memory, no weights).
@@ -25,6 +25,14 @@ INPUT_OF = {
 }
 
 
+# Fused linears that hold several target weights' rows in one tensor (Phi-3, GLM-4, InternLM2).
+FUSED_PROJECTIONS = {
+    "qkv_proj": "q, k and v in one tensor",
+    "gate_up_proj": "gate and up in one tensor",
+    "wqkv": "q, k and v in one tensor",
+}
+
+
 @dataclass(frozen=True)
 class TargetWeight:
     name: str  # full tensor name, e.g. model.layers.3.mlp.up_proj.weight
@@ -35,9 +43,39 @@ class TargetWeight:
 
 
 def build_meta_model(config: PretrainedConfig) -> nn.Module:
-    """The model's module tree without memory. SDPA: with no mask it is causal by itself."""
+    """The model's module tree without memory, with the attention implementation transformers
+    picks for it by default (SDPA where the architecture supports it; eager for Gemma 2, whose
+    attention soft-capping SDPA cannot do)."""
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        return AutoModelForCausalLM.from_config(config)
+
+
+def build_model_skeleton(config: PretrainedConfig, device: str | torch.device) -> nn.Module:
+    """The model with its parameters on the meta device (each is loaded when its layer runs)
+    and its non-persistent buffers (rotary frequencies, Gemma's embedding scale) computed on
+    `device`. Buffers are filled by the model's own `_init_weights`, which is what
+    transformers' from_pretrained runs for them: no architecture's formula is copied here."""
+    model = build_meta_model(config)
+    owners = {}
+    for key, buffer in model.named_non_persistent_buffers():
+        owner, _, attr = key.rpartition(".")
+        module = model.get_submodule(owner)
+        module._buffers[attr] = torch.empty_like(buffer, device=device)
+        owners[owner] = module
+    for module in owners.values():
+        model._init_weights(module)
+    return model
+
+
+def _unsupported_layout(layer: nn.Module) -> str | None:
+    """A layer layout ESM cannot merge yet, named for the error message, or None."""
+    for name, module in layer.named_modules():
+        kind = name.rsplit(".", 1)[-1]
+        if kind in FUSED_PROJECTIONS:
+            return f"fused projection {name} ({FUSED_PROJECTIONS[kind]})"
+        if kind == "experts" or type(module).__name__.endswith("Experts"):
+            return f"mixture-of-experts layer {name} ({type(module).__name__})"
+    return None
 
 
 @dataclass(frozen=True)
@@ -51,7 +89,8 @@ class DecoderLayout:
         except Exception as error:  # transformers raises many types for unknown configs
             raise EsmInputError(
                 f"cannot build a causal LM from this config ({type(self.config).__name__}: "
-                f"{error}); ESM supports LLaMA-family models (Llama, Mistral, Qwen2)"
+                f"{error}); mergekit-esm supports decoders with q/k/v/o_proj and gate/up/down_proj linears "
+                "(README: supported architectures)"
             ) from None
         layers_name = next(
             (
@@ -82,11 +121,19 @@ class DecoderLayout:
                             )
                         )
         found = {t.module_type for t in targets}
+        unsupported = _unsupported_layout(model.get_submodule(layers_name)[0]) if layers_name else None
+        if unsupported:
+            raise EsmInputError(
+                f"architecture {self.config.architectures} has a {unsupported} in every decoder layer, "
+                "which mergekit-esm does not merge yet: it supports separate q/k/v/o_proj and "
+                "gate/up/down_proj linears (README: supported architectures)"
+            )
         if layers_name is None or found != set(INPUT_OF):
             missing = ", ".join(sorted(set(INPUT_OF) - found)) or "the decoder layer list"
             raise EsmInputError(
                 f"architecture {self.config.architectures} lacks ESM's target linears "
-                f"({missing}); ESM supports LLaMA-family models (q/k/v/o_proj, gate/up/down_proj)"
+                f"({missing}); mergekit-esm supports decoders with q/k/v/o_proj and gate/up/down_proj "
+                "linears (README: supported architectures)"
             )
         norm_name = f"{layers_name.rsplit('.', 1)[0]}.norm.weight"
         if norm_name not in parameters:

@@ -62,9 +62,9 @@ def self_prediction_losses(prepared, windows: dict, alphas: list[float]) -> dict
         names = [prefix + n for n, _ in stack.layers[index].named_parameters()]
         parts = {n: update(n) for n in names}
         for a in alphas:
-            layer = stack.load_layer(index, lambda n: parts[n][0] + a * parts[n][1])
+            stack.load_layer(index, lambda n: parts[n][0] + a * parts[n][1])
             for e in experts:
-                hidden[a, e] = stack.run_layer(layer, hidden[a, e])
+                hidden[a, e] = stack.run_layer(index, hidden[a, e])
             stack.release(index)
     norm_name, head_name = layout.head_names
     norm, head = update(norm_name), update(head_name)
@@ -83,7 +83,8 @@ def model_token_losses(read_tensor, layout, windows: list[list[int]], device: st
     stack = LayerStack(layout, device)
     hidden = stack.embed(read_tensor(layout.embed_name), windows)
     for index in range(layout.num_layers):
-        hidden = stack.run_layer(stack.load_layer(index, read_tensor), hidden)
+        stack.load_layer(index, read_tensor)
+        hidden = stack.run_layer(index, hidden)
         stack.release(index)
     norm_name, head_name = layout.head_names
     return stack.token_losses(hidden, windows, read_tensor(norm_name), read_tensor(head_name))
