@@ -67,9 +67,10 @@ def build_model_skeleton(config: PretrainedConfig, device: str | torch.device) -
     return model
 
 
-def _unsupported_layout(layer: nn.Module) -> str | None:
-    """A layer layout ESM cannot merge yet, named for the error message, or None."""
-    for name, module in layer.named_modules():
+def _unsupported_layout(layers: nn.Module, layers_name: str) -> str | None:
+    """A layout in the decoder layers that ESM cannot merge yet, named for the error message,
+    or None. All layers are searched: Qwen-MoE-style models may keep dense MLPs in some."""
+    for name, module in layers.named_modules(prefix=layers_name):
         kind = name.rsplit(".", 1)[-1]
         if kind in FUSED_PROJECTIONS:
             return f"fused projection {name} ({FUSED_PROJECTIONS[kind]})"
@@ -121,12 +122,12 @@ class DecoderLayout:
                             )
                         )
         found = {t.module_type for t in targets}
-        unsupported = _unsupported_layout(model.get_submodule(layers_name)[0]) if layers_name else None
+        unsupported = _unsupported_layout(model.get_submodule(layers_name), layers_name) if layers_name else None
         if unsupported:
             raise EsmInputError(
-                f"architecture {self.config.architectures} has a {unsupported} in every decoder layer, "
-                "which mergekit-esm does not merge yet: it supports separate q/k/v/o_proj and "
-                "gate/up/down_proj linears (README: supported architectures)"
+                f"architecture {self.config.architectures} has a {unsupported}, which mergekit-esm "
+                "does not merge yet: it supports separate q/k/v/o_proj and gate/up/down_proj linears "
+                "(README: supported architectures)"
             )
         if layers_name is None or found != set(INPUT_OF):
             missing = ", ".join(sorted(set(INPUT_OF) - found)) or "the decoder layer list"

@@ -5,7 +5,7 @@ hooks to get X, and spells out every formula with plain torch.
 """
 
 import torch
-from transformers import LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -74,17 +74,17 @@ def capture_inputs(model, windows):
     return seen
 
 
-VOCABULARY = ("model.embed_tokens.weight", "lm_head.weight")
+VOCABULARY = ("model.embed_tokens.weight", "lm_head.weight")  # the names in every architecture tested
 
 
 def esm_merge(
     base_dir, expert_dirs, windows, alpha=1.0, gamma=0.15, p_task=2.0, p_dim=2.0, p_layer=2.0, embedding_merge="mean",
     preserve_norm=False,
 ):
-    base = {k: v.double() for k, v in LlamaForCausalLM.from_pretrained(base_dir).state_dict().items()}
+    base = {k: v.double() for k, v in AutoModelForCausalLM.from_pretrained(base_dir).state_dict().items()}
     experts, inputs = [], []
     for d in expert_dirs:
-        model = LlamaForCausalLM.from_pretrained(d, attn_implementation="sdpa").eval()
+        model = AutoModelForCausalLM.from_pretrained(d).eval()  # its whole forward, as transformers runs it
         experts.append({k: v.double() for k, v in model.state_dict().items()})
         inputs.append(capture_inputs(model, windows))
     T = len(experts)

@@ -38,3 +38,21 @@ def iso_cts(deltas, fraction):
         us.append(ut[:, :per_task]), ss.append(st[:per_task]), vs.append(vt[:per_task])
     sigma = torch.cat(ss).mean()
     return sigma * polar(torch.cat(us, 1)) @ polar(torch.cat(vs, 0))
+
+
+def svd_family_merge(method, base, experts, alpha, fraction=0.5):
+    """W0 + α·update of every tensor (state dicts, float64): the method's update on the target
+    weights, the mean task vector elsewhere."""
+    out = {}
+    for name, w0 in base.items():
+        deltas = [e[name] - w0 for e in experts]
+        if name.endswith("proj.weight"):  # q/k/v/o, gate/up/down (biases and norms take the mean)
+            update = {
+                "tsv": lambda: tsv_m(deltas, min(w0.shape) // len(deltas)),
+                "iso_c": lambda: iso_c(deltas),
+                "iso_cts": lambda: iso_cts(deltas, fraction),
+            }[method]()
+        else:
+            update = torch.stack(deltas).mean(0)
+        out[name] = w0 + alpha * update
+    return out
