@@ -25,21 +25,71 @@ INPUT_OF = {
 }
 
 
-# Fused linears that hold several target weights' rows in one tensor (Phi-3, GLM-4, InternLM2).
-FUSED_PROJECTIONS = {
-    "qkv_proj": "q, k and v in one tensor",
-    "gate_up_proj": "gate and up in one tensor",
-    "wqkv": "q, k and v in one tensor",
-}
+
+
+def _qkv_rows(config: PretrainedConfig, attention: nn.Module) -> list[tuple[str, int]]:
+    """Phi-3's qkv_proj: its attention's forward slices the output as q (all heads), then k
+    and v (the key-value heads), head_dim each."""
+    kv = config.num_key_value_heads * attention.head_dim
+    return [("q_proj", config.num_attention_heads * attention.head_dim), ("k_proj", kv), ("v_proj", kv)]
+
+
+def _gate_up_rows(config: PretrainedConfig, mlp: nn.Module) -> list[tuple[str, int]]:
+    """Phi-3's and GLM-4's gate_up_proj: their MLP's forward chunks the output in two halves,
+    gate first."""
+    return [("gate_proj", config.intermediate_size), ("up_proj", config.intermediate_size)]
+
+
+# Fused linear → the target weights whose rows it stacks, in order, with their row counts
+# (from the config and the owning module, as its forward splits them). Each block is merged
+# as its own target weight, with the fused linear's input, and the blocks are written back
+# stacked.
+FUSED_ROWS = {"qkv_proj": _qkv_rows, "gate_up_proj": _gate_up_rows}
+# Fused layouts mergekit knows that are not split as above (InternLM2 interleaves q, k and v
+# per key-value group).
+UNSUPPORTED_FUSED = {"wqkv": "q, k and v interleaved per key-value group"}
 
 
 @dataclass(frozen=True)
 class TargetWeight:
-    name: str  # full tensor name, e.g. model.layers.3.mlp.up_proj.weight
+    name: str  # unique: the tensor's name (model.layers.3.mlp.up_proj.weight), or tensor:module_type for a block
     layer: int
     module_type: str  # q_proj … down_proj
     input_group: str  # attn_in, attn_out, mlp_in, mlp_hidden
-    shape: tuple[int, int]  # (d_out, d_in)
+    shape: tuple[int, int]  # (d_out, d_in) of this target (of its block, in a fused tensor)
+    tensor: str  # the stored tensor that holds it
+    rows: tuple[int, int] | None = None  # [start, end) of its block in a fused tensor
+
+    def of(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This target's rows of its stored tensor (all of it, unless fused)."""
+        return tensor if self.rows is None else tensor[self.rows[0] : self.rows[1]]
+
+
+def _layer_targets(config: PretrainedConfig, layer: nn.Module, prefix: str, index: int) -> list[TargetWeight]:
+    targets = []
+    for name, module in layer.named_modules():
+        kind = name.rsplit(".", 1)[-1]
+        if not isinstance(module, nn.Linear) or kind not in INPUT_OF.keys() | FUSED_ROWS.keys():
+            continue
+        tensor = f"{prefix}.{name}.weight"
+        if kind in INPUT_OF:
+            shape = (module.out_features, module.in_features)
+            targets.append(TargetWeight(tensor, index, kind, INPUT_OF[kind], shape, tensor))
+            continue
+        blocks = FUSED_ROWS[kind](config, layer.get_submodule(name.rpartition(".")[0]))
+        if sum(rows for _, rows in blocks) != module.out_features:
+            raise EsmInputError(
+                f"fused projection {tensor} has {module.out_features} rows, not the "
+                f"{' + '.join(str(r) for _, r in blocks)} of its config's {', '.join(k for k, _ in blocks)}: "
+                "its split is unknown to mergekit-esm"
+            )
+        start = 0
+        for block, rows in blocks:
+            shape = (rows, module.in_features)
+            span = (start, start + rows)
+            targets.append(TargetWeight(f"{tensor}:{block}", index, block, INPUT_OF[block], shape, tensor, span))
+            start += rows
+    return targets
 
 
 def build_meta_model(config: PretrainedConfig) -> nn.Module:
@@ -72,8 +122,8 @@ def _unsupported_layout(layers: nn.Module, layers_name: str) -> str | None:
     or None. All layers are searched: Qwen-MoE-style models may keep dense MLPs in some."""
     for name, module in layers.named_modules(prefix=layers_name):
         kind = name.rsplit(".", 1)[-1]
-        if kind in FUSED_PROJECTIONS:
-            return f"fused projection {name} ({FUSED_PROJECTIONS[kind]})"
+        if kind in UNSUPPORTED_FUSED:
+            return f"fused projection {name} ({UNSUPPORTED_FUSED[kind]})"
         if kind == "experts" or type(module).__name__.endswith("Experts"):
             return f"mixture-of-experts layer {name} ({type(module).__name__})"
     return None
@@ -106,22 +156,6 @@ class DecoderLayout:
         parameters = dict(model.named_parameters())  # tied weights appear once, under the embedding
         embed_name = next(n for n, p in parameters.items() if p is embed.weight)
         head_name = next(n for n, p in parameters.items() if p is model.get_output_embeddings().weight)
-        targets = []
-        if layers_name is not None:
-            for index, layer in enumerate(model.get_submodule(layers_name)):
-                for name, module in layer.named_modules():
-                    kind = name.rsplit(".", 1)[-1]
-                    if kind in INPUT_OF and isinstance(module, nn.Linear):
-                        targets.append(
-                            TargetWeight(
-                                name=f"{layers_name}.{index}.{name}.weight",
-                                layer=index,
-                                module_type=kind,
-                                input_group=INPUT_OF[kind],
-                                shape=(module.out_features, module.in_features),
-                            )
-                        )
-        found = {t.module_type for t in targets}
         unsupported = _unsupported_layout(model.get_submodule(layers_name), layers_name) if layers_name else None
         if unsupported:
             raise EsmInputError(
@@ -129,6 +163,10 @@ class DecoderLayout:
                 "does not merge yet: it supports separate q/k/v/o_proj and gate/up/down_proj linears "
                 "(README: supported architectures)"
             )
+        targets = []
+        for index, layer in enumerate(model.get_submodule(layers_name) if layers_name else ()):
+            targets += _layer_targets(self.config, layer, f"{layers_name}.{index}", index)
+        found = {t.module_type for t in targets}
         if layers_name is None or found != set(INPUT_OF):
             missing = ", ".join(sorted(set(INPUT_OF) - found)) or "the decoder layer list"
             raise EsmInputError(
@@ -165,6 +203,14 @@ class DecoderLayout:
     @cached_property
     def layer_of(self) -> dict[str, int]:
         return {t.name: t.layer for t in self.targets}
+
+    @cached_property
+    def targets_in(self) -> dict[str, list[TargetWeight]]:
+        """Stored tensor name → the targets it holds, in row order (one, unless fused)."""
+        held: dict[str, list[TargetWeight]] = {}
+        for target in self.targets:
+            held.setdefault(target.tensor, []).append(target)
+        return held
 
     def layer_targets(self, layer: int) -> list[TargetWeight]:
         return [t for t in self.targets if t.layer == layer]

@@ -45,11 +45,11 @@ ARCHITECTURES = {
                                   "attention_multiplier": 0.3, "logits_scaling": 2.0}),
     "olmo2": ("Olmo2Config", {}),  # norms after attention and MLP, q/k norms
     "stablelm": ("StableLmConfig", {}),  # LayerNorm with bias, partial rotary
+    "phi3": ("Phi3Config", {}),  # fused qkv_proj and gate_up_proj
+    "glm4": ("Glm4Config", {"head_dim": 8}),  # fused gate_up_proj, q/k/v biases, norms after attention and MLP
 }
 # Layouts mergekit knows that mergekit-esm refuses in preflight.
 UNSUPPORTED = {
-    "phi3": ("Phi3Config", {}),  # fused qkv_proj, gate_up_proj
-    "glm4": ("Glm4Config", {}),  # fused gate_up_proj
     "mixtral": ("MixtralConfig", {"num_local_experts": 4}),
     "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": 4, "moe_intermediate_size": 32}),
 }

@@ -224,10 +224,12 @@ def layer_input_moments(
                 delta = None
                 if read_base is not None and readers[target.input_group] == 1:
                     if held_form(n_tokens, target.shape[1], target.shape[0], sum_dtype.itemsize) == "shift":
-                        delta = read_tensor(target.name).to(device, sum_dtype) - read_base(target.name).to(device, sum_dtype)
+                        delta = target.of(read_tensor(target.tensor)).to(device, sum_dtype) - target.of(
+                            read_base(target.tensor)
+                        ).to(device, sum_dtype)
                 collector = _InputCollector(n_tokens, target.shape[1], device, sum_dtype, delta)
                 collectors[target.input_group] = collector
-                module = stack.model.get_submodule(target.name.removesuffix(".weight"))
+                module = stack.model.get_submodule(target.tensor.removesuffix(".weight"))
                 hooks.append(module.register_forward_pre_hook(collector))
             hidden = stack.run_layer(index, hidden)
             for hook in hooks:

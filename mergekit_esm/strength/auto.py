@@ -49,7 +49,7 @@ def self_prediction_losses(prepared, windows: dict, alphas: list[float]) -> dict
     def update(name: str) -> tuple[torch.Tensor, torch.Tensor]:
         base = read_base(name).to(torch.float32)
         # target weights come from the cached ΔW_merged: their expert tensors need no read
-        experts = [] if name in prepared.betas else [r(name) for r in readers]
+        experts = [] if prepared.is_target(name) else [r(name) for r in readers]
         return base, prepared.update(name, base, experts)
 
     stack = LayerStack(layout, inputs.device)
