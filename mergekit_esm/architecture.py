@@ -174,8 +174,8 @@ class DecoderLayout:
                 f"({missing}); mergekit-esm supports decoders with q/k/v/o_proj and gate/up/down_proj "
                 "linears (README: supported architectures)"
             )
-        norm_name = f"{layers_name.rsplit('.', 1)[0]}.norm.weight"
-        if norm_name not in parameters:
+        norm_name = f"{layers_name.rsplit('.', 1)[0]}.norm"
+        if f"{norm_name}.weight" not in parameters:
             raise EsmInputError(f"architecture {self.config.architectures} has no final norm at {norm_name}")
         return layers_name, embed_name, len(model.get_submodule(layers_name)), tuple(targets), (norm_name, head_name)
 
@@ -197,7 +197,7 @@ class DecoderLayout:
 
     @property
     def head_names(self) -> tuple[str, str]:
-        """(final norm weight, output projection weight); the latter is embed_name when tied."""
+        """(final norm module, output projection weight); the latter is embed_name when tied."""
         return self._meta[4]
 
     @cached_property

@@ -14,7 +14,9 @@ from click.testing import CliRunner
 from mergekit.scripts.run_yaml import main as mergekit_yaml_main
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mergekit_esm.architecture import DecoderLayout
 from mergekit_esm.methods.esm import EsmSettings
+from mergekit_esm.strength.auto import model_token_losses
 from tests import reference_svd_family
 from tests.conftest import PROXY_TEXT
 from tests.reference_esm import esm_merge, packed_windows
@@ -109,3 +111,19 @@ def test_a_checkpoint_mergekit_cannot_plan_is_refused_in_preflight(tmp_path):
     assert result.exit_code != 0 and len(errors) == 1, result.output[-2000:]
     assert "requires tensor model.layers.0.self_attn.q_norm.weight" in errors[0]
     assert not (tmp_path / "tsv").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_layer_by_layer_losses_match_the_whole_model(name):
+    """alpha: auto scores merges by token losses computed layer by layer: they must be the
+    transformers model's own (Gemma 2's logit soft-capping, Granite's logit scaling, Cohere's
+    logit scale included)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(architecture_config(name)).eval()
+    state = model.state_dict()
+    windows = [list(range(3, 43)), list(range(100, 140))]
+    with torch.no_grad():
+        logits = [model(torch.tensor([w])).logits[0, :-1] for w in windows]
+    expected = torch.cat([torch.nn.functional.cross_entropy(l, torch.tensor(w[1:]), reduction="none") for l, w in zip(logits, windows)])
+    got = model_token_losses(state.__getitem__, DecoderLayout(model.config), windows)
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()

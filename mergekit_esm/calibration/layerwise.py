@@ -106,17 +106,23 @@ class LayerStack:
         self.layers[index].to("meta")
 
     def token_losses(
-        self, hidden: list[torch.Tensor], windows: list[list[int]], norm: torch.Tensor, head: torch.Tensor
+        self, hidden: list[torch.Tensor], windows: list[list[int]], read_tensor: Callable[[str], torch.Tensor]
     ) -> torch.Tensor:
-        """Cross-entropy of every next token of every window (concatenated, float32, CPU).
+        """Cross-entropy of every next token of every window (concatenated, float32, CPU),
+        the final norm's parameters (a bias too, as StableLM's) and the output projection read
+        by `read_tensor`.
 
         The logits come from the model's own head (its final logit soft-capping or scaling
         included): its forward runs with the decoder stack replaced by the final norm of the
         last layer's output."""
-        final_norm = self.model.get_submodule(self.layout.head_names[0].removesuffix(".weight"))
-        final_norm.load_state_dict({"weight": norm.to(self.device, torch.float32)}, assign=True)
+        norm_name, head_name = self.layout.head_names
+        final_norm = self.model.get_submodule(norm_name)
+        final_norm.load_state_dict(
+            {n: read_tensor(f"{norm_name}.{n}").to(self.device, torch.float32) for n, _ in final_norm.named_parameters()},
+            assign=True,
+        )
         output = self.model.get_output_embeddings()
-        output.load_state_dict({"weight": head.to(self.device, torch.float32)}, assign=True)
+        output.load_state_dict({"weight": read_tensor(head_name).to(self.device, torch.float32)}, assign=True)
         losses = []
         try:
             for h, w in zip(hidden, windows):

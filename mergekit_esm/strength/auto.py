@@ -67,12 +67,10 @@ def self_prediction_losses(prepared, windows: dict, alphas: list[float]) -> dict
                 hidden[a, e] = stack.run_layer(index, hidden[a, e])
             stack.release(index)
     norm_name, head_name = layout.head_names
-    norm, head = update(norm_name), update(head_name)
+    names = [f"{norm_name}.{n}" for n, _ in stack.model.get_submodule(norm_name).named_parameters()] + [head_name]
+    parts = {n: update(n) for n in names}
     return {
-        a: {
-            e: stack.token_losses(hidden[a, e], windows[e], norm[0] + a * norm[1], head[0] + a * head[1])
-            for e in experts
-        }
+        a: {e: stack.token_losses(hidden[a, e], windows[e], lambda n: parts[n][0] + a * parts[n][1]) for e in experts}
         for a in alphas
     }
 
@@ -86,8 +84,7 @@ def model_token_losses(read_tensor, layout, windows: list[list[int]], device: st
         stack.load_layer(index, read_tensor)
         hidden = stack.run_layer(index, hidden)
         stack.release(index)
-    norm_name, head_name = layout.head_names
-    return stack.token_losses(hidden, windows, read_tensor(norm_name), read_tensor(head_name))
+    return stack.token_losses(hidden, windows, read_tensor)
 
 
 DISTINCTIVE_MARGIN = 1.0  # nats: the expert finds the token e ≈ 2.7× likelier than the base
