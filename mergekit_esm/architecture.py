@@ -25,23 +25,21 @@ INPUT_OF = {
 }
 
 
-
-
-def _qkv_rows(config: PretrainedConfig, attention: nn.Module) -> list[tuple[str, int]]:
+def _qkv_rows(config: PretrainedConfig, attention: nn.Module, linear: nn.Linear) -> list[tuple[str, int]]:
     """Phi-3's qkv_proj: its attention's forward slices the output as q (all heads), then k
     and v (the key-value heads), head_dim each."""
     kv = config.num_key_value_heads * attention.head_dim
     return [("q_proj", config.num_attention_heads * attention.head_dim), ("k_proj", kv), ("v_proj", kv)]
 
 
-def _gate_up_rows(config: PretrainedConfig, mlp: nn.Module) -> list[tuple[str, int]]:
+def _gate_up_rows(config: PretrainedConfig, mlp: nn.Module, linear: nn.Linear) -> list[tuple[str, int]]:
     """Phi-3's and GLM-4's gate_up_proj: their MLP's forward chunks the output in two halves,
     gate first."""
-    return [("gate_proj", config.intermediate_size), ("up_proj", config.intermediate_size)]
+    return [("gate_proj", linear.out_features // 2), ("up_proj", linear.out_features // 2)]
 
 
 # Fused linear → the target weights whose rows it stacks, in order, with their row counts
-# (from the config and the owning module, as its forward splits them). Each block is merged
+# (from the config and the owning module, as the owner's forward splits them). Each block is merged
 # as its own target weight, with the fused linear's input, and the blocks are written back
 # stacked.
 FUSED_ROWS = {"qkv_proj": _qkv_rows, "gate_up_proj": _gate_up_rows}
@@ -76,12 +74,12 @@ def _layer_targets(config: PretrainedConfig, layer: nn.Module, prefix: str, inde
             shape = (module.out_features, module.in_features)
             targets.append(TargetWeight(tensor, index, kind, INPUT_OF[kind], shape, tensor))
             continue
-        blocks = FUSED_ROWS[kind](config, layer.get_submodule(name.rpartition(".")[0]))
+        blocks = FUSED_ROWS[kind](config, layer.get_submodule(name.rpartition(".")[0]), module)
         if sum(rows for _, rows in blocks) != module.out_features:
             raise EsmInputError(
                 f"fused projection {tensor} has {module.out_features} rows, not the "
-                f"{' + '.join(str(r) for _, r in blocks)} of its config's {', '.join(k for k, _ in blocks)}: "
-                "its split is unknown to mergekit-esm"
+                f"{' + '.join(str(r) for _, r in blocks)} of its {', '.join(k for k, _ in blocks)}: "
+                "mergekit-esm does not know how this architecture splits it"
             )
         start = 0
         for block, rows in blocks:
