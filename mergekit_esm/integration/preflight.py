@@ -226,7 +226,6 @@ def preflight(config: MergeConfiguration, options: MergeOptions) -> MergeInputs:
     layout = DecoderLayout(base_config)
     layout.targets  # raises for architectures without the target linears
     base_shapes = _tensor_shapes(indexes[base])
-    _check_mergekit_layout(config, options, base, base_config, base_shapes)
     for expert in experts:
         arch = expert.config(trust_remote_code=trust).architectures
         if arch != base_config.architectures:
@@ -235,6 +234,7 @@ def preflight(config: MergeConfiguration, options: MergeOptions) -> MergeInputs:
                 f"{name} merges experts of the base's architecture"
             )
         _check_same_weights(expert, base, _tensor_shapes(indexes[expert]), base_shapes)
+    _check_mergekit_layout(config, options, base, base_config, base_shapes)
 
     tokenizer = _tokenizer(base, indexes[base].base_path, trust)
     for expert in experts:
