@@ -5,9 +5,12 @@ hooks to get X, and spells out every formula with plain torch.
 """
 
 import torch
-from transformers import LlamaForCausalLM
+from transformers import AutoModelForCausalLM
+
+from tests.reference_svd_family import blocks_of
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FUSED = ("qkv_proj", "gate_up_proj")
 
 
 def whiten(m):
@@ -64,7 +67,7 @@ def capture_inputs(model, windows):
     handles = [
         m.register_forward_pre_hook(hook(n + ".weight"))
         for n, m in model.named_modules()
-        if n.rsplit(".", 1)[-1] in TARGETS
+        if n.rsplit(".", 1)[-1] in TARGETS + FUSED
     ]
     with torch.no_grad():
         for w in windows:
@@ -74,37 +77,45 @@ def capture_inputs(model, windows):
     return seen
 
 
-VOCABULARY = ("model.embed_tokens.weight", "lm_head.weight")
+VOCABULARY = ("model.embed_tokens.weight", "lm_head.weight")  # the names in every architecture tested
 
 
 def esm_merge(
     base_dir, expert_dirs, windows, alpha=1.0, gamma=0.15, p_task=2.0, p_dim=2.0, p_layer=2.0, embedding_merge="mean",
     preserve_norm=False,
 ):
-    base = {k: v.double() for k, v in LlamaForCausalLM.from_pretrained(base_dir).state_dict().items()}
+    base_model = AutoModelForCausalLM.from_pretrained(base_dir)
+    base = {k: v.double() for k, v in base_model.state_dict().items()}
     experts, inputs = [], []
     for d in expert_dirs:
-        model = LlamaForCausalLM.from_pretrained(d, attn_implementation="sdpa").eval()
+        model = AutoModelForCausalLM.from_pretrained(d).eval()  # its whole forward, as transformers runs it
         experts.append({k: v.double() for k, v in model.state_dict().items()})
         inputs.append(capture_inputs(model, windows))
     T = len(experts)
-    merged_delta, out = {}, {}
+    merged_delta, out = {}, {}  # merged_delta: (tensor, block kind) → ΔW of that block
     for name, w0 in base.items():
         deltas = [e[name] - w0 for e in experts]
         if name in inputs[0]:
-            k = max(1, w0.shape[0] // T)
-            merged_delta[name] = esm_weight(deltas, [x[name] for x in inputs], k, gamma, p_task, p_dim, preserve_norm)
+            start = 0
+            for kind, rows in blocks_of(name.split(".")[-2], base_model.config, w0.shape[0]):
+                block = [d[start : start + rows] for d in deltas]
+                start += rows
+                k = max(1, rows // T)
+                merged_delta[name, kind] = esm_weight(block, [x[name] for x in inputs], k, gamma, p_task, p_dim, preserve_norm)
         else:
             combine = torch.sum if name in VOCABULARY and embedding_merge == "sum" else torch.mean
             out[name] = w0 + alpha * combine(torch.stack(deltas), 0)
+    betas = {}
     for kind in TARGETS:
-        names = [n for n in merged_delta if f".{kind}." in n]
-        norms = {n: torch.linalg.matrix_norm(merged_delta[n]) for n in names}
+        keys = [key for key in merged_delta if key[1] == kind]
+        norms = {key: torch.linalg.matrix_norm(merged_delta[key]) for key in keys}
         mean = sum(norms.values()) / len(norms)
-        betas = {n: (norms[n] / mean) ** p_layer for n in names}
+        scales = {key: (norms[key] / mean) ** p_layer for key in keys}
         if preserve_norm:  # Σ β²‖ΔW‖² = Σ ‖ΔW‖² over the layers of this module type
-            ratio = (sum(v**2 for v in norms.values()) / sum((betas[n] * norms[n]) ** 2 for n in names)) ** 0.5
-            betas = {n: b * ratio for n, b in betas.items()}
-        for n in names:
-            out[n] = base[n] + alpha * betas[n] * merged_delta[n]
+            ratio = (sum(v**2 for v in norms.values()) / sum((scales[key] * norms[key]) ** 2 for key in keys)) ** 0.5
+            scales = {key: b * ratio for key, b in scales.items()}
+        betas.update(scales)
+    for name in {key[0] for key in merged_delta}:
+        update = torch.cat([betas[key] * merged_delta[key] for key in merged_delta if key[0] == name])
+        out[name] = base[name] + alpha * update
     return out

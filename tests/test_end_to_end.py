@@ -176,17 +176,9 @@ def test_svd_family_methods_match_their_dense_formulas(zoo, tmp_path, method):
     base = {k: v.double() for k, v in AutoModelForCausalLM.from_pretrained(zoo["base"]).state_dict().items()}
     experts = [{k: v.double() for k, v in AutoModelForCausalLM.from_pretrained(e).state_dict().items()} for e in zoo["experts"]]
     got = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
-    for name, w0 in base.items():
-        deltas = [e[name] - w0 for e in experts]
-        if name.endswith("proj.weight"):
-            update = {
-                "tsv": lambda: reference.tsv_m(deltas, min(w0.shape) // len(deltas)),
-                "iso_c": lambda: reference.iso_c(deltas),
-                "iso_cts": lambda: reference.iso_cts(deltas, 0.5),
-            }[method]()
-        else:
-            update = torch.stack(deltas).mean(0)
-        error = (got[name].double() - (w0 + 1.3 * update)).abs().max().item()
+    expected = reference.svd_family_merge(method, base, experts, alpha=1.3, fraction=0.5)
+    for name, w in expected.items():
+        error = (got[name].double() - w).abs().max().item()
         assert error <= 1e-5, (name, error)
     card = (tmp_path / "out" / "README.md").read_text()
     assert f"## {method} settings" in card and "| alpha | 1.3 |" in card

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from mergekit_esm.algebra.subspace import InputMoment, add_gram_upper_, fill_lower_from_upper_
-from mergekit_esm.architecture import DecoderLayout, build_meta_model
+from mergekit_esm.architecture import DecoderLayout, build_model_skeleton
 from mergekit_esm.cache import process_temporary_directory
 
 
@@ -25,65 +26,114 @@ class LayerMoments:
     moments: dict[str, InputMoment]  # input group → X, XᵀX or ΔW XᵀX ΔWᵀ, whichever is smallest
 
 
+class _ModelInputsRecorded(Exception):
+    """Stops the model's own forward once every decoder layer's inputs are recorded."""
+
+
 class LayerStack:
     """The model's decoder layers on the meta device, run on token windows one layer at a time.
 
     Each layer's weights are loaded just before it runs and released after, so memory holds
     one layer plus the windows' hidden states, at any depth. Windows are whole causal
-    sequences (no padding, no mask).
+    sequences (no padding).
+
+    What a layer needs besides its hidden states (rotary embeddings of its kind, its causal or
+    sliding-window mask, position ids) and the first layer's input (embeddings with the
+    architecture's scale or multiplier) come from the model's own forward, run once per window
+    with the decoder layers replaced by recorders: nothing an architecture computes between
+    its embedding and its layers is copied here, so each architecture transformers knows
+    is calibrated as its own forward would run it.
     """
 
     def __init__(self, layout: DecoderLayout, device: str | torch.device = "cpu"):
         self.layout, self.device = layout, device
-        self.model = build_meta_model(layout.config)
-        rotary_meta = getattr(self.model.get_submodule(layout.layers_name.rsplit(".", 1)[0]), "rotary_emb")
-        self.rotary = type(rotary_meta)(config=layout.config).to(device)
+        self.model = build_model_skeleton(layout.config, device)
+        self.decoder = self.model.get_submodule(layout.layers_name.rsplit(".", 1)[0])
         self.layers = self.model.get_submodule(layout.layers_name)
-        self._positions: dict[int, tuple] = {}
+        self._layer_inputs: dict[int, list[tuple[tuple, dict]]] = {}  # window length → per layer (args, kwargs)
+
+    def _record_inputs(self, window: list[int]) -> torch.Tensor:
+        """Run the model's own forward on one window up to its first decoder layer's input
+        (returned) and record every layer's other inputs for windows of this length."""
+        recorded, first_input = [], []
+
+        def recorder(hidden_states, *args, **kwargs):
+            first_input.append(hidden_states)
+            recorded.append((args, kwargs))
+            if len(recorded) == len(self.layers):
+                raise _ModelInputsRecorded  # the final norm's weights are not loaded
+            return hidden_states
+
+        for layer in self.layers:
+            layer.forward = recorder  # an instance attribute: the layer keeps its attributes
+        try:
+            self.decoder(input_ids=torch.tensor([window], device=self.device), use_cache=False)
+        except _ModelInputsRecorded:
+            pass
+        finally:
+            for layer in self.layers:
+                del layer.forward
+        self._layer_inputs[len(window)] = recorded
+        return first_input[0]
 
     def embed(self, embedding: torch.Tensor, windows: list[list[int]]) -> list[torch.Tensor]:
-        return [embedding[torch.tensor(w)].to(self.device, torch.float32)[None] for w in windows]
+        """The first decoder layer's input for each window, the model's embedding `embedding`
+        applied as its forward applies it."""
+        module = self.model.get_input_embeddings()
+        module.load_state_dict({"weight": embedding.to(self.device, torch.float32)}, assign=True)
+        hidden = [self._record_inputs(w) for w in windows]
+        module.to("meta")
+        return hidden
 
-    def _position(self, h: torch.Tensor):
-        length = h.shape[1]
-        if length not in self._positions:
-            ids = torch.arange(length, device=self.device)[None]
-            self._positions[length] = (ids, self.rotary(h, ids))
-        return self._positions[length]
-
-    def load_layer(self, index: int, read_tensor: Callable[[str], torch.Tensor]) -> nn.Module:
+    def load_layer(self, index: int, read_tensor: Callable[[str], torch.Tensor]) -> None:
         layer = self.layers[index]
         prefix = f"{self.layout.layers_name}.{index}."
         layer.load_state_dict(
             {n: read_tensor(prefix + n).to(self.device, torch.float32) for n, _ in layer.named_parameters()},
             assign=True,
         )
-        return layer
 
-    def run_layer(self, layer: nn.Module, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Each window through the layer, replacing its hidden state in `hidden` as it goes:
-        old and new states of all windows are never held together."""
+    def run_layer(self, index: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each window through layer `index` (loaded), replacing its hidden state in `hidden`
+        as it goes: old and new states of all windows are never held together."""
+        layer = self.layers[index]
         for i, h in enumerate(hidden):
-            ids, pe = self._position(h)
-            hidden[i] = layer(h, position_ids=ids, position_embeddings=pe)
+            args, kwargs = self._layer_inputs[h.shape[1]][index]
+            hidden[i] = layer(h, *args, **kwargs)
         return hidden
 
     def release(self, index: int) -> None:
         self.layers[index].to("meta")
 
     def token_losses(
-        self, hidden: list[torch.Tensor], windows: list[list[int]], norm: torch.Tensor, head: torch.Tensor
+        self, hidden: list[torch.Tensor], windows: list[list[int]], read_tensor: Callable[[str], torch.Tensor]
     ) -> torch.Tensor:
-        """Cross-entropy of every next token of every window (concatenated, float32, CPU)."""
-        final_norm = self.model.get_submodule(self.layout.head_names[0].removesuffix(".weight"))
-        final_norm.load_state_dict({"weight": norm.to(self.device, torch.float32)}, assign=True)
-        head = head.to(self.device, torch.float32)
+        """Cross-entropy of every next token of every window (concatenated, float32, CPU),
+        the final norm's parameters (a bias too, as StableLM's) and the output projection read
+        by `read_tensor`.
+
+        The logits come from the model's own head (its final logit soft-capping or scaling
+        included): its forward runs with the decoder stack replaced by the final norm of the
+        last layer's output."""
+        norm_name, head_name = self.layout.head_names
+        final_norm = self.model.get_submodule(norm_name)
+        final_norm.load_state_dict(
+            {n: read_tensor(f"{norm_name}.{n}").to(self.device, torch.float32) for n, _ in final_norm.named_parameters()},
+            assign=True,
+        )
+        output = self.model.get_output_embeddings()
+        output.load_state_dict({"weight": read_tensor(head_name).to(self.device, torch.float32)}, assign=True)
         losses = []
-        for h, w in zip(hidden, windows):
-            logits = final_norm(h)[0, :-1] @ head.T
-            target = torch.tensor(w[1:], device=self.device)
-            losses.append(torch.nn.functional.cross_entropy(logits, target, reduction="none").cpu())
-        final_norm.to("meta")
+        try:
+            for h, w in zip(hidden, windows):
+                self.decoder.forward = lambda *_args, h=h, **_kwargs: BaseModelOutputWithPast(last_hidden_state=final_norm(h))
+                logits = self.model(input_ids=torch.tensor([w], device=self.device), use_cache=False).logits
+                target = torch.tensor(w[1:], device=self.device)
+                losses.append(torch.nn.functional.cross_entropy(logits[0, :-1], target, reduction="none").cpu())
+        finally:
+            del self.decoder.forward
+            final_norm.to("meta")
+            output.to("meta")
         return torch.cat(losses)
 
 
@@ -175,7 +225,7 @@ def layer_input_moments(
         for index in range(layout.num_layers):
             if hidden is None:
                 hidden = torch.load(os.path.join(spill, "hidden.pt"), weights_only=True)
-            layer = stack.load_layer(index, read_tensor)
+            stack.load_layer(index, read_tensor)
             collectors: dict[str, _InputCollector] = {}
             hooks = []
             targets = layout.layer_targets(index)
@@ -186,14 +236,17 @@ def layer_input_moments(
                 delta = None
                 if read_base is not None and readers[target.input_group] == 1:
                     if held_form(n_tokens, target.shape[1], target.shape[0], sum_dtype.itemsize) == "shift":
-                        delta = read_tensor(target.name).to(device, sum_dtype) - read_base(target.name).to(device, sum_dtype)
+                        delta = target.of(read_tensor(target.tensor)).to(device, sum_dtype) - target.of(
+                            read_base(target.tensor)
+                        ).to(device, sum_dtype)
                 collector = _InputCollector(n_tokens, target.shape[1], device, sum_dtype, delta)
                 collectors[target.input_group] = collector
-                module = stack.model.get_submodule(target.name.removesuffix(".weight"))
+                module = stack.model.get_submodule(target.tensor.removesuffix(".weight"))
                 hooks.append(module.register_forward_pre_hook(collector))
-            # in place on `hidden`, unless the merged layer is to carry it on: then the
-            # outputs fill a copy of the list, dropped at once
-            stack.run_layer(layer, hidden if read_merged is None else list(hidden))
+            if read_merged is None:
+                hidden = stack.run_layer(index, hidden)
+            else:  # the merged layer carries the states on: this expert's outputs are dropped
+                stack.run_layer(index, list(hidden))
             for hook in hooks:
                 hook.remove()
             stack.release(index)  # release this layer's weights before loading the next
@@ -209,5 +262,6 @@ def layer_input_moments(
             if read_merged is not None and index + 1 < layout.num_layers:
                 if hidden is None:
                     hidden = torch.load(os.path.join(spill, "hidden.pt"), weights_only=True)
-                stack.run_layer(stack.load_layer(index, read_merged), hidden)
+                stack.load_layer(index, read_merged)
+                stack.run_layer(index, hidden)
                 stack.release(index)

@@ -3,6 +3,7 @@
 Every problem becomes one EsmInputError line that says what to fix.
 """
 
+import importlib.metadata
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.utils import HFValidationError, validate_repo_id
+from mergekit.architecture import get_architecture_info
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 from mergekit.io.tasks import LoaderCache
@@ -23,6 +25,9 @@ from mergekit_esm.calibration.proxy import MAX_PROXY_WINDOWS, SELF_PROXY, defaul
 from mergekit_esm.errors import EsmInputError
 from mergekit_esm.methods import METHODS, MergeSettings, MethodDefinition
 from mergekit_esm.methods.base import Strength, unknown_parameter_message
+
+
+_MERGEKIT_VERSION = importlib.metadata.version("mergekit")
 
 
 @dataclass(frozen=True)
@@ -162,6 +167,23 @@ def _check_same_weights(model, base, shapes, base_shapes):
             )
 
 
+def _check_mergekit_layout(config: MergeConfiguration, options: MergeOptions, base, base_config, base_shapes) -> None:
+    """mergekit plans the merge from its own template of the architecture and stops at the
+    first tensor the template requires that the checkpoint lacks, after the pre-pass has run
+    (e.g. Command R without q/k norms, which mergekit 0.1.5's cohere template requires)."""
+    try:
+        weights = get_architecture_info(config, options).all_weights(base_config)
+    except Exception as error:  # mergekit raises RuntimeError or ValueError with its reason
+        raise EsmInputError(f"mergekit cannot plan this merge: {error}") from None
+    for weight in weights:
+        names = (weight.name, *(weight.aliases or ()), *(weight.tied_names or ()))
+        if not weight.optional and not any(n in base_shapes for n in names):
+            raise EsmInputError(
+                f"mergekit's template for {base_config.architectures[0]} requires tensor {weight.name}, "
+                f"which model {base} lacks: mergekit {_MERGEKIT_VERSION} cannot merge this checkpoint"
+            )
+
+
 def _tokenizer(model: ModelReference, base_path: str, trust_remote_code: bool):
     try:
         return AutoTokenizer.from_pretrained(base_path, trust_remote_code=trust_remote_code)
@@ -212,6 +234,7 @@ def preflight(config: MergeConfiguration, options: MergeOptions) -> MergeInputs:
                 f"{name} merges experts of the base's architecture"
             )
         _check_same_weights(expert, base, _tensor_shapes(indexes[expert]), base_shapes)
+    _check_mergekit_layout(config, options, base, base_config, base_shapes)
 
     tokenizer = _tokenizer(base, indexes[base].base_path, trust)
     for expert in experts:

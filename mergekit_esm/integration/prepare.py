@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mergekit_esm.algebra import layer_scales
+from mergekit_esm.architecture import TargetWeight
 from mergekit_esm.cache import CacheEntry, cache_root, files_fingerprint, fingerprint
 from mergekit_esm.calibration.layerwise import layer_input_moments
 from mergekit_esm.calibration.proxy import SELF_PROXY, load_documents, token_windows
@@ -97,14 +98,14 @@ def proxy_windows(inputs: MergeInputs, expert: ModelReference, root: Path) -> li
 
 
 class TaskMatrices(Sequence):
-    """ΔW_t = W_t − W0 of one weight for every expert, read when accessed: methods that go
-    through them in turn (ESM, TSV-M, Iso-C) hold one at a time, not T. Records which
-    experts changed the weight."""
+    """ΔW_t = W_t − W0 of one target weight (its rows of a fused tensor) for every expert,
+    read when accessed: methods that go through them in turn (ESM, TSV-M, Iso-C) hold one at
+    a time, not T. Records which experts changed the weight."""
 
-    def __init__(self, inputs: MergeInputs, name: str, dtype: torch.dtype):
-        self.name, self.dtype = name, dtype
+    def __init__(self, inputs: MergeInputs, target: TargetWeight, dtype: torch.dtype):
+        self.target, self.dtype = target, dtype
         self.readers = [checked_reader(e, inputs.device) for e in inputs.experts]
-        self.base = checked_reader(inputs.base, inputs.device)(name).to(dtype)
+        self.base = target.of(checked_reader(inputs.base, inputs.device)(target.tensor)).to(dtype)
         self.changed: set[int] = set()
 
     def __len__(self) -> int:
@@ -113,7 +114,7 @@ class TaskMatrices(Sequence):
     def __getitem__(self, index: int) -> torch.Tensor:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        delta = self.readers[index](self.name).to(self.dtype) - self.base
+        delta = self.target.of(self.readers[index](self.target.tensor)).to(self.dtype) - self.base
         if delta.any():
             self.changed.add(index)
         return delta
@@ -131,7 +132,7 @@ def merge_layer(inputs: MergeInputs, layer: int, moments: dict[ModelReference, d
     last_reader = {t.input_group: t.name for t in targets}
     merged = {}
     for target in targets:
-        deltas = TaskMatrices(inputs, target.name, dtype)
+        deltas = TaskMatrices(inputs, target, dtype)
         statistics = [moments[e][target.input_group] for e in inputs.experts] if moments else None
         update = inputs.method.merge_weight(inputs.settings, deltas, inputs.ranks[target.name], statistics)
         merged[target.name] = update.to(torch.float32).cpu().contiguous()
@@ -159,12 +160,13 @@ def merged_model_reader(inputs: MergeInputs, updates: Path):
 
     def read(name: str) -> torch.Tensor:
         base = read_base(name)
-        layer = inputs.layout.layer_of.get(name)
-        if layer is None:
+        targets = inputs.layout.targets_in.get(name)
+        if targets is None:
             update = non_target(inputs, name, base, [r(name) for r in readers])
-        else:
-            with safe_open(updates / _layer_file(layer), framework="pt", device=str(base.device)) as f:
-                update = f.get_tensor(name)
+        else:  # a fused tensor's blocks are stacked as the tensor stacks them
+            with safe_open(updates / _layer_file(targets[0].layer), framework="pt", device=str(base.device)) as f:
+                blocks = [f.get_tensor(t.name) for t in targets]
+            update = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
         return update.add_(base)
 
     return read
@@ -241,7 +243,7 @@ class PreparedMerge:
 
     inputs: MergeInputs
     updates: Path
-    betas: dict[str, float]  # target tensor name → β_ℓ
+    betas: dict[str, float]  # target weight (TargetWeight.name) → β_ℓ
     alpha: float
     alpha_search: dict[float, float] | None = None  # alpha: auto — every α tried → its loss
     alpha_retention: tuple[float, float] | None = None  # alpha: auto — (chosen α's cost, budget), nats/token
@@ -251,15 +253,22 @@ class PreparedMerge:
         with safe_open(self.updates / _layer_file(layer), framework="pt", device=str(device)) as f:
             return f.get_tensor(name)
 
+    def is_target(self, name: str) -> bool:
+        """Whether a stored tensor holds target weights (its update is cached)."""
+        return name in self.inputs.layout.targets_in
+
     def update(self, name: str, base: torch.Tensor, experts: list[torch.Tensor]) -> torch.Tensor:
         """This tensor's update before α (W = W0 + α·update), float32, a new tensor the caller
         may overwrite. `base` and `experts` in any float dtype, read but never converted.
 
-        Target linears: β_ℓ·ΔW_merged (cached; `experts` is not read). Other tensors:
+        Target linears: β_ℓ·ΔW_merged (cached; `experts` is not read), each block of a fused
+        tensor with its own β, stacked as the tensor stacks them. Other tensors:
         methods/non_target.py's rule.
         """
-        if name in self.betas:
-            return self.target_update(name, base.device).mul_(self.betas[name])
+        if self.is_target(name):
+            targets = self.inputs.layout.targets_in[name]
+            blocks = [self.target_update(t.name, base.device).mul_(self.betas[t.name]) for t in targets]
+            return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
         return non_target(self.inputs, name, base, experts)
 
 

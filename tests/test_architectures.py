@@ -1,0 +1,129 @@
+"""The architecture matrix: each decoder architecture mergekit-esm supports, merged by the
+stock `mergekit-yaml` entry point with every method and compared on every tensor with the
+in-memory references (whose ESM activations come from transformers' whole-model forward);
+and the layouts it refuses, refused in preflight with one line.
+
+The merges run in this process through mergekit's own click command (what the
+`mergekit-yaml` script calls): a subprocess would add ~7 s of imports to each of 48 merges.
+"""
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from mergekit.scripts.run_yaml import main as mergekit_yaml_main
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mergekit_esm.architecture import DecoderLayout
+from mergekit_esm.methods.esm import EsmSettings
+from mergekit_esm.strength.auto import model_token_losses
+from tests import reference_svd_family
+from tests.conftest import PROXY_TEXT
+from tests.reference_esm import esm_merge, packed_windows
+from tests.tiny_models import ARCHITECTURES, UNSUPPORTED, architecture_config, write_zoo
+
+METHODS = ("esm", "tsv", "iso_c", "iso_cts")
+PROXY = {"proxy_samples": 4, "proxy_max_tokens": 64}  # 64-token windows: 4× the sliding windows
+
+
+def _state(path) -> dict[str, torch.Tensor]:
+    return {k: v.double() for k, v in AutoModelForCausalLM.from_pretrained(path).state_dict().items()}
+
+
+def _merge(tmp, zoo, method: str, parameters: dict):
+    config = tmp / f"{method}.yml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": method,
+                "base_model": str(zoo["base"]),
+                "models": [{"model": str(e)} for e in zoo["experts"]],
+                "parameters": {"cache_dir": str(tmp / "cache"), **parameters},
+                "dtype": "float32",
+            }
+        )
+    )
+    return CliRunner().invoke(mergekit_yaml_main, [str(config), str(tmp / method)])
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
+def arch_zoo(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    base, experts = write_zoo(root, config=architecture_config(request.param))
+    (root / "proxy.txt").write_text(PROXY_TEXT)
+    return {"name": request.param, "root": root, "base": base, "experts": experts}
+
+
+def _expected(zoo, method: str) -> dict[str, torch.Tensor]:
+    if method == "esm":
+        tokenizer = AutoTokenizer.from_pretrained(zoo["base"])
+        windows = packed_windows(PROXY_TEXT.split("\n\n"), tokenizer, **{"samples": 4, "max_tokens": 64})
+        defaults = EsmSettings()
+        return esm_merge(zoo["base"], zoo["experts"], windows, alpha=defaults.alpha, preserve_norm=defaults.preserve_norm)
+    experts = [_state(e) for e in zoo["experts"]]
+    config = AutoModelForCausalLM.from_pretrained(zoo["base"]).config
+    return reference_svd_family.svd_family_merge(method, _state(zoo["base"]), experts, alpha=1.3, fraction=0.5, config=config)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_architecture_merges_like_the_reference(arch_zoo, method, tmp_path):
+    parameters = {
+        "esm": {**PROXY, "proxy": str(arch_zoo["root"] / "proxy.txt")},
+        "iso_cts": {"alpha": 1.3, "common_space_fraction": 0.5},
+    }.get(method, {"alpha": 1.3})
+    result = _merge(tmp_path, arch_zoo, method, parameters)
+    assert result.exit_code == 0, result.output[-3000:]
+    got = _state(tmp_path / method)
+    expected = _expected(arch_zoo, method)
+    assert got.keys() == expected.keys()
+    errors = {name: (got[name] - expected[name]).abs().max().item() for name in expected}
+    worst = max(errors, key=errors.get)
+    median = sorted(errors.values())[len(errors) // 2]
+    print(f"\n{arch_zoo['name']} {method}: max {errors[worst]:.2e} ({worst}), median {median:.2e}")
+    assert errors[worst] <= 1e-4, (worst, errors[worst])
+    assert median <= 1e-6
+    base = _state(arch_zoo["base"])
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert (got[name] - base[name]).abs().max() > 1e-3  # merged, not the base passed through
+
+
+@pytest.mark.parametrize("name", sorted(UNSUPPORTED))
+def test_unsupported_layout_is_refused_in_preflight(name, tmp_path):
+    """Mixture-of-experts layers: one `Error:` line naming the layout, nothing written, before
+    any tensor is read."""
+    base, experts = write_zoo(tmp_path / "zoo", n_experts=2, config=architecture_config(name))
+    result = _merge(tmp_path, {"base": base, "experts": experts}, "esm", PROXY)
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, result.output[-2000:]
+    assert "mixture-of-experts layer model.layers.0.mlp.experts" in errors[0] and "does not merge yet" in errors[0]
+    assert not (tmp_path / "esm").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_checkpoint_mergekit_cannot_plan_is_refused_in_preflight(tmp_path):
+    """Command R without q/k norms: mergekit 0.1.5's cohere template requires them, and would
+    stop after the pre-pass had run. The preflight says so first."""
+    config = architecture_config("cohere")
+    config.use_qk_norm = False
+    base, experts = write_zoo(tmp_path / "zoo", n_experts=2, config=config)
+    result = _merge(tmp_path, {"base": base, "experts": experts}, "tsv", {})
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert result.exit_code != 0 and len(errors) == 1, result.output[-2000:]
+    assert "requires tensor model.layers.0.self_attn.q_norm.weight" in errors[0]
+    assert not (tmp_path / "tsv").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_layer_by_layer_losses_match_the_whole_model(name):
+    """alpha: auto scores merges by token losses computed layer by layer: they must be the
+    transformers model's own (Gemma 2's logit soft-capping, Granite's logit scaling, Cohere's
+    logit scale included)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(architecture_config(name)).eval()
+    state = model.state_dict()
+    windows = [list(range(3, 43)), list(range(100, 140))]
+    with torch.no_grad():
+        logits = [model(torch.tensor([w])).logits[0, :-1] for w in windows]
+    expected = torch.cat([torch.nn.functional.cross_entropy(l, torch.tensor(w[1:]), reduction="none") for l, w in zip(logits, windows)])
+    got = model_token_losses(state.__getitem__, DecoderLayout(model.config), windows)
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
