@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 # Bumped whenever the merged updates a key stands for change: 2 leaves null directions
-# out of the merge (algebra.merge.carrying_directions).
-CACHE_VERSION = 2
+# out of the merge (algebra.merge.carrying_directions); 3 flattens eigenvalues keeping each
+# expert's norm under preserve_norm.
+CACHE_VERSION = 3
 
 
 def cache_root(configured: str | None) -> Path:

@@ -21,8 +21,8 @@ def whiten(m):
 def esm_weight(deltas, xs, k, gamma, p_task, p_dim, preserve_norm=False):
     """ESM §1–2 for one weight: deltas[t] = ΔW_t, xs[t] = expert t's inputs to it (n × d_in).
 
-    preserve_norm: after task and after dimension scaling, A_cat is rescaled to the Frobenius
-    norm it had before that scaling."""
+    preserve_norm: flattening keeps each expert's ‖P diag(e²) A‖ = ‖A‖, and after task and after
+    dimension scaling A_cat is rescaled to the Frobenius norm it had before that scaling."""
     norms = [torch.linalg.matrix_norm(d) for d in deltas]
     mean_norm = sum(norms) / len(norms)
     ps, as_ = [], []
@@ -31,9 +31,13 @@ def esm_weight(deltas, xs, k, gamma, p_task, p_dim, preserve_norm=False):
         lam, vec = torch.linalg.eigh(shift.T @ shift / (x.shape[0] - 1))
         lam, vec = lam.flip(0)[:k], vec.flip(1)[:, :k]
         e = (lam / lam.mean()) ** gamma
-        e = e / e.mean()
+        coords = vec.T @ d
+        if preserve_norm:  # P diag(e²) A keeps ‖A‖ (P has orthonormal columns)
+            e = e * (torch.linalg.matrix_norm(coords) / torch.linalg.matrix_norm(coords * (e**2)[:, None])) ** 0.5
+        else:
+            e = e / e.mean()
         ps.append(vec * e)
-        as_.append((vec.T @ d) * e[:, None])
+        as_.append(coords * e[:, None])
     p, a = torch.cat(ps, 1), torch.cat(as_, 0)
     task_scales = torch.cat([torch.full((x.shape[0],), float((n / mean_norm) ** p_task)) for x, n in zip(as_, norms)])
     scaled = a * task_scales[:, None].double()

@@ -440,3 +440,16 @@ def test_regression_mean_grows_its_ridge_where_rounding_left_the_gram_indefinite
     got = regression_mean(deltas, [InputMoment(1, moment=moment)] * 2, 1.0)
     assert torch.isfinite(got).all()
     assert torch.allclose(got, 1.5 * torch.ones(2, 6, dtype=torch.float64))  # equal Grams: the mean
+
+
+def test_norm_preserving_flattening_ignores_near_null_directions():
+    """preserve_norm: flattening keeps the expert's norm, Σ e⁴‖a‖² = Σ ‖a‖², and a low-rank
+    expert's noise directions do not inflate its real ones as the mean-1 rule lets them."""
+    g = torch.Generator().manual_seed(0)
+    lam = torch.cat([torch.rand(4, generator=g, dtype=D) + 1, torch.full((12,), 1e-28, dtype=D)])
+    norms = lam.sqrt()
+    e = eigenvalue_flattening(lam, 0.15, norms)
+    assert torch.allclose((e**4 * norms**2).sum(), (norms**2).sum())
+    assert e[:4].max() < 1.2  # the four real directions keep about their own size
+    assert eigenvalue_flattening(lam, 0.15)[:4].min() > 2.5  # the mean-1 rule inflates them
+    assert torch.allclose(eigenvalue_flattening(lam, 0.0, norms), torch.ones(16, dtype=D))

@@ -20,12 +20,25 @@ def polarized_scale(norms: torch.Tensor, exponent: float) -> torch.Tensor:
     return torch.where(ratio > 0, ratio.clamp_min(torch.finfo(ratio.dtype).tiny) ** exponent, 0.0)
 
 
-def eigenvalue_flattening(eigenvalues: torch.Tensor, gamma: float) -> torch.Tensor:
+def eigenvalue_flattening(
+    eigenvalues: torch.Tensor, gamma: float, coordinate_norms: torch.Tensor | None = None
+) -> torch.Tensor:
     """e = (λ / mean λ)^γ, renormalised to mean 1 (authors' implementation, γ = 0.15).
+    Basis columns and coordinate rows are both scaled by e, so direction i's part of the
+    update by e_i².
 
     A small γ lets strong directions stay a little stronger without letting one dominate.
+    coordinate_norms (‖row i of Â‖; preserve_norm): renormalised instead so that the expert's
+    update keeps its norm, Σ e_i⁴‖a_i‖² = Σ ‖a_i‖². The mean counts every direction alike, so
+    the near-null directions of a low-rank expert stored in finite precision (a merged LoRA,
+    whose other directions hold the weights' rounding noise) pull it down and inflate the
+    expert's real directions: 6× for a rank-16 LoRA at k = 96 (docs/robustness.md).
     """
     e = polarized_scale(eigenvalues, gamma)
+    if coordinate_norms is not None:
+        energy = (coordinate_norms**2).sum()
+        scaled = (e**4 * coordinate_norms**2).sum()
+        return e * (energy / scaled) ** 0.25 if scaled > 0 else torch.ones_like(e)
     mean = e.mean()
     return e / mean if mean > 0 else torch.ones_like(e)
 
