@@ -7,7 +7,7 @@ hooks to get X, and spells out every formula with plain torch.
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.reference_svd_family import blocks_of
+from tests.reference_svd_family import blocks_of, polar
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED = ("qkv_proj", "gate_up_proj")
@@ -18,8 +18,11 @@ def whiten(m):
     return u @ vh * s.mean()
 
 
-def esm_weight(deltas, xs, k, gamma, p_task, p_dim, preserve_norm=False):
+def esm_weight(deltas, xs, k, gamma, p_task, p_dim, preserve_norm=False, whiten_factors=True):
     """ESM §1–2 for one weight: deltas[t] = ΔW_t, xs[t] = expert t's inputs to it (n × d_in).
+
+    whiten_factors=False: TSV-M's combination of the factors instead of ESM's whitening,
+    polar(P) · diag(σ) · polar(B), where A = diag(σ) B has unit rows.
 
     preserve_norm: flattening keeps each expert's ‖P diag(e²) A‖ = ‖A‖, and after task and after
     dimension scaling A_cat is rescaled to the Frobenius norm it had before that scaling."""
@@ -47,7 +50,16 @@ def esm_weight(deltas, xs, k, gamma, p_task, p_dim, preserve_norm=False):
     a = scaled * (col / col.mean()) ** p_dim
     if preserve_norm:
         a = a * torch.linalg.matrix_norm(scaled) / torch.linalg.matrix_norm(a)
-    return whiten(p) @ whiten(a)
+    if whiten_factors:
+        return whiten(p) @ whiten(a)
+    sigma = torch.linalg.vector_norm(a, dim=1)
+    return polar(p) @ torch.diag(sigma) @ polar(a / sigma[:, None])
+
+
+def reference_settings(settings) -> dict:
+    """esm_merge's keyword arguments for a settings object of the package (read, not imported)."""
+    return dict(alpha=settings.alpha, gamma=settings.gamma, p_task=settings.task_exponent, p_dim=settings.dimension_exponent,
+                p_layer=settings.layer_exponent, preserve_norm=settings.preserve_norm, whiten_factors=settings.whiten_factors)
 
 
 def packed_windows(documents, tokenizer, samples, max_tokens):
@@ -86,7 +98,7 @@ VOCABULARY = ("model.embed_tokens.weight", "lm_head.weight")  # the names in eve
 
 def esm_merge(
     base_dir, expert_dirs, windows, alpha=1.0, gamma=0.15, p_task=2.0, p_dim=2.0, p_layer=2.0, embedding_merge="mean",
-    preserve_norm=False,
+    preserve_norm=False, whiten_factors=True,
 ):
     base_model = AutoModelForCausalLM.from_pretrained(base_dir)
     base = {k: v.double() for k, v in base_model.state_dict().items()}
@@ -105,7 +117,9 @@ def esm_merge(
                 block = [d[start : start + rows] for d in deltas]
                 start += rows
                 k = max(1, rows // T)
-                merged_delta[name, kind] = esm_weight(block, [x[name] for x in inputs], k, gamma, p_task, p_dim, preserve_norm)
+                merged_delta[name, kind] = esm_weight(
+                    block, [x[name] for x in inputs], k, gamma, p_task, p_dim, preserve_norm, whiten_factors
+                )
         else:
             combine = torch.sum if name in VOCABULARY and embedding_merge == "sum" else torch.mean
             out[name] = w0 + alpha * combine(torch.stack(deltas), 0)

@@ -19,7 +19,7 @@ from mergekit_esm.methods.esm import EsmSettings
 from mergekit_esm.strength.auto import model_token_losses
 from tests import reference_svd_family
 from tests.conftest import PROXY_TEXT
-from tests.reference_esm import esm_merge, packed_windows
+from tests.reference_esm import esm_merge, packed_windows, reference_settings
 from tests.tiny_models import ARCHITECTURES, UNSUPPORTED, architecture_config, write_zoo
 
 METHODS = ("esm", "tsv", "iso_c", "iso_cts")
@@ -58,8 +58,7 @@ def _expected(zoo, method: str) -> dict[str, torch.Tensor]:
     if method == "esm":
         tokenizer = AutoTokenizer.from_pretrained(zoo["base"])
         windows = packed_windows(PROXY_TEXT.split("\n\n"), tokenizer, **{"samples": 4, "max_tokens": 64})
-        defaults = EsmSettings()
-        return esm_merge(zoo["base"], zoo["experts"], windows, alpha=defaults.alpha, preserve_norm=defaults.preserve_norm)
+        return esm_merge(zoo["base"], zoo["experts"], windows, **reference_settings(EsmSettings()))
     experts = [_state(e) for e in zoo["experts"]]
     config = AutoModelForCausalLM.from_pretrained(zoo["base"]).config
     return reference_svd_family.svd_family_merge(method, _state(zoo["base"]), experts, alpha=1.3, fraction=0.5, config=config)
