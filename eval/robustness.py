@@ -57,7 +57,7 @@ ABLATIONS = {
     "esm, no flattening": {"gamma": 0.0},
     # both suspects off at once: whitening (which flattens a LoRA expert's few strong directions
     # to the mean) and task scaling (which weighs experts by their training budget)
-    "esm, unwhitened, no task scaling": {"whiten_factors": False, "task_exponent": 0.0},
+    "esm, unwhitened without task scaling": {"whiten_factors": False, "task_exponent": 0.0},
 }
 ABLATION_ALPHAS = tuple(s["alpha"] for s in GRIDS["esm"])  # ESM's own grid, the same budget
 

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 # Bumped whenever the merged updates a key stands for change: 2 leaves null directions
 # out of the merge (algebra.merge.carrying_directions); 3 flattens eigenvalues keeping each
-# expert's norm under preserve_norm.
+# expert's norm under preserve_norm with TSV-M's combination.
 CACHE_VERSION = 3
 
 

@@ -24,8 +24,8 @@ def esm_weight(deltas, xs, k, gamma, p_task, p_dim, preserve_norm=False, whiten_
     whiten_factors=False: TSV-M's combination of the factors instead of ESM's whitening,
     polar(P) · diag(σ) · polar(B), where A = diag(σ) B has unit rows.
 
-    preserve_norm: flattening keeps each expert's ‖P diag(e²) A‖ = ‖A‖, and after task and after
-    dimension scaling A_cat is rescaled to the Frobenius norm it had before that scaling."""
+    preserve_norm: after task and after dimension scaling A_cat is rescaled to the Frobenius norm
+    it had before that scaling; unwhitened, flattening keeps each expert's ‖P diag(e²) A‖ = ‖A‖."""
     norms = [torch.linalg.matrix_norm(d) for d in deltas]
     mean_norm = sum(norms) / len(norms)
     ps, as_ = [], []
@@ -35,7 +35,7 @@ def esm_weight(deltas, xs, k, gamma, p_task, p_dim, preserve_norm=False, whiten_
         lam, vec = lam.flip(0)[:k], vec.flip(1)[:, :k]
         e = (lam / lam.mean()) ** gamma
         coords = vec.T @ d
-        if preserve_norm:  # P diag(e²) A keeps ‖A‖ (P has orthonormal columns)
+        if preserve_norm and not whiten_factors:  # P diag(e²) A keeps ‖A‖ (P has orthonormal columns)
             e = e * (torch.linalg.matrix_norm(coords) / torch.linalg.matrix_norm(coords * (e**2)[:, None])) ** 0.5
         else:
             e = e / e.mean()

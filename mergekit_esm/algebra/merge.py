@@ -160,10 +160,10 @@ def merge_task_factors(
 ) -> torch.Tensor:
     """ESM §2: flatten, scale tasks and input dimensions, concatenate, orthogonalize, multiply.
 
-    preserve_norm: eigenvalue flattening keeps each expert's update norm, and after task and
-    after dimension scaling A_cat's Frobenius norm is restored, so that flattening and
-    polarized scaling shift weight between directions, tasks and dimensions without changing
-    the total. The paper's raw ratios r^p average E[r^p] ≥ 1, which grows with how much the norms
+    preserve_norm: after task and after dimension scaling A_cat's Frobenius norm is restored,
+    and with TSV-M's combination eigenvalue flattening keeps each expert's norm, so that
+    flattening and polarized scaling shift weight between directions, tasks and dimensions
+    without changing the total. The paper's raw ratios r^p average E[r^p] ≥ 1, which grows with how much the norms
     differ: experts trained with different budgets inflate the update by orders of magnitude.
 
     combination="essential" (ESM): P̃ Ã with both concatenated factors polar-whitened.
@@ -181,7 +181,11 @@ def merge_task_factors(
                 f = TaskFactors(f.basis[:, kept], f.coords[kept], f.eigenvalues[kept], f.norm)
             # flattened to mean 1 over the directions that take part, so a rank-r expert
             # weighs as if it had been truncated at r
-            row_norms = torch.linalg.vector_norm(f.coords, dim=1) if preserve_norm else None
+            # Whitened, the update's size is set by the factors' mean singular values and
+            # flattening only sets proportions (authors' mean-1 rule). TSV-M's combination keeps
+            # the σ, so there flattening must keep the expert's norm (preserve_norm).
+            keep_norm = preserve_norm and combination == "tsv"
+            row_norms = torch.linalg.vector_norm(f.coords, dim=1) if keep_norm else None
             e = eigenvalue_flattening(f.eigenvalues, gamma, row_norms)
             bases.append(f.basis * e)
             coords.append(f.coords * e[:, None])
