@@ -55,20 +55,39 @@ def packed_windows(documents, tokenizer, samples, max_tokens):
 
 
 def capture_inputs(model, windows):
+    """Each target's inputs in the model's own forward: a linear's input, and for each expert
+    MLP of a mixture-of-experts layer (stacked gate_up_proj / down_proj) the hidden states of
+    the tokens the model's router sent it (what its experts module is given) and, for down_proj,
+    silu(x W_gateᵀ) · (x W_upᵀ) of them. Keys: tensor name, and ':e' for expert e."""
     seen = {}
+
+    def add(name, x):
+        seen[name] = torch.cat([seen[name], x]) if name in seen else x
 
     def hook(name):
         def fn(_m, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            seen[name] = torch.cat([seen[name], x]) if name in seen else x
+            add(name, args[0].reshape(-1, args[0].shape[-1]).double())
 
         return fn
 
+    def experts_hook(name):
+        def fn(m, args):
+            hidden, top_k_index = args[0].double(), args[1]
+            for e in range(m.gate_up_proj.shape[0]):
+                x = hidden[(top_k_index == e).any(-1)]
+                gate, up = (x @ m.gate_up_proj[e].double().T).chunk(2, dim=-1)
+                add(f"{name}.gate_up_proj:{e}", x)
+                add(f"{name}.down_proj:{e}", torch.nn.functional.silu(gate) * up)
+
+        return fn
+
+    experts = [(n, m) for n, m in model.named_modules() if n.endswith("mlp.experts")]
+    assert not experts or model.config.hidden_act == "silu"  # the experts' activation written above
     handles = [
         m.register_forward_pre_hook(hook(n + ".weight"))
         for n, m in model.named_modules()
         if n.rsplit(".", 1)[-1] in TARGETS + FUSED
-    ]
+    ] + [m.register_forward_pre_hook(experts_hook(n)) for n, m in experts]
     with torch.no_grad():
         for w in windows:
             model(torch.tensor([w]))
@@ -92,30 +111,50 @@ def esm_merge(
         experts.append({k: v.double() for k, v in model.state_dict().items()})
         inputs.append(capture_inputs(model, windows))
     T = len(experts)
-    merged_delta, out = {}, {}  # merged_delta: (tensor, block kind) → ΔW of that block
+    # merged_delta: (tensor, expert or None, block kind) → ΔW of that block
+    merged_delta, out = {}, {}
     for name, w0 in base.items():
         deltas = [e[name] - w0 for e in experts]
-        if name in inputs[0]:
-            start = 0
-            for kind, rows in blocks_of(name.split(".")[-2], base_model.config, w0.shape[0]):
-                block = [d[start : start + rows] for d in deltas]
-                start += rows
-                k = max(1, rows // T)
-                merged_delta[name, kind] = esm_weight(block, [x[name] for x in inputs], k, gamma, p_task, p_dim, preserve_norm)
+        if name in inputs[0] or w0.ndim == 3:  # a linear, or a stacked experts tensor (E × d_out × d_in)
+            for expert in range(w0.shape[0]) if w0.ndim == 3 else [None]:
+                key = name if expert is None else f"{name}:{expert}"
+                matrices = deltas if expert is None else [d[expert] for d in deltas]
+                start = 0
+                for kind, rows in blocks_of(name.split(".")[-1 if expert is not None else -2], base_model.config, matrices[0].shape[0]):
+                    block = [d[start : start + rows] for d in matrices]
+                    start += rows
+                    k = max(1, rows // T)
+                    # fewer tokens than k: the SVD basis, ESD's subspace for isotropic inputs
+                    xs = [x[key] if x[key].shape[0] >= max(k, 2) else torch.eye(w0.shape[-1], dtype=torch.float64) for x in inputs]
+                    merged_delta[name, expert, kind] = esm_weight(block, xs, k, gamma, p_task, p_dim, preserve_norm)
         else:
             combine = torch.sum if name in VOCABULARY and embedding_merge == "sum" else torch.mean
             out[name] = w0 + alpha * combine(torch.stack(deltas), 0)
+    # β per module type over the layers; an expert MLP's type is its own, and a layer's norm of
+    # it is over all its experts together
+    norms = {}
+    for (name, expert, kind), delta in merged_delta.items():
+        group = (kind if expert is None else f"experts.{kind}", int(name.split(".")[2]))
+        norms[group] = norms.get(group, 0.0) + torch.linalg.matrix_norm(delta) ** 2
+    norms = {group: square**0.5 for group, square in norms.items()}
     betas = {}
-    for kind in TARGETS:
-        keys = [key for key in merged_delta if key[1] == kind]
-        norms = {key: torch.linalg.matrix_norm(merged_delta[key]) for key in keys}
-        mean = sum(norms.values()) / len(norms)
-        scales = {key: (norms[key] / mean) ** p_layer for key in keys}
+    for kind in {group[0] for group in norms}:
+        groups = [group for group in norms if group[0] == kind]
+        mean = sum(norms[g] for g in groups) / len(groups)
+        scales = {g: (norms[g] / mean) ** p_layer for g in groups}
         if preserve_norm:  # Σ β²‖ΔW‖² = Σ ‖ΔW‖² over the layers of this module type
-            ratio = (sum(v**2 for v in norms.values()) / sum((scales[key] * norms[key]) ** 2 for key in keys)) ** 0.5
-            scales = {key: b * ratio for key, b in scales.items()}
+            ratio = (sum(norms[g] ** 2 for g in groups) / sum((scales[g] * norms[g]) ** 2 for g in groups)) ** 0.5
+            scales = {g: b * ratio for g, b in scales.items()}
         betas.update(scales)
     for name in {key[0] for key in merged_delta}:
-        update = torch.cat([betas[key] * merged_delta[key] for key in merged_delta if key[0] == name])
+        def beta(expert, kind):
+            return betas[kind if expert is None else f"experts.{kind}", int(name.split(".")[2])]
+
+        experts_of = sorted({key[1] for key in merged_delta if key[0] == name}, key=lambda e: -1 if e is None else e)
+        per_expert = [
+            torch.cat([beta(e, key[2]) * merged_delta[key] for key in merged_delta if key[0] == name and key[1] == e])
+            for e in experts_of
+        ]
+        update = per_expert[0] if experts_of == [None] else torch.stack(per_expert)
         out[name] = base[name] + alpha * update
     return out

@@ -12,6 +12,7 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from mergekit.architecture import get_architecture_info
+from mergekit.architecture.conversion import can_convert_checkpoint_keys
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 from mergekit.io.tasks import LoaderCache
@@ -175,9 +176,13 @@ def _check_mergekit_layout(config: MergeConfiguration, options: MergeOptions, ba
         weights = get_architecture_info(config, options).all_weights(base_config)
     except Exception as error:  # mergekit raises RuntimeError or ValueError with its reason
         raise EsmInputError(f"mergekit cannot plan this merge: {error}") from None
+    stored = set(base_shapes)
     for weight in weights:
         names = (weight.name, *(weight.aliases or ()), *(weight.tied_names or ()))
-        if not weight.optional and not any(n in base_shapes for n in names):
+        # mergekit reads a tensor transformers 5 keeps in another layout than the checkpoint
+        # (stacked experts, stored per expert) through transformers' conversion mapping
+        present = (can_convert_checkpoint_keys(base_config.model_type, stored, n) for n in names)
+        if not weight.optional and not any(present):
             raise EsmInputError(
                 f"mergekit's template for {base_config.architectures[0]} requires tensor {weight.name}, "
                 f"which model {base} lacks: mergekit {_MERGEKIT_VERSION} cannot merge this checkpoint"
@@ -225,6 +230,11 @@ def preflight(config: MergeConfiguration, options: MergeOptions) -> MergeInputs:
     base_config = base.config(trust_remote_code=trust)
     layout = DecoderLayout(base_config)
     layout.targets  # raises for architectures without the target linears
+    if method.needs_input_gram and any(t.expert is not None for t in layout.targets):
+        raise EsmInputError(
+            f"{name} does not merge mixture-of-experts layers yet: an expert MLP that the proxy "
+            "routes no token to has no input Gram to weigh its experts by; use esm, tsv, iso_c or iso_cts"
+        )
     base_shapes = _tensor_shapes(indexes[base])
     for expert in experts:
         arch = expert.config(trust_remote_code=trust).architectures

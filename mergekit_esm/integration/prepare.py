@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mergekit_esm.algebra import layer_scales
-from mergekit_esm.architecture import TargetWeight
+from mergekit_esm.architecture import TargetWeight, stored_tensor
 from mergekit_esm.cache import CacheEntry, cache_root, files_fingerprint, fingerprint
 from mergekit_esm.calibration.layerwise import layer_input_moments
 from mergekit_esm.calibration.proxy import SELF_PROXY, load_documents, token_windows
@@ -163,10 +163,9 @@ def merged_model_reader(inputs: MergeInputs, updates: Path):
         targets = inputs.layout.targets_in.get(name)
         if targets is None:
             update = non_target(inputs, name, base, [r(name) for r in readers])
-        else:  # a fused tensor's blocks are stacked as the tensor stacks them
+        else:  # a fused or stacked experts tensor's blocks are stacked as the tensor stacks them
             with safe_open(updates / _layer_file(targets[0].layer), framework="pt", device=str(base.device)) as f:
-                blocks = [f.get_tensor(t.name) for t in targets]
-            update = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+                update = stored_tensor(targets, [f.get_tensor(t.name) for t in targets])
         return update.add_(base)
 
     return read
@@ -262,13 +261,13 @@ class PreparedMerge:
         may overwrite. `base` and `experts` in any float dtype, read but never converted.
 
         Target linears: β_ℓ·ΔW_merged (cached; `experts` is not read), each block of a fused
-        tensor with its own β, stacked as the tensor stacks them. Other tensors:
+        tensor and each expert MLP of a stacked experts tensor with its own β, stacked as the
+        tensor stacks them. Other tensors (a mixture-of-experts router too):
         methods/non_target.py's rule.
         """
         if self.is_target(name):
             targets = self.inputs.layout.targets_in[name]
-            blocks = [self.target_update(t.name, base.device).mul_(self.betas[t.name]) for t in targets]
-            return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+            return stored_tensor(targets, [self.target_update(t.name, base.device).mul_(self.betas[t.name]) for t in targets])
         return non_target(self.inputs, name, base, experts)
 
 
@@ -276,9 +275,15 @@ def prepare(inputs: MergeInputs) -> PreparedMerge:
     root = cache_root(inputs.settings.cache_dir)
     updates = merged_updates(inputs, root)
     norms = json.loads((updates.path / "norms.json").read_text())
-    by_type: dict[str, dict[int, float]] = {}
+    # A layer's norm per module type: of its one weight of that type, or of all its expert
+    # MLPs' weights of that type together (‖·‖_F of the stacked tensor): a layer's mixture of
+    # experts is compared with other layers' mixtures as a whole, since expert e of one layer
+    # has no counterpart in another.
+    squares: dict[str, dict[int, float]] = {}
     for target in inputs.layout.targets:
-        by_type.setdefault(target.module_type, {})[target.layer] = norms[target.name]
+        by_layer = squares.setdefault(target.module_type, {})
+        by_layer[target.layer] = by_layer.get(target.layer, 0.0) + norms[target.name] ** 2
+    by_type = {kind: {layer: square**0.5 for layer, square in by_layer.items()} for kind, by_layer in squares.items()}
     betas = layer_scales(by_type, inputs.settings.layer_exponent_or_off, inputs.settings.scaling_preserves_norm)
     s = inputs.settings
     prepared = PreparedMerge(
