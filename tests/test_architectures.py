@@ -19,7 +19,7 @@ from mergekit_esm.methods.esm import EsmSettings
 from mergekit_esm.strength.auto import model_token_losses
 from tests import reference_svd_family
 from tests.conftest import PROXY_TEXT
-from tests.reference_esm import esm_merge, packed_windows
+from tests.reference_esm import capture_inputs, esm_merge, packed_windows
 from tests.tiny_models import ARCHITECTURES, UNSUPPORTED, architecture_config, write_zoo
 
 METHODS = ("esm", "tsv", "iso_c", "iso_cts")
@@ -74,18 +74,46 @@ def test_architecture_merges_like_the_reference(arch_zoo, method, tmp_path):
     result = _merge(tmp_path, arch_zoo, method, parameters)
     assert result.exit_code == 0, result.output[-3000:]
     got = _state(tmp_path / method)
-    expected = _expected(arch_zoo, method)
-    assert got.keys() == expected.keys()
-    errors = {name: (got[name] - expected[name]).abs().max().item() for name in expected}
-    worst = max(errors, key=errors.get)
-    median = sorted(errors.values())[len(errors) // 2]
-    print(f"\n{arch_zoo['name']} {method}: max {errors[worst]:.2e} ({worst}), median {median:.2e}")
-    assert errors[worst] <= 1e-4, (worst, errors[worst])
-    assert median <= 1e-6
+    _compare(got, _expected(arch_zoo, method), f"{arch_zoo['name']} {method}")
     base = _state(arch_zoo["base"])
     for name in ("model.layers.1.mlp.down_proj.weight", "model.layers.1.mlp.experts.down_proj"):
         if name in got:  # a dense MLP or stacked expert MLPs
             assert (got[name] - base[name]).abs().max() > 1e-3  # merged, not the base passed through
+
+
+def _compare(got: dict, expected: dict, label: str) -> None:
+    assert got.keys() == expected.keys()
+    errors = {name: (got[name] - expected[name]).abs().max().item() for name in expected}
+    worst = max(errors, key=errors.get)
+    median = sorted(errors.values())[len(errors) // 2]
+    print(f"\n{label}: max {errors[worst]:.2e} ({worst}), median {median:.2e}")
+    assert errors[worst] <= 1e-4, (worst, errors[worst])
+    assert median <= 1e-6
+
+
+def test_an_expert_mlp_given_fewer_tokens_than_its_rank_takes_its_svd_basis(tmp_path):
+    """Mixtral calibrated on one 32-token window: 2 of 4 expert MLPs per token leave each
+    about 16 tokens, fewer than gate/up_proj's rank 21 (64 rows / 3 experts) for most and
+    more than down_proj's 10 for most. Where a model's router sent an expert MLP fewer tokens
+    than k, that model's factors for it come from ΔW's SVD; the merge says so, and matches the
+    reference, which gives those models isotropic inputs (XᵀX = I) instead of their tokens."""
+    base, experts = write_zoo(tmp_path / "zoo", config=architecture_config("mixtral"))
+    (tmp_path / "proxy.txt").write_text(PROXY_TEXT)
+    proxy = {"proxy_samples": 1, "proxy_max_tokens": 32, "proxy": str(tmp_path / "proxy.txt")}
+    result = _merge(tmp_path, {"base": base, "experts": experts}, "esm", proxy)
+    assert result.exit_code == 0, result.output[-3000:]
+    assert "got fewer proxy tokens than their rank from some model" in result.output
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    windows = packed_windows(PROXY_TEXT.split("\n\n"), tokenizer, samples=1, max_tokens=32)
+    routed = [
+        {key: x.shape[0] for key, x in capture_inputs(AutoModelForCausalLM.from_pretrained(e), windows).items() if ":" in key}
+        for e in experts
+    ]
+    gate_up = [n for counts in routed for key, n in counts.items() if "gate_up_proj" in key]
+    assert min(gate_up) < 21 <= max(gate_up)  # both rules take part
+    defaults = EsmSettings()
+    expected = esm_merge(base, experts, windows, alpha=defaults.alpha, preserve_norm=defaults.preserve_norm)
+    _compare(_state(tmp_path / "esm"), expected, "mixtral esm, under-sampled experts")
 
 
 @pytest.mark.parametrize("name", sorted(UNSUPPORTED))
@@ -99,6 +127,17 @@ def test_unsupported_layout_is_refused_in_preflight(name, tmp_path):
     assert len(errors) == 1, result.output[-2000:]
     assert "mixture-of-experts layer model.layers.0.mlp.experts" in errors[0] and "does not merge yet" in errors[0]
     assert not (tmp_path / "esm").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("method", ["regmean", "regmean_plus_plus"])
+def test_regmean_refuses_mixture_of_experts_in_preflight(method, tmp_path):
+    """An expert MLP that no proxy token reaches has no input Gram for RegMean to weigh by."""
+    base, experts = write_zoo(tmp_path / "zoo", n_experts=2, config=architecture_config("mixtral"))
+    result = _merge(tmp_path, {"base": base, "experts": experts}, method, PROXY)
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert result.exit_code != 0 and len(errors) == 1 and "Traceback" not in result.output, result.output[-2000:]
+    assert f"{method} does not merge mixture-of-experts layers yet" in errors[0]
+    assert not (tmp_path / method).exists() and not (tmp_path / "cache").exists()
 
 
 def test_a_checkpoint_mergekit_cannot_plan_is_refused_in_preflight(tmp_path):

@@ -21,6 +21,7 @@ from transformers.utils import ModelOutput
 from mergekit_esm.algebra.subspace import InputMoment, add_gram_upper_, fill_lower_from_upper_
 from mergekit_esm.architecture import DecoderLayout, build_model_skeleton
 from mergekit_esm.cache import process_temporary_directory
+from mergekit_esm.errors import EsmInputError
 
 
 @dataclass
@@ -243,7 +244,7 @@ class _ExpertInputs(TorchFunctionMode):
             for parameter_name in ("gate_up_proj", "down_proj"):
                 seen = sum(c.filled for (p, _), c in collectors.items() if p == parameter_name)
                 if seen != self.routed[name]:
-                    raise RuntimeError(
+                    raise EsmInputError(
                         f"calibration saw {seen} routed tokens reach {name}.{parameter_name} but the router "
                         f"sent {self.routed[name]}: this transformers version's experts forward does not apply "
                         "each expert with F.linear on its slice of the stacked weights"

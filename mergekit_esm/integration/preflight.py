@@ -4,6 +4,7 @@ Every problem becomes one EsmInputError line that says what to fix.
 """
 
 import importlib.metadata
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -208,6 +209,16 @@ def _proxy_token_count(proxy: str, tokenizer, settings: MergeSettings) -> int:
     return sum(len(w) for w in windows)
 
 
+def _routed_share(layout: DecoderLayout) -> dict[str, float]:
+    """Each expert MLP's expected share of the proxy tokens, top-k / E (target name → share)."""
+    top_k = getattr(layout.config, "num_experts_per_tok", 1)
+    return {
+        t.name: min(1.0, top_k / len({s.expert for s in layout.targets_in[t.tensor]}))
+        for t in layout.targets
+        if t.expert is not None
+    }
+
+
 def preflight(config: MergeConfiguration, options: MergeOptions) -> MergeInputs:
     method = METHODS[config.merge_method]
     name = method.name
@@ -268,11 +279,16 @@ def preflight(config: MergeConfiguration, options: MergeOptions) -> MergeInputs:
         ranks[target.name] = k
     proxies = {}
     if method.calibrates(settings):
-        # RegMean has no rank: any token will do, its ridge covers the directions left unseen
-        ranked = [k for k in ranks.values() if k is not None]
-        needed = max(ranked, default=1)
+        # RegMean has no rank: any token will do, its ridge covers the directions left unseen.
+        # An expert MLP of a mixture-of-experts layer sees only the tokens routed to it (about
+        # top-k / E of them): the default proxy aims at k of those, and one that gets fewer
+        # takes the SVD basis (methods/esm.py) instead of stopping the merge.
+        share = _routed_share(layout)
+        ranked = {name: k for name, k in ranks.items() if k is not None}
+        needed = max((k for name, k in ranked.items() if name not in share), default=1)
         if settings.proxy_samples is None:
-            count = default_window_count(needed, settings.proxy_max_tokens) if ranked else MAX_PROXY_WINDOWS
+            aimed = max((math.ceil(k / share.get(name, 1.0)) for name, k in ranked.items()), default=1)
+            count = default_window_count(aimed, settings.proxy_max_tokens) if ranked else MAX_PROXY_WINDOWS
             settings = settings.model_copy(update={"proxy_samples": count})
         for expert in experts:
             proxy = proxies[expert] = per_model[expert]["proxy"]

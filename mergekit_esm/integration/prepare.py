@@ -120,10 +120,13 @@ class TaskMatrices(Sequence):
         return delta
 
 
-def merge_layer(inputs: MergeInputs, layer: int, moments: dict[ModelReference, dict], zero: set):
+def merge_layer(
+    inputs: MergeInputs, layer: int, moments: dict[ModelReference, dict], zero: set, undersampled: set | None = None
+):
     """ΔW_merged of each target weight of one layer (float32, on the CPU), from the experts'
     input statistics of this layer (`moments`, emptied as it goes). Experts found to change a
-    weight leave `zero`."""
+    weight leave `zero`; a ranked weight that some expert's proxy tokens cannot reveal k
+    directions of (an expert MLP its router seldom chose) joins `undersampled`."""
     dtype = inputs.settings.compute_dtype(inputs.device)
     # Wide-output weights (gate/up_proj) need the largest workspace (T·k = d_ff columns to
     # orthogonalize): merge them last, when the other inputs' statistics have been dropped
@@ -134,7 +137,10 @@ def merge_layer(inputs: MergeInputs, layer: int, moments: dict[ModelReference, d
     for target in targets:
         deltas = TaskMatrices(inputs, target, dtype)
         statistics = [moments[e][target.input_group] for e in inputs.experts] if moments else None
-        update = inputs.method.merge_weight(inputs.settings, deltas, inputs.ranks[target.name], statistics)
+        rank = inputs.ranks[target.name]
+        if undersampled is not None and statistics and rank and not all(m.reveals_subspace(rank) for m in statistics):
+            undersampled.add(target.name)
+        update = inputs.method.merge_weight(inputs.settings, deltas, rank, statistics)
         merged[target.name] = update.to(torch.float32).cpu().contiguous()
         zero.difference_update(inputs.experts[i] for i in deltas.changed)
         del deltas, update, statistics
@@ -197,6 +203,7 @@ def merged_updates(inputs: MergeInputs, root: Path) -> CacheEntry:
     # ESM may hold down_proj's input as its shift moment, which needs the base's weights
     read_base = None if method.needs_input_gram else checked_reader(inputs.base, inputs.device)
     zero = set(inputs.experts)
+    undersampled: set[str] = set()
     norms = {}
     work = "calibrating and merging" if windows else "merging"
     statistics = {}
@@ -218,7 +225,7 @@ def merged_updates(inputs: MergeInputs, root: Path) -> CacheEntry:
             }
             for layer in tqdm.trange(inputs.layout.num_layers, desc=f"{inputs.method.name} {work}", unit="layer"):
                 moments = {e: next(layers).moments for e, layers in statistics.items()}
-                merged = merge_layer(inputs, layer, moments, zero)
+                merged = merge_layer(inputs, layer, moments, zero, undersampled)
                 del moments
                 norms.update({name: float(torch.linalg.matrix_norm(d)) for name, d in merged.items()})
                 save_file(merged, scratch / _layer_file(layer))
@@ -228,6 +235,13 @@ def merged_updates(inputs: MergeInputs, root: Path) -> CacheEntry:
                 raise EsmInputError(
                     f"model {sorted(map(str, zero))[0]} is identical to the base in every target weight "
                     "(zero task vector): leave it out of the recipe"
+                )
+            if undersampled:
+                print(
+                    f"{method.name}: {len(undersampled)} of {len(inputs.layout.targets)} target weights (expert MLPs "
+                    "their routers seldom chose) got fewer proxy tokens than their rank from some model, whose "
+                    "SVD basis they took (docs/design.md); more proxy text (proxy_samples) keeps them data-aware",
+                    file=sys.stderr,
                 )
             (scratch / "norms.json").write_text(json.dumps(norms))
     finally:

@@ -50,27 +50,18 @@ class EsmSettings(CalibratedSettings):
     OUTSIDE_UPDATE_KEY: ClassVar[frozenset[str]] = CalibratedSettings.OUTSIDE_UPDATE_KEY | {"layer_exponent"}
 
 
-def reveals_subspace(inputs: InputMoment, rank: int) -> bool:
-    """Whether an expert's proxy tokens into a weight can reveal its k-dimensional essential
-    subspace: X has at most one direction per token, so fewer than k tokens (an expert MLP of a
-    mixture-of-experts layer that its router seldom chose on the proxy) leave part of the
-    basis arbitrary. Such a weight takes that expert's SVD basis instead, ΔW's k leading left
-    singular vectors: the subspace ESD finds when inputs are isotropic (XᵀX ∝ I), i.e. no
-    preference among input directions where the proxy shows none. The other experts of the
-    weight keep their essential subspaces; the merge treats both bases alike."""
-    return inputs.n_tokens >= max(rank, 2)
-
-
 def merge_weight(
     settings: EsmSettings,
     deltas: Sequence[torch.Tensor],
     rank: Optional[int],
     inputs: Optional[Sequence[InputMoment]],
 ) -> torch.Tensor:
-    # generators: one expert's task matrix and factors in memory at a time
+    # generators: one expert's task matrix and factors in memory at a time. An expert whose
+    # proxy tokens cannot reveal k directions (an expert MLP its router seldom chose) takes
+    # ΔW's SVD basis, ESD's subspace for isotropic inputs (docs/design.md, "Mixture-of-experts layers").
     if settings.basis == "esd":
         factors = (
-            essential_subspace(d, i, rank) if reveals_subspace(i, rank) else svd_subspace(d, rank)
+            essential_subspace(d, i, rank) if i.reveals_subspace(rank) else svd_subspace(d, rank)
             for d, i in zip(deltas, inputs)
         )
     else:
