@@ -115,21 +115,23 @@ def esm_merge(
     merged_delta, out = {}, {}
     for name, w0 in base.items():
         deltas = [e[name] - w0 for e in experts]
-        if name in inputs[0] or w0.ndim == 3:  # a linear, or a stacked experts tensor (E × d_out × d_in)
-            for expert in range(w0.shape[0]) if w0.ndim == 3 else [None]:
-                key = name if expert is None else f"{name}:{expert}"
-                matrices = deltas if expert is None else [d[expert] for d in deltas]
-                start = 0
-                for kind, rows in blocks_of(name.split(".")[-1 if expert is not None else -2], base_model.config, matrices[0].shape[0]):
-                    block = [d[start : start + rows] for d in matrices]
-                    start += rows
-                    k = max(1, rows // T)
-                    # fewer tokens than k: the SVD basis, ESD's subspace for isotropic inputs
-                    xs = [x[key] if x[key].shape[0] >= max(k, 2) else torch.eye(w0.shape[-1], dtype=torch.float64) for x in inputs]
-                    merged_delta[name, expert, kind] = esm_weight(block, xs, k, gamma, p_task, p_dim, preserve_norm)
+        if w0.ndim == 3:  # stacked experts, E × d_out × d_in: each expert's matrix a linear of its own
+            linears = [(f"{name}:{e}", e, name.split(".")[-1], [d[e] for d in deltas]) for e in range(w0.shape[0])]
+        elif name in inputs[0]:
+            linears = [(name, None, name.split(".")[-2], deltas)]
         else:
             combine = torch.sum if name in VOCABULARY and embedding_merge == "sum" else torch.mean
             out[name] = w0 + alpha * combine(torch.stack(deltas), 0)
+            continue
+        for key, expert, linear_kind, matrices in linears:
+            start = 0
+            for kind, rows in blocks_of(linear_kind, base_model.config, matrices[0].shape[0]):
+                block = [d[start : start + rows] for d in matrices]
+                start += rows
+                k = max(1, rows // T)
+                # fewer tokens than k: the SVD basis, ESD's subspace for isotropic inputs (XᵀX = I)
+                xs = [x[key] if x[key].shape[0] >= max(k, 2) else torch.eye(w0.shape[-1], dtype=torch.float64) for x in inputs]
+                merged_delta[name, expert, kind] = esm_weight(block, xs, k, gamma, p_task, p_dim, preserve_norm)
     # β per module type over the layers; an expert MLP's type is its own, and a layer's norm of
     # it is over all its experts together
     norms = {}
@@ -147,14 +149,15 @@ def esm_merge(
             scales = {g: b * ratio for g, b in scales.items()}
         betas.update(scales)
     for name in {key[0] for key in merged_delta}:
-        def beta(expert, kind):
-            return betas[kind if expert is None else f"experts.{kind}", int(name.split(".")[2])]
-
-        experts_of = sorted({key[1] for key in merged_delta if key[0] == name}, key=lambda e: -1 if e is None else e)
-        per_expert = [
-            torch.cat([beta(e, key[2]) * merged_delta[key] for key in merged_delta if key[0] == name and key[1] == e])
-            for e in experts_of
-        ]
-        update = per_expert[0] if experts_of == [None] else torch.stack(per_expert)
+        layer = int(name.split(".")[2])
+        by_expert = {}  # expert (None for a plain linear) → its blocks, β-scaled, in row order
+        for (tensor, expert, kind), delta in merged_delta.items():
+            if tensor == name:
+                module_type = kind if expert is None else f"experts.{kind}"
+                by_expert.setdefault(expert, []).append(betas[module_type, layer] * delta)
+        if None in by_expert:
+            update = torch.cat(by_expert[None])
+        else:
+            update = torch.stack([torch.cat(by_expert[e]) for e in sorted(by_expert)])
         out[name] = base[name] + alpha * update
     return out

@@ -14,7 +14,11 @@ from click.testing import CliRunner
 from mergekit.scripts.run_yaml import main as mergekit_yaml_main
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mergekit_esm import architecture
 from mergekit_esm.architecture import DecoderLayout
+from mergekit_esm.calibration.layerwise import layer_input_moments
+from mergekit_esm.errors import EsmInputError
+from mergekit_esm.integration.preflight import _routed_share
 from mergekit_esm.methods.esm import EsmSettings
 from mergekit_esm.strength.auto import model_token_losses
 from tests import reference_svd_family
@@ -127,6 +131,31 @@ def test_unsupported_layout_is_refused_in_preflight(name, tmp_path):
     assert len(errors) == 1, result.output[-2000:]
     assert "mixture-of-experts layer model.layers.0.mlp.experts" in errors[0] and "does not merge yet" in errors[0]
     assert not (tmp_path / "esm").exists() and not (tmp_path / "cache").exists()
+
+
+def test_calibration_stops_when_the_experts_forward_hides_the_routed_tokens(monkeypatch):
+    """Calibration reads each expert's inputs off the eager experts forward's F.linear calls;
+    a forward that applies the experts otherwise (here transformers' grouped_mm kernel) must
+    stop it rather than leave the experts without statistics."""
+    config = architecture_config("mixtral")
+    state = AutoModelForCausalLM.from_config(config).state_dict()
+    eager = architecture.build_meta_model
+
+    def grouped(config):
+        model = eager(config)
+        model.set_experts_implementation("grouped_mm")
+        return model
+
+    monkeypatch.setattr(architecture, "build_meta_model", grouped)
+    with pytest.raises(EsmInputError, match="calibration saw 0 routed tokens reach model.layers.0.mlp.experts"):
+        next(layer_input_moments(state.__getitem__, DecoderLayout(config), [list(range(3, 35))]))
+
+
+def test_default_proxy_aims_at_each_expert_mlps_routed_share():
+    """Mixtral routes each token to 2 of its 4 expert MLPs: each expects half the proxy tokens."""
+    layout = DecoderLayout(architecture_config("mixtral"))
+    share = _routed_share(layout)
+    assert len(share) == 3 * 4 * 3 and set(share.values()) == {0.5}  # layers × experts × gate/up/down
 
 
 @pytest.mark.parametrize("method", ["regmean", "regmean_plus_plus"])
