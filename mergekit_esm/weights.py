@@ -26,9 +26,12 @@ def checked_reader(model: ModelReference, device: str):
     Names are those of the transformers model (what mergekit-yaml reads and writes): a tensor
     that transformers 5 keeps in another layout than the checkpoint's (a mixture-of-experts
     layer's stacked experts, stored per expert on disk) is converted as mergekit's own loader
-    converts it, by transformers' conversion mapping."""
+    converts it, by transformers' conversion mapping. The last tensor converted is kept (callers
+    never write to what they read): each expert MLP of a stacked tensor is a target weight of
+    its own, and its E readers in a row would otherwise convert the whole stack E times."""
     loader = LoaderCache().get(model)
     on_disk = loader.index.tensor_paths
+    last_converted: dict[str, torch.Tensor] = {}
 
     def read_stored(name: str) -> torch.Tensor:
         tensor = loader.get_tensor(name, device=device)
@@ -43,12 +46,15 @@ def checked_reader(model: ModelReference, device: str):
     def read(name: str) -> torch.Tensor:
         if name in on_disk:
             tensor = read_stored(name)
+        elif name in last_converted:
+            return last_converted[name]
         else:
+            last_converted.clear()  # released before the next conversion allocates
             sources = {key: (lambda key=key: read_stored(key)) for key in on_disk}
             tensor = convert_checkpoint_tensors(_model_type(model), sources, name)
             if tensor is None:
                 raise KeyError(f"model {model} has no tensor {name}, nor the tensors transformers converts into it")
-            tensor = tensor.to(device)
+            tensor = last_converted[name] = tensor.to(device)
         ensure_finite(tensor, name, model)
         return tensor
 

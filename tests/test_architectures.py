@@ -11,10 +11,11 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from mergekit.common import ModelReference
 from mergekit.scripts.run_yaml import main as mergekit_yaml_main
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mergekit_esm import architecture
+from mergekit_esm import architecture, weights
 from mergekit_esm.architecture import DecoderLayout
 from mergekit_esm.calibration.layerwise import layer_input_moments
 from mergekit_esm.errors import EsmInputError
@@ -149,6 +150,23 @@ def test_calibration_stops_when_the_experts_forward_hides_the_routed_tokens(monk
     monkeypatch.setattr(architecture, "build_meta_model", grouped)
     with pytest.raises(EsmInputError, match="calibration saw 0 routed tokens reach model.layers.0.mlp.experts"):
         next(layer_input_moments(state.__getitem__, DecoderLayout(config), [list(range(3, 35))]))
+
+
+def test_stacked_experts_are_read_as_transformers_loads_them_converted_once(tmp_path, monkeypatch):
+    """The checkpoint stores each expert's w1/w2/w3; the reader stacks them by transformers'
+    conversion mapping (as mergekit's loader does) into what transformers loads, and the E expert
+    MLPs of a stacked tensor, read in turn, share one conversion."""
+    base, _ = write_zoo(tmp_path, n_experts=0, config=architecture_config("mixtral"))
+    loaded = AutoModelForCausalLM.from_pretrained(base).state_dict()
+    converted = []
+    convert = weights.convert_checkpoint_tensors
+    monkeypatch.setattr(weights, "convert_checkpoint_tensors", lambda *args: converted.append(args[2]) or convert(*args))
+    read = weights.checked_reader(ModelReference.parse(str(base)), "cpu")
+    stacked, router = "model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.gate.weight"
+    for _ in range(4):
+        assert torch.equal(read(stacked), loaded[stacked])
+    assert torch.equal(read(router), loaded[router])  # block_sparse_moe.gate on disk
+    assert converted == [stacked, router]
 
 
 def test_default_proxy_aims_at_each_expert_mlps_routed_share():

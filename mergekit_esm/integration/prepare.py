@@ -13,7 +13,7 @@ exponent skip all linear algebra. TSV-M and Iso-C/CTS take the same path (no cal
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,10 +102,10 @@ class TaskMatrices(Sequence):
     read when accessed: methods that go through them in turn (ESM, TSV-M, Iso-C) hold one at
     a time, not T. Records which experts changed the weight."""
 
-    def __init__(self, inputs: MergeInputs, target: TargetWeight, dtype: torch.dtype):
+    def __init__(self, readers: dict[ModelReference, Callable], inputs: MergeInputs, target: TargetWeight, dtype: torch.dtype):
         self.target, self.dtype = target, dtype
-        self.readers = [checked_reader(e, inputs.device) for e in inputs.experts]
-        self.base = target.of(checked_reader(inputs.base, inputs.device)(target.tensor)).to(dtype)
+        self.readers = [readers[e] for e in inputs.experts]
+        self.base = target.of(readers[inputs.base](target.tensor)).to(dtype)
         self.changed: set[int] = set()
 
     def __len__(self) -> int:
@@ -133,9 +133,11 @@ def merge_layer(
     # after their last reader.
     targets = sorted(inputs.layout.layer_targets(layer), key=lambda t: t.shape[0] > t.shape[1])
     last_reader = {t.input_group: t.name for t in targets}
+    # one reader per model for the layer: the expert MLPs of a stacked tensor share its conversion
+    readers = {m: checked_reader(m, inputs.device) for m in inputs.models}
     merged = {}
     for target in targets:
-        deltas = TaskMatrices(inputs, target, dtype)
+        deltas = TaskMatrices(readers, inputs, target, dtype)
         statistics = [moments[e][target.input_group] for e in inputs.experts] if moments else None
         rank = inputs.ranks[target.name]
         if undersampled is not None and statistics and rank and not all(m.reveals_subspace(rank) for m in statistics):
