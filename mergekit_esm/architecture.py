@@ -89,21 +89,18 @@ def is_stacked_experts(module: nn.Module) -> bool:
     return type(module).__name__.endswith("Experts") and hasattr(module, "is_concatenated")
 
 
-def _stacked_experts_layout(module: nn.Module) -> str | None:
-    """Why ESM cannot merge these stacked experts (for the error message), or None: it merges
-    gate_up_proj (E × [gate; up] × d_in, gate first) and down_proj (E × d_in × d_ff), without
-    biases, which the eager experts forward applies one expert at a time with F.linear."""
-    parameters = dict(module.named_parameters(recurse=False))
-    if (
-        set(parameters) != {"gate_up_proj", "down_proj"}
-        or not module.has_gate
-        or module.has_bias
-        or module.is_transposed
-        or not module.is_concatenated
-        or getattr(module, "has_post_expert_norm", False)
-    ):
-        return "stacked experts other than gate_up_proj ([gate; up]) and down_proj without biases"
-    return None
+def _is_gate_up_down_stack(module: nn.Module) -> bool:
+    """Whether ESM can merge these stacked experts: gate_up_proj (E × [gate; up] × d_in, gate
+    first) and down_proj (E × d_in × d_ff), without biases or norms, which the eager experts
+    forward applies one expert at a time with F.linear."""
+    return (
+        {name for name, _ in module.named_parameters(recurse=False)} == {"gate_up_proj", "down_proj"}
+        and module.has_gate
+        and not module.has_bias
+        and not module.is_transposed
+        and module.is_concatenated
+        and not getattr(module, "has_post_expert_norm", False)
+    )
 
 
 def _expert_targets(experts: nn.Module, prefix: str, index: int) -> list[TargetWeight]:
@@ -196,9 +193,11 @@ def _unsupported_layout(layers: nn.Module, layers_name: str) -> str | None:
         if kind in UNSUPPORTED_FUSED:
             return f"fused projection {name} ({UNSUPPORTED_FUSED[kind]})"
         if is_stacked_experts(module):
-            reason = _stacked_experts_layout(module)
-            if reason:
-                return f"mixture-of-experts layer {name} ({type(module).__name__}: {reason})"
+            if not _is_gate_up_down_stack(module):
+                return (
+                    f"mixture-of-experts layer {name} ({type(module).__name__}: stacked experts other than "
+                    "gate_up_proj ([gate; up]) and down_proj without biases)"
+                )
         elif kind == "experts" or type(module).__name__.endswith("Experts"):
             return f"mixture-of-experts layer {name} ({type(module).__name__}: not transformers' stacked experts)"
     return None
@@ -235,7 +234,8 @@ class DecoderLayout:
         if unsupported:
             raise EsmInputError(
                 f"architecture {self.config.architectures} has a {unsupported}, which mergekit-esm "
-                "does not merge yet: it supports separate q/k/v/o_proj and gate/up/down_proj linears "
+                "does not merge yet: it supports q/k/v/o_proj and gate/up/down_proj linears, separate, fused as Phi-3's "
+                "or stacked as transformers' experts of Mixtral and Qwen-MoE "
                 "(README: supported architectures)"
             )
         targets = []
