@@ -47,6 +47,11 @@ FUSED_ROWS = {"qkv_proj": _qkv_rows, "gate_up_proj": _gate_up_rows}
 # per key-value group).
 UNSUPPORTED_FUSED = {"wqkv": "q, k and v interleaved per key-value group"}
 
+# A mixture-of-experts layer's expert MLPs: module types of their own, so that layer-level
+# scaling compares a layer's experts with other layers' experts, never with a dense MLP (or a
+# shared expert) of the same layer.
+EXPERT_TYPE = {"gate_proj": "experts.gate_proj", "up_proj": "experts.up_proj", "down_proj": "experts.down_proj"}
+
 
 @dataclass(frozen=True)
 class TargetWeight:
@@ -57,15 +62,78 @@ class TargetWeight:
     shape: tuple[int, int]  # (d_out, d_in) of this target (of its block, in a fused tensor)
     tensor: str  # the stored tensor that holds it
     rows: tuple[int, int] | None = None  # [start, end) of its block in a fused tensor
+    expert: int | None = None  # its index in a stacked experts tensor (E × rows × d_in)
 
     def of(self, tensor: torch.Tensor) -> torch.Tensor:
-        """This target's rows of its stored tensor (all of it, unless fused)."""
-        return tensor if self.rows is None else tensor[self.rows[0] : self.rows[1]]
+        """This target's part of its stored tensor: its expert's matrix of a stacked experts
+        tensor, its rows of a fused one (all of it, unless either)."""
+        matrix = tensor if self.expert is None else tensor[self.expert]
+        return matrix if self.rows is None else matrix[self.rows[0] : self.rows[1]]
+
+
+def stored_tensor(targets: list[TargetWeight], blocks: list[torch.Tensor]) -> torch.Tensor:
+    """The stored tensor from its targets' blocks (`targets` as DecoderLayout.targets_in lists
+    them, expert by expert, each expert's blocks in row order): the rows of a fused tensor
+    stacked, the experts' matrices of a stacked experts tensor stacked along a new first axis."""
+    if targets[0].expert is None:
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+    by_expert: dict[int, list[torch.Tensor]] = {}
+    for target, block in zip(targets, blocks):
+        by_expert.setdefault(target.expert, []).append(block)
+    return torch.stack([torch.cat(rows) for _, rows in sorted(by_expert.items())])
+
+
+def is_stacked_experts(module: nn.Module) -> bool:
+    """transformers 5's experts of a mixture-of-experts layer (MixtralExperts, Qwen3MoeExperts…):
+    E expert MLPs held as stacked parameters, declared by `use_experts_implementation`."""
+    return type(module).__name__.endswith("Experts") and hasattr(module, "is_concatenated")
+
+
+def _is_gate_up_down_stack(module: nn.Module) -> bool:
+    """Whether ESM can merge these stacked experts: gate_up_proj (E × [gate; up] × d_in, gate
+    first) and down_proj (E × d_in × d_ff), without biases or norms, which the eager experts
+    forward applies one expert at a time with F.linear."""
+    return (
+        {name for name, _ in module.named_parameters(recurse=False)} == {"gate_up_proj", "down_proj"}
+        and module.has_gate
+        and not module.has_bias
+        and not module.is_transposed
+        and module.is_concatenated
+        and not getattr(module, "has_post_expert_norm", False)
+    )
+
+
+def _expert_targets(experts: nn.Module, prefix: str, index: int) -> list[TargetWeight]:
+    """Each expert MLP's gate, up and down projections: E × 3 target weights. Each expert reads
+    its own inputs (the tokens its router sends it), so its input groups are its own."""
+    count, double_ff, d_in = experts.gate_up_proj.shape
+    d_ff = double_ff // 2
+    targets = []
+    for expert in range(count):
+        group = f"{prefix}.{expert}"
+        for kind, span in (("gate_proj", (0, d_ff)), ("up_proj", (d_ff, double_ff))):
+            tensor = f"{prefix}.gate_up_proj"
+            targets.append(
+                TargetWeight(
+                    f"{tensor}:{expert}:{kind}", index, EXPERT_TYPE[kind], f"{group}:mlp_in", (d_ff, d_in), tensor, span, expert
+                )
+            )
+        tensor = f"{prefix}.down_proj"
+        targets.append(
+            TargetWeight(
+                f"{tensor}:{expert}", index, EXPERT_TYPE["down_proj"], f"{group}:mlp_hidden", (d_in, d_ff), tensor, None, expert
+            )
+        )
+    # the stored tensors' order: all experts' gate_up_proj, then all experts' down_proj
+    return sorted(targets, key=lambda t: t.tensor != f"{prefix}.gate_up_proj")
 
 
 def _layer_targets(config: PretrainedConfig, layer: nn.Module, prefix: str, index: int) -> list[TargetWeight]:
     targets = []
     for name, module in layer.named_modules():
+        if is_stacked_experts(module):
+            targets += _expert_targets(module, f"{prefix}.{name}", index)
+            continue
         kind = name.rsplit(".", 1)[-1]
         if not isinstance(module, nn.Linear) or kind not in INPUT_OF.keys() | FUSED_ROWS.keys():
             continue
@@ -93,9 +161,11 @@ def _layer_targets(config: PretrainedConfig, layer: nn.Module, prefix: str, inde
 def build_meta_model(config: PretrainedConfig) -> nn.Module:
     """The model's module tree without memory, with the attention implementation transformers
     picks for it by default (SDPA where the architecture supports it; eager for Gemma 2, whose
-    attention soft-capping SDPA cannot do)."""
+    attention soft-capping SDPA cannot do), and the eager experts forward of a
+    mixture-of-experts layer (transformers' reference loop, one F.linear per expert on the
+    tokens routed to it, where calibration sees each expert's inputs)."""
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, experts_implementation="eager")
 
 
 def build_model_skeleton(config: PretrainedConfig, device: str | torch.device) -> nn.Module:
@@ -122,8 +192,14 @@ def _unsupported_layout(layers: nn.Module, layers_name: str) -> str | None:
         kind = name.rsplit(".", 1)[-1]
         if kind in UNSUPPORTED_FUSED:
             return f"fused projection {name} ({UNSUPPORTED_FUSED[kind]})"
-        if kind == "experts" or type(module).__name__.endswith("Experts"):
-            return f"mixture-of-experts layer {name} ({type(module).__name__})"
+        if is_stacked_experts(module):
+            if not _is_gate_up_down_stack(module):
+                return (
+                    f"mixture-of-experts layer {name} ({type(module).__name__}: stacked experts other than "
+                    "gate_up_proj ([gate; up]) and down_proj without biases)"
+                )
+        elif kind == "experts" or type(module).__name__.endswith("Experts"):
+            return f"mixture-of-experts layer {name} ({type(module).__name__}: not transformers' stacked experts)"
     return None
 
 
@@ -158,13 +234,15 @@ class DecoderLayout:
         if unsupported:
             raise EsmInputError(
                 f"architecture {self.config.architectures} has a {unsupported}, which mergekit-esm "
-                "does not merge yet: it supports separate q/k/v/o_proj and gate/up/down_proj linears "
+                "does not merge yet: it supports q/k/v/o_proj and gate/up/down_proj linears, separate, fused as Phi-3's "
+                "or stacked as transformers' experts of Mixtral and Qwen-MoE "
                 "(README: supported architectures)"
             )
         targets = []
         for index, layer in enumerate(model.get_submodule(layers_name) if layers_name else ()):
             targets += _layer_targets(self.config, layer, f"{layers_name}.{index}", index)
-        found = {t.module_type for t in targets}
+        # a layer's MLP may be dense or a mixture of experts: either provides gate/up/down
+        found = {t.module_type.removeprefix("experts.") for t in targets}
         if layers_name is None or found != set(INPUT_OF):
             missing = ", ".join(sorted(set(INPUT_OF) - found)) or "the decoder layer list"
             raise EsmInputError(

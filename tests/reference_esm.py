@@ -24,8 +24,8 @@ def esm_weight(deltas, xs, k, gamma, p_task, p_dim, preserve_norm=False, whiten_
     whiten_factors=False: TSV-M's combination of the factors instead of ESM's whitening,
     polar(P) · diag(σ) · polar(B), where A = diag(σ) B has unit rows.
 
-    preserve_norm: after task and after dimension scaling A_cat is rescaled to the Frobenius norm
-    it had before that scaling; unwhitened, flattening keeps each expert's ‖P diag(e²) A‖ = ‖A‖."""
+    preserve_norm: after task and after dimension scaling, A_cat is rescaled to the Frobenius
+    norm it had before that scaling."""
     norms = [torch.linalg.matrix_norm(d) for d in deltas]
     mean_norm = sum(norms) / len(norms)
     ps, as_ = [], []
@@ -71,20 +71,39 @@ def packed_windows(documents, tokenizer, samples, max_tokens):
 
 
 def capture_inputs(model, windows):
+    """Each target's inputs in the model's own forward: a linear's input, and for each expert
+    MLP of a mixture-of-experts layer (stacked gate_up_proj / down_proj) the hidden states of
+    the tokens the model's router sent it (what its experts module is given) and, for down_proj,
+    silu(x W_gateᵀ) · (x W_upᵀ) of them. Keys: tensor name, and ':e' for expert e."""
     seen = {}
+
+    def add(name, x):
+        seen[name] = torch.cat([seen[name], x]) if name in seen else x
 
     def hook(name):
         def fn(_m, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            seen[name] = torch.cat([seen[name], x]) if name in seen else x
+            add(name, args[0].reshape(-1, args[0].shape[-1]).double())
 
         return fn
 
+    def experts_hook(name):
+        def fn(m, args):
+            hidden, top_k_index = args[0].double(), args[1]
+            for e in range(m.gate_up_proj.shape[0]):
+                x = hidden[(top_k_index == e).any(-1)]
+                gate, up = (x @ m.gate_up_proj[e].double().T).chunk(2, dim=-1)
+                add(f"{name}.gate_up_proj:{e}", x)
+                add(f"{name}.down_proj:{e}", torch.nn.functional.silu(gate) * up)
+
+        return fn
+
+    experts = [(n, m) for n, m in model.named_modules() if n.endswith("mlp.experts")]
+    assert not experts or model.config.hidden_act == "silu"  # the experts' activation written above
     handles = [
         m.register_forward_pre_hook(hook(n + ".weight"))
         for n, m in model.named_modules()
         if n.rsplit(".", 1)[-1] in TARGETS + FUSED
-    ]
+    ] + [m.register_forward_pre_hook(experts_hook(n)) for n, m in experts]
     with torch.no_grad():
         for w in windows:
             model(torch.tensor([w]))
@@ -108,32 +127,53 @@ def esm_merge(
         experts.append({k: v.double() for k, v in model.state_dict().items()})
         inputs.append(capture_inputs(model, windows))
     T = len(experts)
-    merged_delta, out = {}, {}  # merged_delta: (tensor, block kind) → ΔW of that block
+    # merged_delta: (tensor, expert or None, block kind) → ΔW of that block
+    merged_delta, out = {}, {}
     for name, w0 in base.items():
         deltas = [e[name] - w0 for e in experts]
-        if name in inputs[0]:
-            start = 0
-            for kind, rows in blocks_of(name.split(".")[-2], base_model.config, w0.shape[0]):
-                block = [d[start : start + rows] for d in deltas]
-                start += rows
-                k = max(1, rows // T)
-                merged_delta[name, kind] = esm_weight(
-                    block, [x[name] for x in inputs], k, gamma, p_task, p_dim, preserve_norm, whiten_factors
-                )
+        if w0.ndim == 3:  # stacked experts, E × d_out × d_in: each expert's matrix a linear of its own
+            linears = [(f"{name}:{e}", e, name.split(".")[-1], [d[e] for d in deltas]) for e in range(w0.shape[0])]
+        elif name in inputs[0]:
+            linears = [(name, None, name.split(".")[-2], deltas)]
         else:
             combine = torch.sum if name in VOCABULARY and embedding_merge == "sum" else torch.mean
             out[name] = w0 + alpha * combine(torch.stack(deltas), 0)
+            continue
+        for key, expert, linear_kind, matrices in linears:
+            start = 0
+            for kind, rows in blocks_of(linear_kind, base_model.config, matrices[0].shape[0]):
+                block = [d[start : start + rows] for d in matrices]
+                start += rows
+                k = max(1, rows // T)
+                # fewer tokens than k: the SVD basis, ESD's subspace for isotropic inputs (XᵀX = I)
+                xs = [x[key] if x[key].shape[0] >= max(k, 2) else torch.eye(w0.shape[-1], dtype=torch.float64) for x in inputs]
+                merged_delta[name, expert, kind] = esm_weight(block, xs, k, gamma, p_task, p_dim, preserve_norm, whiten_factors)
+    # β per module type over the layers; an expert MLP's type is its own, and a layer's norm of
+    # it is over all its experts together
+    norms = {}
+    for (name, expert, kind), delta in merged_delta.items():
+        group = (kind if expert is None else f"experts.{kind}", int(name.split(".")[2]))
+        norms[group] = norms.get(group, 0.0) + torch.linalg.matrix_norm(delta) ** 2
+    norms = {group: square**0.5 for group, square in norms.items()}
     betas = {}
-    for kind in TARGETS:
-        keys = [key for key in merged_delta if key[1] == kind]
-        norms = {key: torch.linalg.matrix_norm(merged_delta[key]) for key in keys}
-        mean = sum(norms.values()) / len(norms)
-        scales = {key: (norms[key] / mean) ** p_layer for key in keys}
+    for kind in {group[0] for group in norms}:
+        groups = [group for group in norms if group[0] == kind]
+        mean = sum(norms[g] for g in groups) / len(groups)
+        scales = {g: (norms[g] / mean) ** p_layer for g in groups}
         if preserve_norm:  # Σ β²‖ΔW‖² = Σ ‖ΔW‖² over the layers of this module type
-            ratio = (sum(v**2 for v in norms.values()) / sum((scales[key] * norms[key]) ** 2 for key in keys)) ** 0.5
-            scales = {key: b * ratio for key, b in scales.items()}
+            ratio = (sum(norms[g] ** 2 for g in groups) / sum((scales[g] * norms[g]) ** 2 for g in groups)) ** 0.5
+            scales = {g: b * ratio for g, b in scales.items()}
         betas.update(scales)
     for name in {key[0] for key in merged_delta}:
-        update = torch.cat([betas[key] * merged_delta[key] for key in merged_delta if key[0] == name])
+        layer = int(name.split(".")[2])
+        by_expert = {}  # expert (None for a plain linear) → its blocks, β-scaled, in row order
+        for (tensor, expert, kind), delta in merged_delta.items():
+            if tensor == name:
+                module_type = kind if expert is None else f"experts.{kind}"
+                by_expert.setdefault(expert, []).append(betas[module_type, layer] * delta)
+        if None in by_expert:
+            update = torch.cat(by_expert[None])
+        else:
+            update = torch.stack([torch.cat(by_expert[e]) for e in sorted(by_expert)])
         out[name] = base[name] + alpha * update
     return out

@@ -47,11 +47,17 @@ ARCHITECTURES = {
     "stablelm": ("StableLmConfig", {}),  # LayerNorm with bias, partial rotary
     "phi3": ("Phi3Config", {}),  # fused qkv_proj and gate_up_proj
     "glm4": ("Glm4Config", {"head_dim": 8}),  # fused gate_up_proj, q/k/v biases, norms after attention and MLP
+    # mixture of experts: 4 expert MLPs, 2 per token, stored per expert on disk and stacked in
+    # memory; Qwen2-MoE adds a shared expert (dense gate/up/down) and its sigmoid gate
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "sliding_window": 16}),
+    "qwen2_moe": ("Qwen2MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                     "shared_expert_intermediate_size": 48}),
+    "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "head_dim": 8}),
 }
-# Layouts mergekit knows that mergekit-esm refuses in preflight.
+# Layouts that mergekit-esm refuses in preflight: GPT-OSS's experts interleave gate and up
+# columns, are stored transposed and carry biases.
 UNSUPPORTED = {
-    "mixtral": ("MixtralConfig", {"num_local_experts": 4}),
-    "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": 4, "moe_intermediate_size": 32}),
+    "gpt_oss": ("GptOssConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 8}),
 }
 
 

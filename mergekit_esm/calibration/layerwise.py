@@ -6,6 +6,7 @@ memory does not grow with depth. Weights are read through a caller-supplied func
 """
 
 import contextlib
+import inspect
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -13,11 +14,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.utils import ModelOutput
 
 from mergekit_esm.algebra.subspace import InputMoment, add_gram_upper_, fill_lower_from_upper_
 from mergekit_esm.architecture import DecoderLayout, build_model_skeleton
 from mergekit_esm.cache import process_temporary_directory
+from mergekit_esm.errors import EsmInputError
 
 
 @dataclass
@@ -123,10 +127,15 @@ class LayerStack:
         )
         output = self.model.get_output_embeddings()
         output.load_state_dict({"weight": read_tensor(head_name).to(self.device, torch.float32)}, assign=True)
+        # the stand-in returns the decoder's own output type: a mixture-of-experts head reads
+        # its router_logits field (None: no auxiliary loss is asked for)
+        output_type = inspect.signature(type(self.decoder).forward).return_annotation
+        if not (isinstance(output_type, type) and issubclass(output_type, ModelOutput)):
+            output_type = BaseModelOutputWithPast
         losses = []
         try:
             for h, w in zip(hidden, windows):
-                self.decoder.forward = lambda *_args, h=h, **_kwargs: BaseModelOutputWithPast(last_hidden_state=final_norm(h))
+                self.decoder.forward = lambda *_args, h=h, **_kwargs: output_type(last_hidden_state=final_norm(h))
                 logits = self.model(input_ids=torch.tensor([w], device=self.device), use_cache=False).logits
                 target = torch.tensor(w[1:], device=self.device)
                 losses.append(torch.nn.functional.cross_entropy(logits[0, :-1], target, reduction="none").cpu())
@@ -162,6 +171,8 @@ class _InputCollector:
     hold the float32 path to the float64 reference."""
 
     def __init__(self, n_tokens: int, d_in: int, device, sum_dtype: torch.dtype, delta: torch.Tensor | None = None):
+        # n_tokens bounds the rows it is given: all of them, or the share a router sends an
+        # expert MLP, which is known when the forward has run (`filled` counts them)
         self.n_tokens, self.d_in, self.filled, self.delta = n_tokens, d_in, 0, delta
         # the caller passes ΔW only where held_form chose the shift moment
         self.form = "shift" if delta is not None else held_form(n_tokens, d_in)
@@ -175,18 +186,69 @@ class _InputCollector:
         x = args[0].reshape(-1, self.d_in)
         if self.form == "tokens":
             self.tokens[self.filled : self.filled + x.shape[0]] = x
-            self.filled += x.shape[0]
         elif self.form == "moment":
             add_gram_upper_(self.sum, x.to(self.sum.dtype))
         else:
             add_gram_upper_(self.sum, x.to(self.sum.dtype) @ self.delta.T)
+        self.filled += x.shape[0]
 
     def result(self) -> InputMoment:
         if self.form == "tokens":
-            return InputMoment(self.n_tokens, tokens=self.tokens)
+            return InputMoment(self.filled, tokens=self.tokens[: self.filled])
         if self.form == "moment":
-            return InputMoment(self.n_tokens, moment=fill_lower_from_upper_(self.sum).float())
-        return InputMoment(self.n_tokens, shift=fill_lower_from_upper_(self.sum))
+            return InputMoment(self.filled, moment=fill_lower_from_upper_(self.sum).float())
+        return InputMoment(self.filled, shift=fill_lower_from_upper_(self.sum))
+
+
+class _ExpertInputs(TorchFunctionMode):
+    """Hands each expert MLP its inputs as the experts module's own forward computes them.
+
+    transformers' eager experts forward (the one build_meta_model selects) calls
+    F.linear(tokens routed to expert e, stacked[e]) for every expert its router chose, on
+    gate_up_proj and then down_proj: an F.linear whose weight is a view of a stacked experts
+    parameter tells, by the view's offset, which expert reads that input. Every routed token
+    must reach its expert's collector: `check_complete` compares them with the router's choices
+    (what the experts module was given), so a forward that applies experts otherwise (fused
+    kernels, a layout changed by a later transformers) stops calibration instead of skewing it.
+    """
+
+    def __init__(self, watched: dict[str, tuple[nn.Module, dict[tuple[str, int], _InputCollector]]]):
+        super().__init__()
+        # experts module name → (module, (stacked parameter name, expert) → collector)
+        self.watched = watched
+        self.routed = dict.fromkeys(watched, 0)
+        self.hooks = [
+            module.register_forward_pre_hook(lambda _m, args, name=name: self._count_routed(name, module, args[1]))
+            for name, (module, _) in watched.items()
+        ]
+
+    def _count_routed(self, name: str, module: nn.Module, top_k_index: torch.Tensor) -> None:
+        self.routed[name] += int((top_k_index < module.num_experts).sum())
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear:
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            for module, collectors in self.watched.values():
+                for parameter_name in ("gate_up_proj", "down_proj"):
+                    stacked = getattr(module, parameter_name)
+                    if weight.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr():
+                        expert = (weight.storage_offset() - stacked.storage_offset()) // stacked.stride(0)
+                        collectors[parameter_name, expert](None, (args[0],))
+        return func(*args, **kwargs)
+
+    def check_complete(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        for name, (_, collectors) in self.watched.items():
+            for parameter_name in ("gate_up_proj", "down_proj"):
+                seen = sum(c.filled for (p, _), c in collectors.items() if p == parameter_name)
+                if seen != self.routed[name]:
+                    raise EsmInputError(
+                        f"calibration saw {seen} routed tokens reach {name}.{parameter_name} but the router "
+                        f"sent {self.routed[name]}: this transformers version's experts forward does not apply "
+                        "each expert with F.linear on its slice of the stacked weights"
+                    )
 
 
 @torch.inference_mode()
@@ -228,6 +290,7 @@ def layer_input_moments(
             stack.load_layer(index, read_tensor)
             collectors: dict[str, _InputCollector] = {}
             hooks = []
+            routed: dict[str, tuple[nn.Module, dict]] = {}  # experts module → its experts' collectors
             targets = layout.layer_targets(index)
             readers = Counter(t.input_group for t in targets)
             for target in targets:
@@ -241,17 +304,26 @@ def layer_input_moments(
                         ).to(device, sum_dtype)
                 collector = _InputCollector(n_tokens, target.shape[1], device, sum_dtype, delta)
                 collectors[target.input_group] = collector
-                module = stack.model.get_submodule(target.tensor.removesuffix(".weight"))
-                hooks.append(module.register_forward_pre_hook(collector))
-            if read_merged is None:
-                hidden = stack.run_layer(index, hidden)
-            else:  # the merged layer carries the states on: this expert's outputs are dropped
-                stack.run_layer(index, list(hidden))
+                if target.expert is None:
+                    module = stack.model.get_submodule(target.tensor.removesuffix(".weight"))
+                    hooks.append(module.register_forward_pre_hook(collector))
+                else:
+                    owner, _, parameter_name = target.tensor.rpartition(".")
+                    experts = routed.setdefault(owner, (stack.model.get_submodule(owner), {}))[1]
+                    experts[parameter_name, target.expert] = collector
+            expert_inputs = _ExpertInputs(routed) if routed else contextlib.nullcontext()
+            with expert_inputs:
+                if read_merged is None:
+                    hidden = stack.run_layer(index, hidden)
+                else:  # the merged layer carries the states on: this expert's outputs are dropped
+                    stack.run_layer(index, list(hidden))
+            if routed:
+                expert_inputs.check_complete()
             for hook in hooks:
                 hook.remove()
             stack.release(index)  # release this layer's weights before loading the next
             moments = {group: c.result() for group, c in collectors.items()}
-            del collectors, collector, delta  # free the sums before the caller runs another expert
+            del collectors, collector, delta, routed, expert_inputs  # free the sums before the caller runs another expert
             if index + 1 == layout.num_layers:
                 hidden = None  # the last layer's outputs feed nothing: not held while the caller merges
             elif spill is not None:

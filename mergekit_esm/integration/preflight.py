@@ -4,6 +4,7 @@ Every problem becomes one EsmInputError line that says what to fix.
 """
 
 import importlib.metadata
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +13,7 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from mergekit.architecture import get_architecture_info
+from mergekit.architecture.conversion import can_convert_checkpoint_keys
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 from mergekit.io.tasks import LoaderCache
@@ -175,9 +177,13 @@ def _check_mergekit_layout(config: MergeConfiguration, options: MergeOptions, ba
         weights = get_architecture_info(config, options).all_weights(base_config)
     except Exception as error:  # mergekit raises RuntimeError or ValueError with its reason
         raise EsmInputError(f"mergekit cannot plan this merge: {error}") from None
+    stored = set(base_shapes)
     for weight in weights:
         names = (weight.name, *(weight.aliases or ()), *(weight.tied_names or ()))
-        if not weight.optional and not any(n in base_shapes for n in names):
+        # mergekit reads a tensor transformers 5 keeps in another layout than the checkpoint
+        # (stacked experts, stored per expert) through transformers' conversion mapping
+        present = (can_convert_checkpoint_keys(base_config.model_type, stored, n) for n in names)
+        if not weight.optional and not any(present):
             raise EsmInputError(
                 f"mergekit's template for {base_config.architectures[0]} requires tensor {weight.name}, "
                 f"which model {base} lacks: mergekit {_MERGEKIT_VERSION} cannot merge this checkpoint"
@@ -203,6 +209,16 @@ def _proxy_token_count(proxy: str, tokenizer, settings: MergeSettings) -> int:
     return sum(len(w) for w in windows)
 
 
+def _routed_share(layout: DecoderLayout) -> dict[str, float]:
+    """Each expert MLP's expected share of the proxy tokens, top-k / E (target name → share)."""
+    top_k = getattr(layout.config, "num_experts_per_tok", 1)
+    return {
+        t.name: min(1.0, top_k / len({s.expert for s in layout.targets_in[t.tensor]}))
+        for t in layout.targets
+        if t.expert is not None
+    }
+
+
 def preflight(config: MergeConfiguration, options: MergeOptions) -> MergeInputs:
     method = METHODS[config.merge_method]
     name = method.name
@@ -225,6 +241,11 @@ def preflight(config: MergeConfiguration, options: MergeOptions) -> MergeInputs:
     base_config = base.config(trust_remote_code=trust)
     layout = DecoderLayout(base_config)
     layout.targets  # raises for architectures without the target linears
+    if method.needs_input_gram and any(t.expert is not None for t in layout.targets):
+        raise EsmInputError(
+            f"{name} does not merge mixture-of-experts layers yet: an expert MLP that the proxy "
+            "routes no token to has no input Gram to weigh its experts by; use esm, tsv, iso_c or iso_cts"
+        )
     base_shapes = _tensor_shapes(indexes[base])
     for expert in experts:
         arch = expert.config(trust_remote_code=trust).architectures
@@ -258,11 +279,16 @@ def preflight(config: MergeConfiguration, options: MergeOptions) -> MergeInputs:
         ranks[target.name] = k
     proxies = {}
     if method.calibrates(settings):
-        # RegMean has no rank: any token will do, its ridge covers the directions left unseen
-        ranked = [k for k in ranks.values() if k is not None]
-        needed = max(ranked, default=1)
+        # RegMean has no rank: any token will do, its ridge covers the directions left unseen.
+        # An expert MLP of a mixture-of-experts layer sees only the tokens routed to it (about
+        # top-k / E of them): the default proxy aims at k of those, and one that gets fewer
+        # takes the SVD basis (methods/esm.py) instead of stopping the merge.
+        share = _routed_share(layout)
+        ranked = {name: k for name, k in ranks.items() if k is not None}
+        needed = max((k for name, k in ranked.items() if name not in share), default=1)
         if settings.proxy_samples is None:
-            count = default_window_count(needed, settings.proxy_max_tokens) if ranked else MAX_PROXY_WINDOWS
+            aimed = max((math.ceil(k / share.get(name, 1.0)) for name, k in ranked.items()), default=1)
+            count = default_window_count(aimed, settings.proxy_max_tokens) if ranked else MAX_PROXY_WINDOWS
             settings = settings.model_copy(update={"proxy_samples": count})
         for expert in experts:
             proxy = proxies[expert] = per_model[expert]["proxy"]

@@ -56,9 +56,14 @@ def merge_weight(
     rank: Optional[int],
     inputs: Optional[Sequence[InputMoment]],
 ) -> torch.Tensor:
-    # generators: one expert's task matrix and factors in memory at a time
+    # generators: one expert's task matrix and factors in memory at a time. An expert whose
+    # proxy tokens cannot reveal k directions (an expert MLP its router seldom chose) takes
+    # ΔW's SVD basis, ESD's subspace for isotropic inputs (docs/design.md, "Mixture-of-experts layers").
     if settings.basis == "esd":
-        factors = (essential_subspace(d, i, rank) for d, i in zip(deltas, inputs))
+        factors = (
+            essential_subspace(d, i, rank) if i.reveals_subspace(rank) else svd_subspace(d, rank)
+            for d, i in zip(deltas, inputs)
+        )
     else:
         factors = (svd_subspace(d, rank) for d in deltas)
     return merge_task_factors(
