@@ -7,7 +7,7 @@
 For each depth it writes a base and T experts (bf16 safetensors, one shard per layer, written
 tensor by tensor so the generator stays small; experts = base + a random full-rank
 perturbation), times reading every input tensor once (the disk limit), then runs `ties` and
-`esm` (defaults: built-in proxy, 32 × 512 tokens) each in a fresh `mergekit-yaml` process
+`esm` (defaults: built-in proxy, its default number of 512-token windows) each in a fresh `mergekit-yaml` process
 with an empty cache, recording wall time, peak RSS and peak GPU memory. The page cache is
 dropped before each measurement when the user may (root), so every run reads from disk.
 Prints a markdown table and writes it, with the raw rows, to --out.
@@ -209,7 +209,7 @@ def main():
     parser.add_argument("--methods", default="ties,esm")
     parser.add_argument("--cuda", action="store_true", help="pass --cuda to mergekit-yaml")
     parser.add_argument("--precision", choices=["auto", "float64", "float32"], default="auto", help="ESM's `precision`")
-    parser.add_argument("--proxy-samples", type=int, default=32, help="ESM's `proxy_samples` (512-token windows per expert)")
+    parser.add_argument("--proxy-samples", type=int, default=None, help="ESM's `proxy_samples` (512-token windows per expert; default: the plugin's, from the rank)")
     parser.add_argument("--out-shard-size", default="500M",
                         help="mergekit's --out-shard-size for both methods: a shard is buffered in RAM until written")
     parser.add_argument("--workdir", type=Path, default=None, help="where checkpoints go (default: a temp dir)")
@@ -243,13 +243,13 @@ def main():
                 drop_page_cache()
                 rows.append({"layers": layers, "params_b": round(params / 1e9, 2),
                              **run_merge(method, models[0], models[1:], root, flags,
-                                         {"precision": args.precision, "proxy_samples": args.proxy_samples},
+                                         {"precision": args.precision, **({"proxy_samples": args.proxy_samples} if args.proxy_samples else {})},
                                          args.logs / f"{method}_{layers}.log" if args.logs else None)})
                 print(json.dumps(rows[-1]), flush=True)
 
     header = (f"Shape `{args.shape}` ({', '.join(f'{k}={v}' for k, v in shape.items() if k != 'num_hidden_layers')}), "
               f"{args.experts} experts, bf16; flags {' '.join(flags)}; ESM precision {args.precision}, "
-              f"{args.proxy_samples} × 512 proxy tokens; page cache "
+              f"{args.proxy_samples or 'the default number of'} × 512 proxy tokens; page cache "
               f"{'dropped before each run' if cold else 'not dropped (not root)'}; {machine()}.\n\n")
     table = (
         "| layers | params | run | wall s | peak RSS MiB | peak anonymous RSS MiB | peak GPU MiB |\n"

@@ -123,7 +123,7 @@ def main():
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--precision", choices=["auto", "float64", "float32"], default="auto")
-    parser.add_argument("--proxy-samples", type=int, default=32, help="ESM's `proxy_samples` (512-token windows per expert)")
+    parser.add_argument("--proxy-samples", type=int, default=None, help="ESM's `proxy_samples` (512-token windows per expert; default: the plugin's, from the rank)")
     parser.add_argument("--cuda", action="store_true")
     parser.add_argument("--workdir", type=Path, default=None, help="where checkpoints go (default: a temp dir)")
     args = parser.parse_args()
@@ -134,7 +134,7 @@ def main():
     root = Path(tempfile.mkdtemp(prefix="bench-stages-", dir=args.workdir))
     _, models = write_checkpoints(root, SHAPES[args.shape], args.layers, args.experts)
     recipe = write_recipe(root / "esm.yml", "esm", models[0], models[1:],
-                          {"precision": args.precision, "proxy_samples": args.proxy_samples})
+                          {"precision": args.precision, **({"proxy_samples": args.proxy_samples} if args.proxy_samples else {})})
     os.environ["MERGEKIT_ESM_CACHE"] = str(root / "cache")
     from mergekit.scripts.run_yaml import main as mergekit_yaml
 
@@ -149,7 +149,7 @@ def main():
     device = torch.cuda.get_device_name(0) if args.cuda else f"CPU, {torch.get_num_threads()} threads"
     print(
         f"\n`{args.shape}` shape, {args.layers} layers, {args.experts} experts, precision {args.precision}, "
-        f"{args.proxy_samples} × 512 proxy tokens per expert, {device}\n"
+        f"{args.proxy_samples or 'the default number of'} × 512 proxy tokens per expert, {device}\n"
     )
     print("| stage | seconds | calls | peak anonymous MiB | peak RSS MiB |\n|---|---|---|---|---|")
     print(f"| {TOTAL} | {total:.1f} | 1 | {peak_mib[TOTAL]} | {peak_rss_mib[TOTAL]} |")

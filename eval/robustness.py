@@ -37,7 +37,7 @@ from eval.report import normalized
 from eval.retention import QUIZ_TASK, heldout_nll, write_quiz_task
 from eval.score import score, write_task_configs
 
-METHODS = ["esm", "tsv", "iso_c", "task_arithmetic", "ties", "della"]
+METHODS = ["esm", "tsv", "iso_c", "regmean", "task_arithmetic", "ties", "della"]
 DEFAULT = "default"
 # Retention kept "within the margin of the base": quiz at most 15 points below the base's,
 # held-out NLL at most 0.25 nats above it (fine-tuning one expert often loses more).
@@ -69,7 +69,8 @@ def default_setting(method: str) -> dict:
     from mergekit_esm.methods import METHODS as OURS
 
     if method in OURS:
-        return {"alpha": OURS[method].settings_type.model_fields["alpha"].default}
+        fields = OURS[method].settings_type.model_fields
+        return {key: fields[key].default for key in GRIDS[method][0]}
     recipe = yaml.safe_load(recipe_file(method).read_text())["parameters"]
     return {key: recipe[key] for key in GRIDS[method][0] if key in recipe}
 
@@ -266,16 +267,30 @@ def sweep_table(run: ZooScores) -> list[str]:
              "own task / quiz / NLL: " + ", ".join(
                  f"{t} {100 * val_experts[t]:.1f}% / {100 * run.results.get(run.name, 'expert', t, 'validation')['quiz']:.1f}% / "
                  f"{run.results.get(run.name, 'expert', t, 'validation')['nll']:.2f}" for t in run.tasks) + ".", "",
-             "| method | setting | norm. acc | quiz | NLL | merge s |", "|---|---|---|---|---|---|"]
-    for method, rows in sweep.items():
-        for label, r in rows.items():
-            label += " (default)" if method in GRIDS and label == _label(default_setting(method)) else ""
-            lines.append(f"| {method} | {label} | {100 * normalized(r['tasks'], val_experts):.1f} | "
-                         f"{100 * r['quiz']:.1f} | {r['nll']:.3f} | {r.get('merge_s', '')} |")
-    for method, r in (run.results.get(run.name, "auto") or {}).items():
-        lines.append(f"| {method} | alpha: auto (chose {r['alpha']:.3g}) | {100 * normalized(r['tasks'], val_experts):.1f} | "
-                     f"{100 * r['quiz']:.1f} | {r['nll']:.3f} | {r.get('merge_s', '')} |")
+             "dominated by: a setting of another method (or ablation row) that keeps at least as much on all "
+             "three measures and more on one.", "",
+             "| method | setting | norm. acc | quiz | NLL | merge s | dominated by |", "|---|---|---|---|---|---|---|"]
+    auto = {method: {f"alpha: auto (chose {r['alpha']:.3g})": r} for method, r in (run.results.get(run.name, "auto") or {}).items()}
+    points = {(method, label): (normalized(r["tasks"], val_experts), r["quiz"], r["nll"])
+              for source in (sweep, auto) for method, rows in source.items() for label, r in rows.items()}
+    for source in (sweep, auto):
+        for method, rows in source.items():
+            for label, r in rows.items():
+                acc, quiz, nll = points[method, label]
+                others = {key: point for key, point in points.items() if key[0] != method}
+                by = dominating((acc, quiz, nll), others)
+                shown = label + (" (default)" if method in GRIDS and label == _label(default_setting(method)) else "")
+                lines.append(f"| {method} | {shown} | {100 * acc:.1f} | {100 * quiz:.1f} | {nll:.3f} | "
+                             f"{r.get('merge_s', '')} | {', '.join(by[:3]) + (' …' if len(by) > 3 else '')} |")
     return lines
+
+
+def dominating(point: tuple[float, float, float], others: dict[tuple[str, str], tuple[float, float, float]]) -> list[str]:
+    """'method label' of every point in `others` that dominates `point` = (tasks, quiz, NLL):
+    at least as good on all three (higher tasks and quiz, lower NLL) and better on one."""
+    acc, quiz, nll = point
+    return [f"{m} {label}" for (m, label), (a, q, n) in others.items()
+            if a >= acc and q >= quiz and n <= nll and (a, q, -n) != (acc, quiz, -nll)]
 
 
 def plot_by_size(curves_by_zoo: dict, path: Path) -> None:

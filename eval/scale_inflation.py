@@ -1,11 +1,15 @@
-"""How much ESM's polarized scaling inflates one weight's merged update, per scaling level.
+"""How ESM's scaling and combination treat one weight's experts: the merged update's norm,
+and how much of each expert's own task vector it keeps.
 
     python -m eval.scale_inflation [--weight model.layers.29.mlp.gate_proj.weight] [--zoo community]
 
-Reads the base and the zoo's experts from <workdir>/models, merges the one weight with the
-SVD basis (no calibration needed; the scaling levels act the same on ESD factors) under each
-combination of task and dimension scaling, with the paper's raw ratios and with
-`preserve_norm`, and prints the Frobenius norms beside each task vector's and their sum.
+Reads the base and the zoo's experts from <workdir>/models and merges the one weight with the
+SVD basis (no calibration needed; scaling and combination act the same on ESD factors).
+First table: each combination of task and dimension scaling, with the paper's raw ratios and
+with `preserve_norm`: the Frobenius norms beside each task vector's and their sum. Second
+table: task arithmetic's sum, TSV-M, and ESM's combination (whitened or not, scaling on or
+off), each with its norm and each expert's share ⟨ΔW_merged, ΔW_t⟩ / ‖ΔW_t‖² (task
+arithmetic's is about 1 for unrelated experts): an expert whose share is near 0 is left out.
 """
 
 import argparse
@@ -46,6 +50,33 @@ def inflation_table(base: Path, experts: dict[str, Path], name: str) -> str:
     return "\n".join(lines)
 
 
+def share_table(base: Path, experts: dict[str, Path], name: str) -> str:
+    w0 = read(base, name)
+    deltas = {e: read(path, name) - w0 for e, path in experts.items()}
+    rank = default_rank(*w0.shape, len(deltas))
+    esm = EsmSettings()
+    off = dict(gamma=0.0, task_exponent=0.0, dimension_exponent=0.0)
+    scaled = dict(gamma=esm.gamma, dimension_exponent=esm.dimension_exponent, preserve_norm=True)
+    variants = {
+        "task arithmetic (sum)": None,
+        "TSV-M": dict(off, combination="tsv"),
+        "whitened, no scaling": dict(off),
+        "whitened, ESM's scaling": dict(scaled, task_exponent=2.0),
+        "unwhitened, ESM's scaling": dict(scaled, task_exponent=2.0, combination="tsv"),
+        "unwhitened, no task scaling": dict(scaled, task_exponent=0.0, combination="tsv"),
+    }
+    lines = [f"`{name}`, rank {rank} per expert", "",
+             "| merge | ‖ΔW_merged‖ | " + " | ".join(deltas) + " |", "|---|---|" + "---|" * len(deltas)]
+    for label, kwargs in variants.items():
+        if kwargs is None:
+            merged = torch.stack(list(deltas.values())).sum(0)
+        else:
+            merged = merge_task_factors((svd_subspace(d, rank) for d in deltas.values()), **kwargs)
+        shares = [float((merged * d).sum() / (d * d).sum()) for d in deltas.values()]
+        lines.append(f"| {label} | {merged.norm():.3f} | " + " | ".join(f"{x:.2f}" for x in shares) + " |")
+    return "\n".join(lines)
+
+
 def main():
     from eval.zoo import community, tasks
 
@@ -56,7 +87,8 @@ def main():
     args = parser.parse_args()
     names = community.TASKS if args.zoo == "community" else tasks.TASKS
     models = args.workdir / "models"
-    print(inflation_table(models / "base", {t: models / t for t in names}, args.weight))
+    experts = {t: models / t for t in names}
+    print(inflation_table(models / "base", experts, args.weight), "", share_table(models / "base", experts, args.weight), sep="\n")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from mergekit_esm.algebra import (
     task_singular_vectors_merge,
 )
 from mergekit_esm.algebra.merge import common_space_split, concatenate_factors, newton_polar
+from mergekit_esm.algebra.regression import regression_mean
 from mergekit_esm.algebra.subspace import InputMoment
 from mergekit_esm.methods.esm import EsmSettings
 from tests import reference_svd_family as reference
@@ -395,6 +396,50 @@ def test_layer_scales_preserving_the_norm_keep_the_total_and_the_proportions():
     assert total == pytest.approx(sum(n**2 for n in norms["q"].values()))
     assert kept[("q", 2)] / kept[("q", 0)] == pytest.approx(paper[("q", 2)] / paper[("q", 0)])
     assert paper[("q", 2)] == pytest.approx((8 / (11 / 3)) ** 2)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("held", ["tokens", "moment"])
+def test_regression_mean_solves_regmeans_normal_equations(ratio, held):
+    """Against the dense solve of (Σ G̃_t) Wᵀ = Σ G̃_t ΔW_tᵀ, statistics held either way and
+    read in blocks narrower than d_in; inputs with very different scales per coordinate."""
+    g = torch.Generator().manual_seed(3)
+    deltas = [torch.randn(6, 9, generator=g, dtype=torch.float64) for _ in range(3)]
+    xs = [torch.randn(40, 9, generator=g, dtype=torch.float64) * torch.logspace(-1, 1, 9, dtype=torch.float64) for _ in range(3)]
+    moments = [InputMoment(40, tokens=x) if held == "tokens" else InputMoment(40, moment=x.T @ x) for x in xs]
+    grams = [x.T @ x / 40 for x in xs]
+    grams = [ratio * gm + (1 - ratio) * torch.diag(torch.diag(gm)) for gm in grams]
+    expected = torch.linalg.solve(sum(grams), sum(gm @ d.T for gm, d in zip(grams, deltas))).T
+    assert torch.allclose(regression_mean(deltas, moments, ratio, ridge=0.0, block=4), expected, rtol=0, atol=1e-10)
+    # the default ridge (1e-7 of each coordinate's mean square) moves it by ~1e-7 × conditioning
+    assert torch.allclose(regression_mean(deltas, moments, ratio, block=4), expected, rtol=0, atol=1e-5)
+
+
+def test_regression_mean_falls_back_to_the_mean_where_no_input_reaches():
+    """Fewer tokens than inputs, and an input coordinate that is zero on every token: the solve
+    still succeeds (the ridge), and the unseen column is the task vectors' columns averaged
+    with each expert's mean square input as weight."""
+    g = torch.Generator().manual_seed(4)
+    deltas = [torch.randn(5, 8, generator=g, dtype=torch.float64) for _ in range(2)]
+    xs = [torch.randn(3, 8, generator=g, dtype=torch.float64) for _ in range(2)]
+    for x in xs:
+        x[:, 7] = 0
+    got = regression_mean(deltas, [InputMoment(3, tokens=x) for x in xs], 1.0)
+    assert torch.isfinite(got).all()
+    squares = [x.pow(2).mean() for x in xs]
+    expected = (squares[0] * deltas[0][:, 7] + squares[1] * deltas[1][:, 7]) / sum(squares)
+    assert torch.allclose(got[:, 7], expected, atol=1e-9)
+
+
+def test_regression_mean_grows_its_ridge_where_rounding_left_the_gram_indefinite():
+    """A moment with a negative eigenvalue of 1e-5·mean(diag) (what float32 rounding can leave
+    of a singular XᵀX): the ridge grows until Cholesky succeeds, and the result is finite."""
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64))
+    moment = q @ torch.diag(torch.tensor([6.0, 5, 4, 3, 2, -1e-5], dtype=torch.float64)) @ q.T
+    deltas = [torch.ones(2, 6, dtype=torch.float64), 2 * torch.ones(2, 6, dtype=torch.float64)]
+    got = regression_mean(deltas, [InputMoment(1, moment=moment)] * 2, 1.0)
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, 1.5 * torch.ones(2, 6, dtype=torch.float64))  # equal Grams: the mean
 
 
 def test_norm_preserving_flattening_ignores_near_null_directions():

@@ -71,6 +71,14 @@ def test_a_parameter_of_another_method_is_an_error(tmp_path, models, monkeypatch
     assert "iso_cts parameter 'common_space_fraction'" in run(tmp_path, config, monkeypatch)
 
 
+@pytest.mark.parametrize("method", ["regmean", "regmean_plus_plus"])
+def test_non_diagonal_ratio_outside_0_1_is_an_error(tmp_path, models, monkeypatch, method):
+    base, experts = models
+    config = recipe(tmp_path / "r.yml", base, experts, {"non_diagonal_ratio": 1.5}, merge_method=method)
+    message = run(tmp_path, config, monkeypatch)
+    assert f"{method} parameter 'non_diagonal_ratio'" in message and "1.5" in message
+
+
 def test_misspelt_per_model_parameter(tmp_path, models, monkeypatch):
     base, experts = models
     config = recipe(tmp_path / "r.yml", base, experts)

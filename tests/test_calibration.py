@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 from mergekit.common import ModelReference
 from safetensors.torch import load_file
@@ -15,7 +16,7 @@ from mergekit_esm.algebra.subspace import add_gram_upper_, fill_lower_from_upper
 from mergekit_esm.architecture import DecoderLayout
 from mergekit_esm.calibration import layerwise
 from mergekit_esm.calibration.layerwise import held_form, layer_input_moments
-from mergekit_esm.calibration.proxy import load_documents, token_windows
+from mergekit_esm.calibration.proxy import default_window_count, load_documents, token_windows
 from mergekit_esm.errors import EsmInputError
 from mergekit_esm.weights import checked_reader
 from tests.tiny_models import tiny_config, write_model
@@ -26,6 +27,32 @@ def test_builtin_proxy_is_large_enough_for_default_settings():
     assert len(docs) > 100
     windows = token_windows(docs, byte_tokenizer(), samples=32, max_tokens=512)
     assert len(windows) == 32 and all(len(w) == 512 for w in windows)
+
+
+@pytest.mark.parametrize(
+    "rank, window, expected",
+    [(256, 512, 8), (1024, 512, 8), (1025, 512, 9), (3584, 512, 28), (7168, 512, 32), (100, 16, 25)],
+)
+def test_default_proxy_budget_gives_four_tokens_per_direction_within_8_to_32_windows(rank, window, expected):
+    assert default_window_count(rank, window) == expected
+    count = default_window_count(rank, window)
+    assert count * window >= 4 * rank or count == 32
+
+
+def test_preflight_fills_in_the_default_proxy_budget_from_the_largest_rank(zoo, tmp_path):
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
+    from mergekit_esm.integration.preflight import preflight
+    from tests.conftest import recipe
+
+    config = recipe(tmp_path / "r.yml", zoo["base"], zoo["experts"], {"proxy": str(zoo["proxy"])})
+    raw = yaml.safe_load(config.read_text())
+    del raw["parameters"]["proxy_samples"]
+    inputs = preflight(MergeConfiguration.model_validate(raw), MergeOptions())
+    assert inputs.settings.proxy_samples == default_window_count(max(inputs.ranks.values()), 64)
+    raw["parameters"]["proxy_samples"] = 3  # a user's choice is kept
+    assert preflight(MergeConfiguration.model_validate(raw), MergeOptions()).settings.proxy_samples == 3
 
 
 def test_windows_pack_documents_with_eos_and_respect_the_budget():

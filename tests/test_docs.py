@@ -22,3 +22,11 @@ def test_readme_lists_every_parameter():
 def test_ci_runs_the_readme_test_command():
     assert "make test" in (ROOT / "README.md").read_text()
     assert (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1] == "make test"
+
+
+def test_readme_table_lists_every_tested_architecture():
+    from tests.tiny_models import ARCHITECTURES
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Supported architectures") :]
+    assert all(f"| `{name}` |" in section for name in ARCHITECTURES)

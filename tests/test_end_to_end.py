@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from mergekit_esm.methods.esm import EsmSettings
 from tests.conftest import PROXY_TEXT, mergekit_yaml, recipe
 from tests import reference_svd_family as reference
-from tests.reference_esm import esm_merge, packed_windows
+from tests.reference_esm import esm_merge, packed_windows, reference_settings
 
 
 def _digest(folder):
@@ -29,8 +29,7 @@ def merged(zoo, tmp_path_factory):
 def test_output_matches_independent_in_memory_esm(zoo, merged):
     tokenizer = AutoTokenizer.from_pretrained(zoo["base"])
     windows = packed_windows(PROXY_TEXT.split("\n\n"), tokenizer, samples=4, max_tokens=64)
-    defaults = EsmSettings()
-    expected = esm_merge(zoo["base"], zoo["experts"], windows, alpha=defaults.alpha, preserve_norm=defaults.preserve_norm)
+    expected = esm_merge(zoo["base"], zoo["experts"], windows, **reference_settings(EsmSettings()))
     model = AutoModelForCausalLM.from_pretrained(merged["out"])
     got = model.state_dict()
     assert got.keys() == expected.keys()
@@ -47,17 +46,18 @@ def test_output_matches_independent_in_memory_esm(zoo, merged):
     assert (got[name] - base[name]).abs().max() > 1e-3
 
 
-def test_preserve_norm_matches_the_reference_both_ways(zoo, merged):
-    """The non-default setting of preserve_norm, merged by mergekit-yaml, against the reference."""
+@pytest.mark.parametrize("switch", ["preserve_norm", "whiten_factors"])
+def test_the_non_default_side_of_each_switch_matches_the_reference(zoo, merged, switch):
+    """Each boolean setting flipped from its default, merged by mergekit-yaml, against the reference."""
     tmp = merged["tmp"]
-    flipped = not EsmSettings().preserve_norm
-    config = recipe(tmp / "preserve.yml", zoo["base"], zoo["experts"], {"proxy": str(zoo["proxy"]), "preserve_norm": flipped})
-    result = mergekit_yaml(config, tmp / "out_preserve", tmp / "cache")
+    flipped = EsmSettings(**{switch: not getattr(EsmSettings(), switch)})
+    config = recipe(tmp / f"{switch}.yml", zoo["base"], zoo["experts"], {"proxy": str(zoo["proxy"]), switch: getattr(flipped, switch)})
+    result = mergekit_yaml(config, tmp / f"out_{switch}", tmp / "cache")
     assert result.returncode == 0, result.stderr[-3000:]
     tokenizer = AutoTokenizer.from_pretrained(zoo["base"])
     windows = packed_windows(PROXY_TEXT.split("\n\n"), tokenizer, samples=4, max_tokens=64)
-    expected = esm_merge(zoo["base"], zoo["experts"], windows, alpha=EsmSettings().alpha, preserve_norm=flipped)
-    got = AutoModelForCausalLM.from_pretrained(tmp / "out_preserve").state_dict()
+    expected = esm_merge(zoo["base"], zoo["experts"], windows, **reference_settings(flipped))
+    got = AutoModelForCausalLM.from_pretrained(tmp / f"out_{switch}").state_dict()
     errors = sorted((got[n].double() - expected[n]).abs().max().item() for n in expected)
     assert errors[-1] <= 1e-4 and errors[len(errors) // 2] <= 1e-6
     default = AutoModelForCausalLM.from_pretrained(merged["out"]).state_dict()
@@ -176,17 +176,9 @@ def test_svd_family_methods_match_their_dense_formulas(zoo, tmp_path, method):
     base = {k: v.double() for k, v in AutoModelForCausalLM.from_pretrained(zoo["base"]).state_dict().items()}
     experts = [{k: v.double() for k, v in AutoModelForCausalLM.from_pretrained(e).state_dict().items()} for e in zoo["experts"]]
     got = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
-    for name, w0 in base.items():
-        deltas = [e[name] - w0 for e in experts]
-        if name.endswith("proj.weight"):
-            update = {
-                "tsv": lambda: reference.tsv_m(deltas, min(w0.shape) // len(deltas)),
-                "iso_c": lambda: reference.iso_c(deltas),
-                "iso_cts": lambda: reference.iso_cts(deltas, 0.5),
-            }[method]()
-        else:
-            update = torch.stack(deltas).mean(0)
-        error = (got[name].double() - (w0 + 1.3 * update)).abs().max().item()
+    expected = reference.svd_family_merge(method, base, experts, alpha=1.3, fraction=0.5)
+    for name, w in expected.items():
+        error = (got[name].double() - w).abs().max().item()
         assert error <= 1e-5, (name, error)
     card = (tmp_path / "out" / "README.md").read_text()
     assert f"## {method} settings" in card and "| alpha | 1.3 |" in card

@@ -53,6 +53,15 @@ class InputMoment:
         held = next(t for t in (self.tokens, self.moment, self.shift) if t is not None)
         return held.shape[0]
 
+    def reveals_subspace(self, rank: int) -> bool:
+        """Whether these tokens can reveal a k-dimensional essential subspace: X has at most
+        one direction per token, so with fewer than k (an expert MLP of a mixture-of-experts
+        layer that its router seldom chose on the proxy) part of the basis would be arbitrary.
+        ESM gives such a weight's expert ΔW's k leading left singular vectors instead: the
+        subspace ESD finds when inputs are isotropic (XᵀX ∝ I), i.e. no preference among input
+        directions where the proxy shows none."""
+        return self.n_tokens >= max(rank, 2)
+
     def factor(self, dtype: torch.dtype) -> torch.Tensor:
         """F (rank_bound × d_in) with FᵀF = XᵀX: X itself, or √XᵀX. Computed once per dtype and
         shared by the weights reading this input (q/k/v, gate/up)."""
@@ -63,6 +72,16 @@ class InputMoment:
                 self.tokens.to(dtype) if self.tokens is not None else moment_sqrt(self.moment.to(dtype))
             )
         return self._factors[dtype]
+
+    def gram_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows start:stop of XᵀX in `dtype` (RegMean reads its Gram a block of rows at a time,
+        so no `dtype` copy of a whole d_in × d_in moment is made)."""
+        if self.shift is not None:
+            raise ValueError("inputs held as one weight's shift moment ΔW XᵀX ΔWᵀ have no XᵀX")
+        if self.tokens is not None:
+            x = self.factor(dtype)
+            return x[:, start:stop].T @ x
+        return self.moment[start:stop].to(dtype)
 
     def output_covariance(self, delta: torch.Tensor) -> torch.Tensor:
         """ΔW XᵀX ΔWᵀ (d_out × d_out), without forming √XᵀX."""

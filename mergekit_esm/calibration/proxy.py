@@ -11,6 +11,20 @@ BUILTIN_PROXY = "builtin"
 SELF_PROXY = "self"  # each expert writes its own text (calibration/self_proxy.py)
 PromptMode = Literal["generic", "bos"]  # how self-written samples start
 
+# Default proxy budget per expert (calibration's cost is proportional to it): enough tokens
+# that the top-k eigenvectors of ΔW·XᵀX·ΔWᵀ are estimated from several tokens per direction
+# (fewer than k tokens cannot span k directions at all), at least 8 windows and at most the
+# paper's 32. On both zoos, 4 to 32 windows per expert scored the same (docs/performance.md).
+TOKENS_PER_DIRECTION = 4
+MIN_PROXY_WINDOWS, MAX_PROXY_WINDOWS = 8, 32
+
+
+def default_window_count(max_rank: int, window_tokens: int) -> int:
+    """Proxy windows per expert for the largest kept rank k: ⌈4k / window length⌉ in [8, 32]."""
+    needed = -(-TOKENS_PER_DIRECTION * max_rank // window_tokens)
+    return min(max(needed, MIN_PROXY_WINDOWS), MAX_PROXY_WINDOWS)
+
+
 # A proxy document: plain text, or a chat ({"role", "content"} messages) that the tokenizer's
 # chat template renders, so instruction-tuned experts see text shaped like their training data.
 Document = str | list[dict]

@@ -3,6 +3,8 @@
 Every problem becomes one EsmInputError line that says what to fix.
 """
 
+import importlib.metadata
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +12,8 @@ from typing import Any
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.utils import HFValidationError, validate_repo_id
+from mergekit.architecture import get_architecture_info
+from mergekit.architecture.conversion import can_convert_checkpoint_keys
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 from mergekit.io.tasks import LoaderCache
@@ -19,10 +23,13 @@ from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from mergekit_esm.architecture import DecoderLayout
-from mergekit_esm.calibration.proxy import SELF_PROXY, load_documents, token_windows
+from mergekit_esm.calibration.proxy import MAX_PROXY_WINDOWS, SELF_PROXY, default_window_count, load_documents, token_windows
 from mergekit_esm.errors import EsmInputError
 from mergekit_esm.methods import METHODS, MergeSettings, MethodDefinition
 from mergekit_esm.methods.base import Strength, unknown_parameter_message
+
+
+_MERGEKIT_VERSION = importlib.metadata.version("mergekit")
 
 
 @dataclass(frozen=True)
@@ -162,6 +169,27 @@ def _check_same_weights(model, base, shapes, base_shapes):
             )
 
 
+def _check_mergekit_layout(config: MergeConfiguration, options: MergeOptions, base, base_config, base_shapes) -> None:
+    """mergekit plans the merge from its own template of the architecture and stops at the
+    first tensor the template requires that the checkpoint lacks, after the pre-pass has run
+    (e.g. Command R without q/k norms, which mergekit 0.1.5's cohere template requires)."""
+    try:
+        weights = get_architecture_info(config, options).all_weights(base_config)
+    except Exception as error:  # mergekit raises RuntimeError or ValueError with its reason
+        raise EsmInputError(f"mergekit cannot plan this merge: {error}") from None
+    stored = set(base_shapes)
+    for weight in weights:
+        names = (weight.name, *(weight.aliases or ()), *(weight.tied_names or ()))
+        # mergekit reads a tensor transformers 5 keeps in another layout than the checkpoint
+        # (stacked experts, stored per expert) through transformers' conversion mapping
+        present = (can_convert_checkpoint_keys(base_config.model_type, stored, n) for n in names)
+        if not weight.optional and not any(present):
+            raise EsmInputError(
+                f"mergekit's template for {base_config.architectures[0]} requires tensor {weight.name}, "
+                f"which model {base} lacks: mergekit {_MERGEKIT_VERSION} cannot merge this checkpoint"
+            )
+
+
 def _tokenizer(model: ModelReference, base_path: str, trust_remote_code: bool):
     try:
         return AutoTokenizer.from_pretrained(base_path, trust_remote_code=trust_remote_code)
@@ -179,6 +207,16 @@ def _proxy_token_count(proxy: str, tokenizer, settings: MergeSettings) -> int:
         return settings.proxy_samples * settings.proxy_max_tokens
     windows = token_windows(load_documents(proxy), tokenizer, settings.proxy_samples, settings.proxy_max_tokens)
     return sum(len(w) for w in windows)
+
+
+def _routed_share(layout: DecoderLayout) -> dict[str, float]:
+    """Each expert MLP's expected share of the proxy tokens, top-k / E (target name → share)."""
+    top_k = getattr(layout.config, "num_experts_per_tok", 1)
+    return {
+        t.name: min(1.0, top_k / len({s.expert for s in layout.targets_in[t.tensor]}))
+        for t in layout.targets
+        if t.expert is not None
+    }
 
 
 def preflight(config: MergeConfiguration, options: MergeOptions) -> MergeInputs:
@@ -203,6 +241,11 @@ def preflight(config: MergeConfiguration, options: MergeOptions) -> MergeInputs:
     base_config = base.config(trust_remote_code=trust)
     layout = DecoderLayout(base_config)
     layout.targets  # raises for architectures without the target linears
+    if method.needs_input_gram and any(t.expert is not None for t in layout.targets):
+        raise EsmInputError(
+            f"{name} does not merge mixture-of-experts layers yet: an expert MLP that the proxy "
+            "routes no token to has no input Gram to weigh its experts by; use esm, tsv, iso_c or iso_cts"
+        )
     base_shapes = _tensor_shapes(indexes[base])
     for expert in experts:
         arch = expert.config(trust_remote_code=trust).architectures
@@ -212,6 +255,7 @@ def preflight(config: MergeConfiguration, options: MergeOptions) -> MergeInputs:
                 f"{name} merges experts of the base's architecture"
             )
         _check_same_weights(expert, base, _tensor_shapes(indexes[expert]), base_shapes)
+    _check_mergekit_layout(config, options, base, base_config, base_shapes)
 
     tokenizer = _tokenizer(base, indexes[base].base_path, trust)
     for expert in experts:
@@ -235,7 +279,17 @@ def preflight(config: MergeConfiguration, options: MergeOptions) -> MergeInputs:
         ranks[target.name] = k
     proxies = {}
     if method.calibrates(settings):
-        needed = max(ranks.values())
+        # RegMean has no rank: any token will do, its ridge covers the directions left unseen.
+        # An expert MLP of a mixture-of-experts layer sees only the tokens routed to it (about
+        # top-k / E of them): the default proxy aims at k of those, and one that gets fewer
+        # takes the SVD basis (methods/esm.py) instead of stopping the merge.
+        share = _routed_share(layout)
+        ranked = {name: k for name, k in ranks.items() if k is not None}
+        needed = max((k for name, k in ranked.items() if name not in share), default=1)
+        if settings.proxy_samples is None:
+            aimed = max((math.ceil(k / share.get(name, 1.0)) for name, k in ranked.items()), default=1)
+            count = default_window_count(aimed, settings.proxy_max_tokens) if ranked else MAX_PROXY_WINDOWS
+            settings = settings.model_copy(update={"proxy_samples": count})
         for expert in experts:
             proxy = proxies[expert] = per_model[expert]["proxy"]
             n = _proxy_token_count(proxy, tokenizer, settings)

@@ -13,7 +13,7 @@ exponent skip all linear algebra. TSV-M and Iso-C/CTS take the same path (no cal
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mergekit_esm.algebra import layer_scales
+from mergekit_esm.architecture import TargetWeight, stored_tensor
 from mergekit_esm.cache import CacheEntry, cache_root, files_fingerprint, fingerprint
 from mergekit_esm.calibration.layerwise import layer_input_moments
 from mergekit_esm.calibration.proxy import SELF_PROXY, load_documents, token_windows
@@ -97,14 +98,14 @@ def proxy_windows(inputs: MergeInputs, expert: ModelReference, root: Path) -> li
 
 
 class TaskMatrices(Sequence):
-    """ΔW_t = W_t − W0 of one weight for every expert, read when accessed: methods that go
-    through them in turn (ESM, TSV-M, Iso-C) hold one at a time, not T. Records which
-    experts changed the weight."""
+    """ΔW_t = W_t − W0 of one target weight (its rows of a fused tensor) for every expert,
+    read when accessed: methods that go through them in turn (ESM, TSV-M, Iso-C) hold one at
+    a time, not T. Records which experts changed the weight."""
 
-    def __init__(self, inputs: MergeInputs, name: str, dtype: torch.dtype):
-        self.name, self.dtype = name, dtype
-        self.readers = [checked_reader(e, inputs.device) for e in inputs.experts]
-        self.base = checked_reader(inputs.base, inputs.device)(name).to(dtype)
+    def __init__(self, readers: dict[ModelReference, Callable], inputs: MergeInputs, target: TargetWeight, dtype: torch.dtype):
+        self.target, self.dtype = target, dtype
+        self.readers = [readers[e] for e in inputs.experts]
+        self.base = target.of(readers[inputs.base](target.tensor)).to(dtype)
         self.changed: set[int] = set()
 
     def __len__(self) -> int:
@@ -113,27 +114,35 @@ class TaskMatrices(Sequence):
     def __getitem__(self, index: int) -> torch.Tensor:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        delta = self.readers[index](self.name).to(self.dtype) - self.base
+        delta = self.target.of(self.readers[index](self.target.tensor)).to(self.dtype) - self.base
         if delta.any():
             self.changed.add(index)
         return delta
 
 
-def merge_layer(inputs: MergeInputs, layer: int, moments: dict[ModelReference, dict], zero: set):
+def merge_layer(
+    inputs: MergeInputs, layer: int, moments: dict[ModelReference, dict], zero: set, undersampled: set | None = None
+):
     """ΔW_merged of each target weight of one layer (float32, on the CPU), from the experts'
     input statistics of this layer (`moments`, emptied as it goes). Experts found to change a
-    weight leave `zero`."""
+    weight leave `zero`; a ranked weight that some expert's proxy tokens cannot reveal k
+    directions of (an expert MLP its router seldom chose) joins `undersampled`."""
     dtype = inputs.settings.compute_dtype(inputs.device)
     # Wide-output weights (gate/up_proj) need the largest workspace (T·k = d_ff columns to
     # orthogonalize): merge them last, when the other inputs' statistics have been dropped
     # after their last reader.
     targets = sorted(inputs.layout.layer_targets(layer), key=lambda t: t.shape[0] > t.shape[1])
     last_reader = {t.input_group: t.name for t in targets}
+    # one reader per model for the layer: the expert MLPs of a stacked tensor share its conversion
+    readers = {m: checked_reader(m, inputs.device) for m in inputs.models}
     merged = {}
     for target in targets:
-        deltas = TaskMatrices(inputs, target.name, dtype)
+        deltas = TaskMatrices(readers, inputs, target, dtype)
         statistics = [moments[e][target.input_group] for e in inputs.experts] if moments else None
-        update = inputs.method.merge_weight(inputs.settings, deltas, inputs.ranks[target.name], statistics)
+        rank = inputs.ranks[target.name]
+        if undersampled is not None and statistics and rank and not all(m.reveals_subspace(rank) for m in statistics):
+            undersampled.add(target.name)
+        update = inputs.method.merge_weight(inputs.settings, deltas, rank, statistics)
         merged[target.name] = update.to(torch.float32).cpu().contiguous()
         zero.difference_update(inputs.experts[i] for i in deltas.changed)
         del deltas, update, statistics
@@ -141,6 +150,33 @@ def merge_layer(inputs: MergeInputs, layer: int, moments: dict[ModelReference, d
             for by_group in moments.values():
                 del by_group[target.input_group]
     return merged
+
+
+def non_target(inputs: MergeInputs, name: str, base: torch.Tensor, experts: list[torch.Tensor]) -> torch.Tensor:
+    """methods/non_target.py's update of a tensor outside the target linears."""
+    layout = inputs.layout
+    vocabulary = base.ndim == 2 and name in (layout.embed_name, layout.head_names[1])
+    return non_target_update(base, experts, vocabulary, inputs.settings)
+
+
+def merged_model_reader(inputs: MergeInputs, updates: Path):
+    """A function name → tensor of the merged model at α = 1 as the pre-pass builds it
+    (RegMean++): W0 + ΔW_merged for a target linear, from its layer's file in `updates`
+    (readable once that layer is merged), W0 + the non-target update for the rest."""
+    read_base = checked_reader(inputs.base, inputs.device)
+    readers = [checked_reader(e, inputs.device) for e in inputs.experts]
+
+    def read(name: str) -> torch.Tensor:
+        base = read_base(name)
+        targets = inputs.layout.targets_in.get(name)
+        if targets is None:
+            update = non_target(inputs, name, base, [r(name) for r in readers])
+        else:  # a fused or stacked experts tensor's blocks are stacked as the tensor stacks them
+            with safe_open(updates / _layer_file(targets[0].layer), framework="pt", device=str(base.device)) as f:
+                update = stored_tensor(targets, [f.get_tensor(t.name) for t in targets])
+        return update.add_(base)
+
+    return read
 
 
 def merged_updates(inputs: MergeInputs, root: Path) -> CacheEntry:
@@ -165,21 +201,33 @@ def merged_updates(inputs: MergeInputs, root: Path) -> CacheEntry:
     if entry.complete:
         return entry
     map_large_allocations()
-    read_base = checked_reader(inputs.base, inputs.device)
-    statistics = {
-        e: layer_input_moments(
-            checked_reader(e, inputs.device), inputs.layout, w, inputs.device, s.compute_dtype(inputs.device), read_base
-        )
-        for e, w in windows.items()
-    }
+    method = inputs.method
+    # ESM may hold down_proj's input as its shift moment, which needs the base's weights
+    read_base = None if method.needs_input_gram else checked_reader(inputs.base, inputs.device)
     zero = set(inputs.experts)
+    undersampled: set[str] = set()
     norms = {}
-    work = "calibrating and merging" if statistics else "merging"
+    work = "calibrating and merging" if windows else "merging"
+    statistics = {}
     try:
         with entry.writing() as scratch:
+            # RegMean++ carries each expert's hidden states through the layers merged so far
+            read_merged = merged_model_reader(inputs, scratch) if method.calibrates_on_merged_layers else None
+            statistics = {
+                e: layer_input_moments(
+                    checked_reader(e, inputs.device),
+                    inputs.layout,
+                    w,
+                    inputs.device,
+                    s.compute_dtype(inputs.device),
+                    read_base,
+                    read_merged,
+                )
+                for e, w in windows.items()
+            }
             for layer in tqdm.trange(inputs.layout.num_layers, desc=f"{inputs.method.name} {work}", unit="layer"):
                 moments = {e: next(layers).moments for e, layers in statistics.items()}
-                merged = merge_layer(inputs, layer, moments, zero)
+                merged = merge_layer(inputs, layer, moments, zero, undersampled)
                 del moments
                 norms.update({name: float(torch.linalg.matrix_norm(d)) for name, d in merged.items()})
                 save_file(merged, scratch / _layer_file(layer))
@@ -189,6 +237,13 @@ def merged_updates(inputs: MergeInputs, root: Path) -> CacheEntry:
                 raise EsmInputError(
                     f"model {sorted(map(str, zero))[0]} is identical to the base in every target weight "
                     "(zero task vector): leave it out of the recipe"
+                )
+            if undersampled:
+                print(
+                    f"{method.name}: {len(undersampled)} of {len(inputs.layout.targets)} target weights (expert MLPs "
+                    "their routers seldom chose) got fewer proxy tokens than their rank from some model, whose "
+                    "SVD basis they took (docs/design.md); more proxy text (proxy_samples) keeps them data-aware",
+                    file=sys.stderr,
                 )
             (scratch / "norms.json").write_text(json.dumps(norms))
     finally:
@@ -203,7 +258,7 @@ class PreparedMerge:
 
     inputs: MergeInputs
     updates: Path
-    betas: dict[str, float]  # target tensor name → β_ℓ
+    betas: dict[str, float]  # target weight (TargetWeight.name) → β_ℓ
     alpha: float
     alpha_search: dict[float, float] | None = None  # alpha: auto — every α tried → its loss
     alpha_retention: tuple[float, float] | None = None  # alpha: auto — (chosen α's cost, budget), nats/token
@@ -213,27 +268,38 @@ class PreparedMerge:
         with safe_open(self.updates / _layer_file(layer), framework="pt", device=str(device)) as f:
             return f.get_tensor(name)
 
+    def is_target(self, name: str) -> bool:
+        """Whether a stored tensor holds target weights (its update is cached)."""
+        return name in self.inputs.layout.targets_in
+
     def update(self, name: str, base: torch.Tensor, experts: list[torch.Tensor]) -> torch.Tensor:
         """This tensor's update before α (W = W0 + α·update), float32, a new tensor the caller
         may overwrite. `base` and `experts` in any float dtype, read but never converted.
 
-        Target linears: β_ℓ·ΔW_merged (cached; `experts` is not read). Other tensors:
+        Target linears: β_ℓ·ΔW_merged (cached; `experts` is not read), each block of a fused
+        tensor and each expert MLP of a stacked experts tensor with its own β, stacked as the
+        tensor stacks them. Other tensors (a mixture-of-experts router too):
         methods/non_target.py's rule.
         """
-        if name in self.betas:
-            return self.target_update(name, base.device).mul_(self.betas[name])
-        layout = self.inputs.layout
-        vocabulary = base.ndim == 2 and name in (layout.embed_name, layout.head_names[1])
-        return non_target_update(base, experts, vocabulary, self.inputs.settings)
+        if self.is_target(name):
+            targets = self.inputs.layout.targets_in[name]
+            return stored_tensor(targets, [self.target_update(t.name, base.device).mul_(self.betas[t.name]) for t in targets])
+        return non_target(self.inputs, name, base, experts)
 
 
 def prepare(inputs: MergeInputs) -> PreparedMerge:
     root = cache_root(inputs.settings.cache_dir)
     updates = merged_updates(inputs, root)
     norms = json.loads((updates.path / "norms.json").read_text())
-    by_type: dict[str, dict[int, float]] = {}
+    # A layer's norm per module type: of its one weight of that type, or of all its expert
+    # MLPs' weights of that type together (‖·‖_F of the stacked tensor): a layer's mixture of
+    # experts is compared with other layers' mixtures as a whole, since expert e of one layer
+    # has no counterpart in another.
+    squares: dict[str, dict[int, float]] = {}
     for target in inputs.layout.targets:
-        by_type.setdefault(target.module_type, {})[target.layer] = norms[target.name]
+        by_layer = squares.setdefault(target.module_type, {})
+        by_layer[target.layer] = by_layer.get(target.layer, 0.0) + norms[target.name] ** 2
+    by_type = {kind: {layer: square**0.5 for layer, square in by_layer.items()} for kind, by_layer in squares.items()}
     betas = layer_scales(by_type, inputs.settings.layer_exponent_or_off, inputs.settings.scaling_preserves_norm)
     s = inputs.settings
     prepared = PreparedMerge(

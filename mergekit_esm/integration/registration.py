@@ -55,7 +55,7 @@ def subspace_kernel(group: TensorGroup, **_parameters) -> torch.Tensor:
         )
     name = group.metadata.name
     base = group.base.tensor
-    if name not in prepared.betas:  # target inputs were checked when the pre-pass read them
+    if not prepared.is_target(name):  # target inputs were checked when the pre-pass read them
         for entry in group.entries:
             ensure_finite(entry.tensor, name, entry.id)
     # in place on the update, in float32: one float32 copy of the tensor in all, not five

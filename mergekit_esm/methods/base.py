@@ -14,7 +14,13 @@ from typing import Annotated, ClassVar, Literal, Optional, Union
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from mergekit_esm.calibration.proxy import PromptMode
+from mergekit_esm.calibration.proxy import (
+    BUILTIN_PROXY,
+    MAX_PROXY_WINDOWS,
+    MIN_PROXY_WINDOWS,
+    TOKENS_PER_DIRECTION,
+    PromptMode,
+)
 
 
 # A global strength: a non-negative number, or "auto" (strength/auto.py chooses it).
@@ -89,6 +95,35 @@ class MergeSettings(BaseModel):
         return getattr(torch, self.precision)
 
 
+class CalibratedSettings(MergeSettings):
+    """Parameters of the methods that read proxy activations (ESM, RegMean, RegMean++)."""
+
+    proxy: str = Field(
+        BUILTIN_PROXY,
+        description="Calibration text: 'builtin' (generic text shipped with the package), "
+        "'self' (each expert samples its own text), or a path to a .txt (documents separated by "
+        "blank lines) or .jsonl file ({\"text\": ...} or chat {\"messages\": [...]} per line). "
+        "May be set per model.",
+    )
+    proxy_samples: Optional[int] = Field(
+        None,
+        ge=1,
+        description="Proxy windows per expert. Default: for a method that keeps a rank k, enough "
+        f"tokens for {TOKENS_PER_DIRECTION} per direction of the largest k, in "
+        f"{MIN_PROXY_WINDOWS} to {MAX_PROXY_WINDOWS} windows (the ESM paper's 32); "
+        f"{MAX_PROXY_WINDOWS} for the others.",
+    )
+    proxy_max_tokens: int = Field(512, ge=2, description="Tokens per proxy window.")
+
+    PER_MODEL: ClassVar[frozenset[str]] = frozenset({"proxy"})
+    # The proxy reaches ΔW_merged's cache key as the token windows it produces.
+    OUTSIDE_UPDATE_KEY: ClassVar[frozenset[str]] = MergeSettings.OUTSIDE_UPDATE_KEY | {
+        "proxy",
+        "proxy_samples",
+        "proxy_max_tokens",
+    }
+
+
 # ΔW_merged of one target weight from the experts' task matrices ΔW_t (float32, d_out × d_in),
 # the rank k from `default_rank` (or the recipe) and, for methods that calibrate, each
 # expert's input statistics for this weight.
@@ -105,6 +140,12 @@ class MethodDefinition:
     merge_weight: WeightMerge
     default_rank: Callable[[int, int, int], Optional[int]]  # (d_out, d_in, experts) → k
     calibrates: Callable[[MergeSettings], bool] = lambda settings: False
+    # The method reads each input's XᵀX itself (RegMean), so an input that one weight alone
+    # reads cannot be held as that weight's shift moment ΔW XᵀX ΔWᵀ (ESM's smaller form).
+    needs_input_gram: bool = False
+    # RegMean++: each expert's hidden states reach layer ℓ through the merged layers 0…ℓ−1
+    # (and the merged embedding) instead of the expert's own.
+    calibrates_on_merged_layers: bool = False
 
 
 def unknown_parameter_message(name: str, where: str, allowed: frozenset[str] | list[str]) -> str:

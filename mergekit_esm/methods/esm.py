@@ -10,11 +10,10 @@ from pydantic import Field
 
 from mergekit_esm.algebra import essential_subspace, merge_task_factors, svd_subspace
 from mergekit_esm.algebra.subspace import InputMoment
-from mergekit_esm.calibration.proxy import BUILTIN_PROXY
-from mergekit_esm.methods.base import MergeSettings, MethodDefinition, Strength
+from mergekit_esm.methods.base import CalibratedSettings, MethodDefinition, Strength
 
 
-class EsmSettings(MergeSettings):
+class EsmSettings(CalibratedSettings):
     alpha: Strength = Field(
         3.0,
         description="Global strength α: W = W0 + α·β_ℓ·ΔW_merged, or 'auto'. α=1 is the merged "
@@ -48,24 +47,7 @@ class EsmSettings(MergeSettings):
         "value (ESM). false: keep each direction's weight as TSV-M does (polar factors with "
         "A_cat's row norms as singular values); an ablation switch.",
     )
-    proxy: str = Field(
-        BUILTIN_PROXY,
-        description="Calibration text: 'builtin' (generic text shipped with the package), "
-        "'self' (each expert samples its own text), or a path to a .txt (documents separated by "
-        "blank lines) or .jsonl file ({\"text\": ...} or chat {\"messages\": [...]} per line). "
-        "May be set per model.",
-    )
-    proxy_samples: int = Field(32, ge=1, description="Proxy windows per expert (paper: 32).")
-    proxy_max_tokens: int = Field(512, ge=2, description="Tokens per proxy window.")
-
-    PER_MODEL: ClassVar[frozenset[str]] = frozenset({"proxy"})
-    # The proxy reaches ΔW_merged's cache key as the token windows it produces.
-    OUTSIDE_UPDATE_KEY: ClassVar[frozenset[str]] = MergeSettings.OUTSIDE_UPDATE_KEY | {
-        "layer_exponent",
-        "proxy",
-        "proxy_samples",
-        "proxy_max_tokens",
-    }
+    OUTSIDE_UPDATE_KEY: ClassVar[frozenset[str]] = CalibratedSettings.OUTSIDE_UPDATE_KEY | {"layer_exponent"}
 
 
 def merge_weight(
@@ -74,9 +56,14 @@ def merge_weight(
     rank: Optional[int],
     inputs: Optional[Sequence[InputMoment]],
 ) -> torch.Tensor:
-    # generators: one expert's task matrix and factors in memory at a time
+    # generators: one expert's task matrix and factors in memory at a time. An expert whose
+    # proxy tokens cannot reveal k directions (an expert MLP its router seldom chose) takes
+    # ΔW's SVD basis, ESD's subspace for isotropic inputs (docs/design.md, "Mixture-of-experts layers").
     if settings.basis == "esd":
-        factors = (essential_subspace(d, i, rank) for d, i in zip(deltas, inputs))
+        factors = (
+            essential_subspace(d, i, rank) if i.reveals_subspace(rank) else svd_subspace(d, rank)
+            for d, i in zip(deltas, inputs)
+        )
     else:
         factors = (svd_subspace(d, rank) for d in deltas)
     return merge_task_factors(

@@ -49,7 +49,7 @@ def self_prediction_losses(prepared, windows: dict, alphas: list[float]) -> dict
     def update(name: str) -> tuple[torch.Tensor, torch.Tensor]:
         base = read_base(name).to(torch.float32)
         # target weights come from the cached ΔW_merged: their expert tensors need no read
-        experts = [] if name in prepared.betas else [r(name) for r in readers]
+        experts = [] if prepared.is_target(name) else [r(name) for r in readers]
         return base, prepared.update(name, base, experts)
 
     stack = LayerStack(layout, inputs.device)
@@ -62,17 +62,15 @@ def self_prediction_losses(prepared, windows: dict, alphas: list[float]) -> dict
         names = [prefix + n for n, _ in stack.layers[index].named_parameters()]
         parts = {n: update(n) for n in names}
         for a in alphas:
-            layer = stack.load_layer(index, lambda n: parts[n][0] + a * parts[n][1])
+            stack.load_layer(index, lambda n: parts[n][0] + a * parts[n][1])
             for e in experts:
-                hidden[a, e] = stack.run_layer(layer, hidden[a, e])
+                hidden[a, e] = stack.run_layer(index, hidden[a, e])
             stack.release(index)
     norm_name, head_name = layout.head_names
-    norm, head = update(norm_name), update(head_name)
+    names = [f"{norm_name}.{n}" for n, _ in stack.model.get_submodule(norm_name).named_parameters()] + [head_name]
+    parts = {n: update(n) for n in names}
     return {
-        a: {
-            e: stack.token_losses(hidden[a, e], windows[e], norm[0] + a * norm[1], head[0] + a * head[1])
-            for e in experts
-        }
+        a: {e: stack.token_losses(hidden[a, e], windows[e], lambda n: parts[n][0] + a * parts[n][1]) for e in experts}
         for a in alphas
     }
 
@@ -83,10 +81,10 @@ def model_token_losses(read_tensor, layout, windows: list[list[int]], device: st
     stack = LayerStack(layout, device)
     hidden = stack.embed(read_tensor(layout.embed_name), windows)
     for index in range(layout.num_layers):
-        hidden = stack.run_layer(stack.load_layer(index, read_tensor), hidden)
+        stack.load_layer(index, read_tensor)
+        hidden = stack.run_layer(index, hidden)
         stack.release(index)
-    norm_name, head_name = layout.head_names
-    return stack.token_losses(hidden, windows, read_tensor(norm_name), read_tensor(head_name))
+    return stack.token_losses(hidden, windows, read_tensor)
 
 
 DISTINCTIVE_MARGIN = 1.0  # nats: the expert finds the token e ≈ 2.7× likelier than the base
