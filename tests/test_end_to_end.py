@@ -84,6 +84,9 @@ def test_model_card_is_titled_by_the_output_and_shows_defaults_in_words(merged):
     assert "| None |" not in card
     assert "| rank | default (⌊d_out / T⌋, at most d_in) |" in card
     assert "| cache_dir | default ($MERGEKIT_ESM_CACHE or ~/.cache/mergekit-esm) |" in card
+    # the linears this architecture's layout merged, by module type
+    linears = card.split("on the linears ")[1].split(";")[0].split(", ")
+    assert sorted(linears) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
 def test_output_is_written_in_the_recipes_dtype(zoo, merged):

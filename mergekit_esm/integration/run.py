@@ -98,12 +98,14 @@ def _card_section(prepared) -> str:
     inputs = prepared.inputs
     method = inputs.method
     settings = inputs.settings.model_dump()
+    # the layout's own module types: fused blocks (Phi-3's q/k/v of qkv_proj) and MoE experts included
+    targets = ", ".join(dict.fromkeys(t.module_type for t in inputs.layout.targets))
     lines = [
         "",
         f"## {method.name} settings",
         "",
         f"Merged with [{method.pretty_name}]({method.reference_url}) by mergekit-esm: "
-        f"{method.formula} on q/k/v/o/gate/up/down_proj; "
+        f"{method.formula} on the linears {targets}; "
         "vocabulary matrices W0 + α·(sum or mean, see embedding_merge) of the task vectors; "
         "norms W0 + α·mean(ΔW_t).",
         "",
