@@ -29,10 +29,17 @@ def read(model: Path, name: str) -> torch.Tensor:
         return f.get_tensor(name).double()
 
 
-def inflation_table(base: Path, experts: dict[str, Path], name: str) -> str:
+def task_vectors(base: Path, experts: dict[str, Path], name: str) -> dict[str, torch.Tensor]:
     w0 = read(base, name)
-    deltas = {e: read(path, name) - w0 for e, path in experts.items()}
-    rank = default_rank(*w0.shape, len(deltas))
+    return {e: read(path, name) - w0 for e, path in experts.items()}
+
+
+def rank_per_expert(deltas: dict[str, torch.Tensor]) -> int:
+    return default_rank(*next(iter(deltas.values())).shape, len(deltas))
+
+
+def inflation_table(deltas: dict[str, torch.Tensor], name: str) -> str:
+    rank = rank_per_expert(deltas)
     gamma = EsmSettings().gamma
     lines = [f"`{name}`, rank {rank} per expert, γ = {gamma}", "",
              "task vectors' norms: " + ", ".join(f"{e} {d.norm():.3f}" for e, d in deltas.items()),
@@ -50,10 +57,8 @@ def inflation_table(base: Path, experts: dict[str, Path], name: str) -> str:
     return "\n".join(lines)
 
 
-def share_table(base: Path, experts: dict[str, Path], name: str) -> str:
-    w0 = read(base, name)
-    deltas = {e: read(path, name) - w0 for e, path in experts.items()}
-    rank = default_rank(*w0.shape, len(deltas))
+def share_table(deltas: dict[str, torch.Tensor], name: str) -> str:
+    rank = rank_per_expert(deltas)
     esm = EsmSettings()
     off = dict(gamma=0.0, task_exponent=0.0, dimension_exponent=0.0)
     scaled = dict(gamma=esm.gamma, dimension_exponent=esm.dimension_exponent, preserve_norm=True)
@@ -87,8 +92,8 @@ def main():
     args = parser.parse_args()
     names = community.TASKS if args.zoo == "community" else tasks.TASKS
     models = args.workdir / "models"
-    experts = {t: models / t for t in names}
-    print(inflation_table(models / "base", experts, args.weight), "", share_table(models / "base", experts, args.weight), sep="\n")
+    deltas = task_vectors(models / "base", {t: models / t for t in names}, args.weight)
+    print(inflation_table(deltas, args.weight), "", share_table(deltas, args.weight), sep="\n")
 
 
 if __name__ == "__main__":
