@@ -99,9 +99,26 @@ def merge(
     cache: Path | None = None,
 ) -> tuple[Path, float]:
     """Merge through the real mergekit-yaml from the method's recipe; cached by recipe.
+    Returns the merged model's folder and the wall seconds (0 when it was cached)."""
+    run = measured_merge(method, setting, base, experts, workdir, model_parameters, cache)
+    return run["path"], run["wall_s"]
+
+
+def measured_merge(
+    method: str,
+    setting: dict,
+    base: Path,
+    experts: list[Path],
+    workdir: Path,
+    model_parameters: list[dict] | None = None,
+    cache: Path | None = None,
+) -> dict:
+    """`merge`, returning {path, wall_s, peak_rss_mib, peak_anon_mib} (no peaks when cached).
 
     model_parameters: each expert's per-model parameters (e.g. its own proxy), in order.
     cache: ESM's cache folder (default: the workdir's; an empty one times calibration too)."""
+    from eval.bench_scale import MEASURE
+
     config = yaml.safe_load(recipe_file(method).read_text())
     config["base_model"] = str(base.resolve())
     config["models"] = [
@@ -113,18 +130,22 @@ def merge(
     key = hashlib.sha256(text.encode()).hexdigest()[:12]
     out = workdir / "merges" / method / key
     if (out / "config.json").exists():
-        return out, 0.0
+        return {"path": out, "wall_s": 0.0}
     recipe = workdir / "recipes" / f"{method}-{key}.yml"
     recipe.parent.mkdir(parents=True, exist_ok=True)
     recipe.write_text(text)
     env = {**os.environ, "MERGEKIT_ESM_CACHE": str(cache or workdir / "esm-cache"), "HF_HUB_OFFLINE": "1"}
-    exe = Path(sys.executable).with_name("mergekit-yaml")
     flags = ["--cuda"] if _cuda() else []
     start = time.perf_counter()
-    result = subprocess.run([str(exe), str(recipe), str(out), *flags], capture_output=True, text=True, env=env)
+    # mergekit-yaml's own entry point, run by bench_scale's wrapper that reports peak memory
+    result = subprocess.run([sys.executable, "-c", MEASURE, str(recipe), str(out), *flags],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    wall = time.perf_counter() - start
     if result.returncode != 0:
         raise SystemExit(f"{method} {setting} failed:\n{result.stderr[-3000:]}")
-    return out, time.perf_counter() - start
+    peak = {key: int(result.stderr.rsplit(key, 1)[1].split()[0]) for key in ("PEAK_RSS_KB", "PEAK_ANON_KB")}
+    return {"path": out, "wall_s": wall, "peak_rss_mib": round(peak["PEAK_RSS_KB"] / 1024),
+            "peak_anon_mib": round(peak["PEAK_ANON_KB"] / 1024)}
 
 
 def _cuda() -> bool:

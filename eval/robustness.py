@@ -58,6 +58,8 @@ ABLATIONS = {
     # both suspects off at once: whitening (which flattens a LoRA expert's few strong directions
     # to the mean) and task scaling (which weighs experts by their training budget)
     "esm, unwhitened without task scaling": {"whiten_factors": False, "task_exponent": 0.0},
+    # not a part but a speed lever (issue 24): the CPU's float64 reference against float32
+    "esm, float32": {"precision": "float32"},
 }
 ABLATION_ALPHAS = tuple(s["alpha"] for s in GRIDS["esm"])  # ESM's own grid, the same budget
 
@@ -181,13 +183,13 @@ class ZooRun(ZooScores):
             for label, setting in settings.items():
                 self.merged(("sweep", method, label), method, setting, members, "validation")
 
-    def ablation(self, names: list[str]) -> None:
-        """Each ESM variant in `names` over ABLATION_ALPHAS, all experts, validation (ESM
-        itself is swept in `sweep`)."""
+    def ablation(self, names: list[str], alphas: tuple[float, ...] = ABLATION_ALPHAS) -> None:
+        """Each ESM variant in `names` over `alphas`, all experts, validation (ESM itself is
+        swept in `sweep`)."""
         members = self.tasks
         for name in names:
             row = ABLATIONS[name]
-            for alpha in ABLATION_ALPHAS:
+            for alpha in alphas:
                 setting = {**row, "alpha": alpha}
                 self.merged(("sweep", name, _label(setting)), "esm", setting, members, "validation")
         shutil.rmtree(self.workdir / "robustness" / "esm-cache" / "-".join(members), ignore_errors=True)
@@ -199,8 +201,12 @@ class ZooRun(ZooScores):
         for method in (m for m in methods if m in OURS):
             self.merged(("auto", method), method, {"alpha": "auto"}, self.tasks, "validation")
 
-    def protocol(self, methods: list[str], per_size: int, with_chosen: bool) -> None:
+    def protocol(self, methods: list[str], per_size: int, with_chosen: bool, sizes: set[int] | None = None) -> None:
+        """Seeded subsets of every size T (only those in `sizes` if given), each merged with
+        every method at its default (and its chosen setting), test splits."""
         for size, draws in subsets_per_size(len(self.tasks), per_size).items():
+            if sizes is not None and size not in sizes:
+                continue
             for draw in draws:
                 members = [self.tasks[i] for i in draw]
                 for method in methods:
@@ -387,6 +393,9 @@ def main():
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--stages", default="sweep,ablation,auto,subsets", help="comma-separated: sweep, ablation, auto, subsets, report")
     parser.add_argument("--subsets", type=int, default=5, help="subsets per T (fewer where the zoo has fewer)")
+    parser.add_argument("--sizes", default="", help="comma-separated T values for the subset stage (default: 2 … N)")
+    parser.add_argument("--ablation-alphas", default=",".join(map(str, ABLATION_ALPHAS)),
+                        help="comma-separated α values each ablation row is merged at")
     parser.add_argument("--default-only", default="", help="comma-separated methods swept at their default only")
     rows = {name.removeprefix("esm, "): name for name in ABLATIONS}
     parser.add_argument("--ablations", default=",".join(rows), help=f"comma-separated ESM ablation rows, of: {', '.join(rows)}")
@@ -404,13 +413,15 @@ def main():
             run.sweep(methods, frozenset(filter(None, args.default_only.split(","))))
             report(results, methods)
         if "ablation" in stages:
-            run.ablation([rows[r] for r in args.ablations.split(",")])
+            run.ablation([rows[r] for r in args.ablations.split(",")],
+                         tuple(float(a) for a in args.ablation_alphas.split(",")))
             report(results, methods)
         if "auto" in stages:
             run.auto(methods)
             report(results, methods)
         if "subsets" in stages:
-            run.protocol(methods, args.subsets, with_chosen="sweep" in stages)
+            sizes = {int(t) for t in args.sizes.split(",")} if args.sizes else None
+            run.protocol(methods, args.subsets, with_chosen="sweep" in stages, sizes=sizes)
     print(report(results, methods).read_text())
 
 
