@@ -12,6 +12,9 @@ Stages, each cached in <workdir>/robustness/results.json so that a rerun resumes
    mean normalized accuracy, as in `make compare`).
    ablation: ESM with one of its parts off at a time (ABLATIONS), each over α, the same way.
    auto: `alpha: auto` for this package's methods, the same way (where it lands on the curves).
+   chosen: each method at its setting chosen on validation, all experts, scored on the test
+   splits; merged into an empty cache so that its wall time and peak memory are the whole
+   merge's, calibration included, all methods in one run.
 3. subsets (Hitit et al., arXiv 2511.21437): for T = 2 … N, seeded random subsets of the
    zoo's experts, each merged with every method at its default (the shipped recipe) and at
    its setting chosen in stage 2, scored on the test splits and retention.
@@ -27,12 +30,11 @@ import itertools
 import json
 import random
 import shutil
-import time
 from pathlib import Path
 
 import yaml
 
-from eval.compare import GRIDS, REPO, Results, _label, merge, recipe_file
+from eval.compare import GRIDS, REPO, Results, _label, measured_merge, recipe_file
 from eval.report import normalized
 from eval.retention import QUIZ_TASK, heldout_nll, write_quiz_task
 from eval.score import score, write_task_configs
@@ -154,23 +156,30 @@ class ZooRun(ZooScores):
             for task, path in self.experts.items():
                 self.evaluate(("expert", task, split), path, [task], split)
 
-    def merged(self, key: tuple, method: str, setting: dict, members: list[str], split: str) -> dict:
-        """Merge the members with the method (unless cached), score, delete the merge."""
+    def merged(self, key: tuple, method: str, setting: dict, members: list[str], split: str,
+               empty_cache: bool = False) -> dict:
+        """Merge the members with the method (unless cached), score, delete the merge.
+        empty_cache: merge without the cached merged updates of earlier settings, so that the
+        recorded time and peak memory are the whole merge's."""
         cached = self.results.get(self.name, *key)
         if cached is not None:
             return cached
-        cache = self.workdir / "robustness" / "esm-cache" / "-".join(members)
-        start = time.perf_counter()
-        path, _ = merge(method, setting, self.base, [self.experts[m] for m in members],
-                        self.workdir / "robustness", cache=cache)
-        merge_s = time.perf_counter() - start
-        scores = {**self.evaluate(key, path, members, split), "merge_s": round(merge_s, 1)}
+        cache = self.workdir / "robustness" / "esm-cache" / ("-".join(members) + ("-empty" if empty_cache else ""))
+        if empty_cache:
+            shutil.rmtree(cache, ignore_errors=True)
+        run = measured_merge(method, setting, self.base, [self.experts[m] for m in members],
+                             self.workdir / "robustness", cache=cache)
+        path = run["path"]
+        scores = {**self.evaluate(key, path, members, split), "merge_s": round(run["wall_s"], 1),
+                  **({"peak_anon_mib": run["peak_anon_mib"]} if "peak_anon_mib" in run else {})}
         if setting.get("alpha") == "auto":  # the α it chose, from the model card
             card = (path / "README.md").read_text()
             line = next(l for l in card.splitlines() if l.startswith("| α chosen by alpha: auto |"))
             scores["alpha"] = float(line.split("|")[2].split()[0])
         self.results.put(scores, self.name, *key)
         shutil.rmtree(path)
+        if empty_cache:
+            shutil.rmtree(cache, ignore_errors=True)
         return scores
 
     def sweep(self, methods: list[str], default_only: frozenset[str] = frozenset()) -> None:
@@ -201,6 +210,16 @@ class ZooRun(ZooScores):
         for method in (m for m in methods if m in OURS):
             self.merged(("auto", method), method, {"alpha": "auto"}, self.tasks, "validation")
 
+    def chosen_on_test(self, methods: list[str]) -> None:
+        """Each method at its setting chosen on validation (needs its sweep), all experts,
+        test splits, timed from an empty cache."""
+        for method in methods:
+            setting = self.chosen(method)
+            if setting is None:
+                print(f"{self.name}: no validation sweep of {method} yet (--stages sweep); skipped")
+                continue
+            self.merged(("chosen", method, _label(setting)), method, setting, self.tasks, "test", empty_cache=True)
+
     def protocol(self, methods: list[str], per_size: int, with_chosen: bool, sizes: set[int] | None = None) -> None:
         """Seeded subsets of every size T (only those in `sizes` if given), each merged with
         every method at its default (and its chosen setting), test splits."""
@@ -227,12 +246,24 @@ def summarize(run: ZooScores, methods: list[str]) -> tuple[str, dict]:
     if base is None:  # only validation was scored (no subset protocol yet)
         return "\n".join(lines + sweep_table(run)), {}
     experts = run.expert_scores("test")
+    chosen = run.results.get(run.name, "chosen") or {}
     lines.append(
         f"Base (test): quiz {100 * base['quiz']:.1f}%, held-out NLL {base['nll']:.3f}. Experts on their own "
         "task: " + ", ".join(f"{t} {100 * experts[t]:.1f}%" for t in run.tasks) + ". Experts' retention: "
         + ", ".join(f"{t} quiz {100 * run.results.get(run.name, 'expert', t, 'test')['quiz']:.0f}% / NLL "
                     f"{run.results.get(run.name, 'expert', t, 'test')['nll']:.2f}" for t in run.tasks) + "."
     )
+    if chosen:
+        lines += ["", f"### Setting chosen on validation, all {len(run.tasks)} experts, test splits", "",
+                  "Each merged into an empty cache in one run: wall time and peak anonymous memory of the "
+                  "whole mergekit-yaml run, calibration included.", "",
+                  "| method | setting | norm. acc | quiz | NLL | merge s | peak MiB | "
+                  + " | ".join(run.tasks) + " |", "|---|---|---|---|---|---|---|" + "---|" * len(run.tasks)]
+        for method, rows in chosen.items():
+            for label, r in rows.items():
+                lines.append(f"| {method} | {label} | {100 * normalized(r['tasks'], experts):.1f} | {100 * r['quiz']:.1f} | "
+                             f"{r['nll']:.3f} | {r['merge_s']} | {r.get('peak_anon_mib', '')} | "
+                             + " | ".join(f"{100 * r['tasks'][t]:.1f}" for t in run.tasks) + " |")
     lines += ["", "### Subset protocol (test splits)", "",
               "norm. acc = mean over the subset's tasks of merged / own expert accuracy; beats TA = share of "
               f"subsets where norm. acc exceeds task arithmetic's default; retained = share with quiz ≥ base − "
@@ -391,7 +422,8 @@ def main():
     parser.add_argument("--workdir", type=Path, default=REPO / "eval" / "workdir")
     parser.add_argument("--zoos", default="community,synthetic")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--stages", default="sweep,ablation,auto,subsets", help="comma-separated: sweep, ablation, auto, subsets, report")
+    parser.add_argument("--stages", default="sweep,ablation,auto,chosen,subsets",
+                        help="comma-separated: sweep, ablation, auto, chosen, subsets, report")
     parser.add_argument("--subsets", type=int, default=5, help="subsets per T (fewer where the zoo has fewer)")
     parser.add_argument("--sizes", default="", help="comma-separated T values for the subset stage (default: 2 … N)")
     parser.add_argument("--ablation-alphas", default=",".join(map(str, ABLATION_ALPHAS)),
@@ -408,7 +440,7 @@ def main():
     runs = [ZooRun(name, args.workdir, results) for name in args.zoos.split(",")]
     stages = args.stages.split(",")
     for run in runs:
-        run.references(("validation", "test") if "subsets" in stages else ("validation",))
+        run.references(("validation", "test") if {"subsets", "chosen"} & set(stages) else ("validation",))
         if "sweep" in stages:
             run.sweep(methods, frozenset(filter(None, args.default_only.split(","))))
             report(results, methods)
@@ -418,6 +450,9 @@ def main():
             report(results, methods)
         if "auto" in stages:
             run.auto(methods)
+            report(results, methods)
+        if "chosen" in stages:
+            run.chosen_on_test(methods)
             report(results, methods)
         if "subsets" in stages:
             sizes = {int(t) for t in args.sizes.split(",")} if args.sizes else None

@@ -320,7 +320,10 @@ def test_robustness_report_from_a_small_fake_result_set(tmp_path, monkeypatch):
         results.put(score({"a": acc, "b": acc, "c": acc}, 0.5, 3.3), "toy", "sweep", "esm", label)
     results.put({**score({"a": 0.8, "b": 0.8, "c": 0.8}, 0.6, 3.2), "alpha": 2.5}, "toy", "auto", "esm")
     results.put(score({"a": 0.6, "b": 0.6, "c": 0.6}, 0.5, 3.3), "toy", "sweep", "tsv", "alpha=1.0")
+    results.put({**score({"a": 0.7, "b": 1.0, "c": 0.4}, 0.45, 3.4), "merge_s": 12.5, "peak_anon_mib": 900},
+                "toy", "chosen", "esm", "alpha=3.0")
     text, curves = rb.summarize(run, ["esm", "task_arithmetic", "ties"])
+    assert "| esm | alpha=3.0 | 70.0 | 45.0 | 3.400 | 12.5 | 900 | 70.0 | 100.0 | 40.0 |" in text
     assert "| esm | alpha: auto (chose 2.5) | 80.0 | 60.0 | 3.200 |" in text
     row = next(l for l in text.splitlines() if l.startswith("| 2 | 2 | esm | default |"))
     assert row == "| 2 | 2 | esm | default | 75.0 | 47.5 | 3.350 | 1/2 | 1/2 |"
