@@ -2,6 +2,7 @@
 on small random inputs (float64)."""
 
 import math
+from dataclasses import replace
 from unittest import mock
 
 import pytest
@@ -16,6 +17,7 @@ from mergekit_esm.algebra import (
     merge_task_factors,
     polar_orthogonalize,
     polarized_scale,
+    storage_rounding_level,
     svd_subspace,
     task_singular_vectors_merge,
 )
@@ -296,10 +298,54 @@ def test_low_rank_experts_merge_as_if_truncated_at_their_rank_by_the_fast_route(
     assert (result - columns @ (columns.T @ result)).abs().max() <= tolerance * reference.abs().max()
 
 
-def test_auto_precision_is_float64_on_cpu_and_float32_on_gpus():
-    assert EsmSettings().compute_dtype("cpu") == torch.float64
-    assert EsmSettings().compute_dtype("cuda:0") == torch.float32
-    assert EsmSettings(precision="float32").compute_dtype("cpu") == torch.float32
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
+def test_storage_rounding_level_bounds_a_checkpoints_rounding_error(stored):
+    """The spectral norm of W rounded to its checkpoint's dtype minus W lies below the level,
+    and not far below it (the level is the edge of that noise's spectrum, not a loose bound)."""
+    w = torch.randn(96, 160, generator=torch.Generator().manual_seed(3), dtype=D) * 0.02
+    error = torch.linalg.matrix_norm(w.to(stored).double() - w, ord=2)
+    level = storage_rounding_level(float(w.square().mean().sqrt()), tuple(w.shape), stored)
+    assert level / 4 < error < level
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
+def test_merged_lora_stored_in_finite_precision_merges_as_its_exact_low_rank_update(stored):
+    """Experts W0 + B_t A_t (rank 3) saved in float32 or bfloat16: ΔW = rank 3 + rounding
+    noise in every other direction. With the checkpoint's rounding level the float64 merge
+    equals the merge of the exact rank-3 updates, and the float32 merge equals the float64
+    one; without it (the solver's eps alone) float64 whitened the noise into the update."""
+    g = torch.Generator().manual_seed(22)
+    d_out, d_in, n, t, r = 64, 48, 512, 3, 3
+    w0 = (torch.randn(d_out, d_in, generator=g, dtype=D) * 0.05).to(stored).double()
+    exact = [torch.randn(d_out, r, generator=g, dtype=D) @ torch.randn(r, d_in, generator=g, dtype=D) * 0.01
+             for _ in range(t)]
+    deltas = [(w0 + u).to(stored).double() - w0 for u in exact]
+    x = torch.randn(n, d_in, generator=g, dtype=D) * torch.logspace(-1, 1, d_in, dtype=D)
+    level = storage_rounding_level(float(w0.square().mean().sqrt()), (d_out, d_in), stored)
+
+    def merged(tasks, precision, rounding):
+        moment = InputMoment(n, moment=(x.T @ x).to(precision))
+        factors = (replace(essential_subspace(u.to(precision), moment, d_out // t), rounding=rounding) for u in tasks)
+        return merge_task_factors(factors, gamma=0.15, task_exponent=2.0, dimension_exponent=2.0).double()
+
+    reference = merged(exact, D, 0.0)
+    scale = reference.abs().max()
+    noise = 10 * torch.finfo(stored).eps * scale  # what rounding moved the kept directions by
+    assert (merged(deltas, D, level) - reference).abs().max() <= noise
+    assert (merged(deltas, torch.float32, level) - reference).abs().max() <= noise + 1e-4 * scale
+    assert (merged(deltas, D, 0.0) - reference).abs().max() > 0.1 * scale
+
+
+def test_auto_precision_is_float32_on_gpus_and_the_methods_own_choice_on_cpu():
+    from mergekit_esm.methods.regmean import RegMeanSettings
+    from mergekit_esm.methods.tsv import TsvSettings
+
+    assert EsmSettings().compute_dtype("cpu") == torch.float32  # measured on both zoos
+    assert TsvSettings().compute_dtype("cpu") == RegMeanSettings().compute_dtype("cpu") == torch.float64
+    for settings in (EsmSettings(), TsvSettings()):
+        assert settings.compute_dtype("cuda:0") == torch.float32
+    assert EsmSettings(precision="float64").compute_dtype("cpu") == torch.float64
+    assert TsvSettings(precision="float32").compute_dtype("cpu") == torch.float32
 
 
 @pytest.mark.parametrize("shape", [(12, 10), (10, 12)])

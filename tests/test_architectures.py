@@ -43,7 +43,9 @@ def _merge(tmp, zoo, method: str, parameters: dict):
                 "merge_method": method,
                 "base_model": str(zoo["base"]),
                 "models": [{"model": str(e)} for e in zoo["experts"]],
-                "parameters": {"cache_dir": str(tmp / "cache"), **parameters},
+                # ESM in float64 (its CPU default is float32): held to float64 references
+                "parameters": {"cache_dir": str(tmp / "cache"), **({"precision": "float64"} if method == "esm" else {}),
+                               **parameters},
                 "dtype": "float32",
             }
         )

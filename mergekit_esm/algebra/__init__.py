@@ -5,6 +5,7 @@ from mergekit_esm.algebra.merge import (
     isotropic_merge,
     merge_task_factors,
     polar_orthogonalize,
+    storage_rounding_level,
     task_singular_vectors_merge,
 )
 from mergekit_esm.algebra.scaling import eigenvalue_flattening, layer_scales, polarized_scale
@@ -21,5 +22,6 @@ __all__ = [
     "merge_task_factors",
     "polar_orthogonalize",
     "polarized_scale",
+    "storage_rounding_level",
     "svd_subspace",
 ]

@@ -134,9 +134,25 @@ def gram_polar(x: torch.Tensor, keep_scale: bool) -> torch.Tensor:
     return q * sigma.mean() if keep_scale else q
 
 
+def storage_rounding_level(weight_rms: float, shape: tuple[int, int], stored: torch.dtype) -> float:
+    """Largest share of a task matrix ΔW = W_t − W0 that rounding W_t to its checkpoint's
+    dtype can make, in any one output direction: the spectral norm of a d_out × d_in matrix of
+    independent errors of at most half an ulp (eps·|w|/2) each, rms(W)·eps/2·(√d_out + √d_in)
+    (the edge of its singular value spectrum).
+
+    A merged LoRA stored in float32 or bfloat16 has rank r plus this noise in every other
+    direction. Measured against the solver's eps alone (float64), the noise passed as signal:
+    whitening gave each of those directions the weight of a real one."""
+    d_out, d_in = shape
+    return 0.5 * torch.finfo(stored).eps * weight_rms * (d_out**0.5 + d_in**0.5)
+
+
 def carrying_directions(factors: TaskFactors) -> torch.Tensor:
     """Which of an expert's k directions take part in the merge: those with a positive
-    eigenvalue whose share of ΔW, ‖row of Â‖, is above ΔW's rounding level (‖ΔW‖·max(shape)·eps).
+    eigenvalue whose share of ΔW, ‖row of Â‖, is above ΔW's rounding level: the solver's
+    (‖ΔW‖·max(shape)·eps of the working dtype) and the checkpoint's (factors.rounding, from
+    storage_rounding_level), whichever is larger, so that the merge does not depend on
+    `precision`.
 
     The rest are arbitrary vectors of a null space: a low-rank task matrix (every LoRA expert)
     or rounding that made an eigenvalue ≤ 0 (inputs of lower rank than k). Kept, they would
@@ -145,7 +161,7 @@ def carrying_directions(factors: TaskFactors) -> torch.Tensor:
     that the proxy barely excites but that carry part of ΔW stay, as ESM keeps k per expert.
     """
     d_out, d_in = factors.basis.shape[0], factors.coords.shape[1]
-    floor = factors.norm * max(d_out, d_in) * torch.finfo(factors.coords.dtype).eps
+    floor = (factors.norm * max(d_out, d_in) * torch.finfo(factors.coords.dtype).eps).clamp_min(factors.rounding)
     return (factors.eigenvalues > 0) & (torch.linalg.vector_norm(factors.coords, dim=1) > floor)
 
 

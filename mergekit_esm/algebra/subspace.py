@@ -18,6 +18,9 @@ class TaskFactors:
     coords: torch.Tensor  # Â = P̂ᵀ ΔW: k × d_in
     eigenvalues: torch.Tensor  # the k leading eigenvalues λ₁ ≥ … ≥ λ_k ≥ 0 behind the basis
     norm: torch.Tensor  # ‖ΔW‖_F, i.e. ‖Pᵀ ΔW‖_F over the full basis (task-level scaling)
+    # ΔW's rounding level as stored (storage_rounding_level): directions whose share of ΔW is
+    # below it are noise of the checkpoint's precision, not the expert's update
+    rounding: float = 0.0
 
 
 def moment_sqrt(input_moment: torch.Tensor) -> torch.Tensor:

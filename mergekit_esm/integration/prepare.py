@@ -24,7 +24,7 @@ from mergekit.io.tasks import LoaderCache
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mergekit_esm.algebra import layer_scales
+from mergekit_esm.algebra import layer_scales, storage_rounding_level
 from mergekit_esm.architecture import TargetWeight, stored_tensor
 from mergekit_esm.cache import CacheEntry, cache_root, files_fingerprint, fingerprint
 from mergekit_esm.calibration.layerwise import layer_input_moments
@@ -100,13 +100,19 @@ def proxy_windows(inputs: MergeInputs, expert: ModelReference, root: Path) -> li
 class TaskMatrices(Sequence):
     """ΔW_t = W_t − W0 of one target weight (its rows of a fused tensor) for every expert,
     read when accessed: methods that go through them in turn (ESM, TSV-M, Iso-C) hold one at
-    a time, not T. Records which experts changed the weight."""
+    a time, not T. Records which experts changed the weight and the dtype each was stored in."""
 
     def __init__(self, readers: dict[ModelReference, Callable], inputs: MergeInputs, target: TargetWeight, dtype: torch.dtype):
         self.target, self.dtype = target, dtype
         self.readers = [readers[e] for e in inputs.experts]
         self.base = target.of(readers[inputs.base](target.tensor)).to(dtype)
         self.changed: set[int] = set()
+        self.stored: dict[int, torch.dtype] = {}
+        self.base_rms = float(self.base.square().mean().sqrt())
+
+    def rounding_level(self, index: int) -> float:
+        """Expert `index`'s ΔW rounding level as its checkpoint stores it (read it first)."""
+        return storage_rounding_level(self.base_rms, tuple(self.base.shape), self.stored[index])
 
     def __len__(self) -> int:
         return len(self.readers)
@@ -114,7 +120,9 @@ class TaskMatrices(Sequence):
     def __getitem__(self, index: int) -> torch.Tensor:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        delta = self.target.of(self.readers[index](self.target.tensor)).to(self.dtype) - self.base
+        stored = self.target.of(self.readers[index](self.target.tensor))
+        self.stored[index] = stored.dtype
+        delta = stored.to(self.dtype) - self.base
         if delta.any():
             self.changed.add(index)
         return delta
