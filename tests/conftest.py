@@ -52,11 +52,9 @@ def zoo(tmp_path_factory):
 
 
 def recipe(path: Path, base, experts, parameters=None, merge_method="esm", **top) -> Path:
-    """A recipe over the tiny zoo; methods that calibrate do it on a few short windows to stay
-    fast. ESM in float64 (its CPU default is float32): the tests hold it to float64 references."""
+    """A recipe over the tiny zoo; methods that calibrate do it on a few short windows to stay fast."""
     calibrated = merge_method in ("esm", "regmean", "regmean_plus_plus")
     fast = {"proxy_samples": 4, "proxy_max_tokens": 64} if calibrated else {}
-    fast |= {"precision": "float64"} if merge_method == "esm" else {}
     config = {
         "merge_method": merge_method,
         "base_model": str(base),

@@ -336,16 +336,10 @@ def test_merged_lora_stored_in_finite_precision_merges_as_its_exact_low_rank_upd
     assert (merged(deltas, D, 0.0) - reference).abs().max() > 0.1 * scale
 
 
-def test_auto_precision_is_float32_on_gpus_and_the_methods_own_choice_on_cpu():
-    from mergekit_esm.methods.regmean import RegMeanSettings
-    from mergekit_esm.methods.tsv import TsvSettings
-
-    assert EsmSettings().compute_dtype("cpu") == torch.float32  # measured on both zoos
-    assert TsvSettings().compute_dtype("cpu") == RegMeanSettings().compute_dtype("cpu") == torch.float64
-    for settings in (EsmSettings(), TsvSettings()):
-        assert settings.compute_dtype("cuda:0") == torch.float32
-    assert EsmSettings(precision="float64").compute_dtype("cpu") == torch.float64
-    assert TsvSettings(precision="float32").compute_dtype("cpu") == torch.float32
+def test_auto_precision_is_float64_on_cpu_and_float32_on_gpus():
+    assert EsmSettings().compute_dtype("cpu") == torch.float64
+    assert EsmSettings().compute_dtype("cuda:0") == torch.float32
+    assert EsmSettings(precision="float32").compute_dtype("cpu") == torch.float32
 
 
 @pytest.mark.parametrize("shape", [(12, 10), (10, 12)])

@@ -43,9 +43,7 @@ def _merge(tmp, zoo, method: str, parameters: dict):
                 "merge_method": method,
                 "base_model": str(zoo["base"]),
                 "models": [{"model": str(e)} for e in zoo["experts"]],
-                # ESM in float64 (its CPU default is float32): held to float64 references
-                "parameters": {"cache_dir": str(tmp / "cache"), **({"precision": "float64"} if method == "esm" else {}),
-                               **parameters},
+                "parameters": {"cache_dir": str(tmp / "cache"), **parameters},
                 "dtype": "float32",
             }
         )

@@ -48,8 +48,6 @@ class EsmSettings(CalibratedSettings):
         "value (ESM). false: keep each direction's weight as TSV-M does (polar factors with "
         "A_cat's row norms as singular values); an ablation switch.",
     )
-    # float32 scored as float64 on both zoos and takes ~2/3 of its time (docs/performance.md)
-    CPU_PRECISION: ClassVar[torch.dtype] = torch.float32
     OUTSIDE_UPDATE_KEY: ClassVar[frozenset[str]] = CalibratedSettings.OUTSIDE_UPDATE_KEY | {"layer_exponent"}
 
 
