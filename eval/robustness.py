@@ -182,13 +182,17 @@ class ZooRun(ZooScores):
             shutil.rmtree(cache, ignore_errors=True)
         return scores
 
-    def sweep(self, methods: list[str], default_only: frozenset[str] = frozenset()) -> None:
-        """Each method over its grid (only its default for those in default_only)."""
+    def sweep(self, methods: list[str], default_only: frozenset[str] = frozenset(),
+              extra_alphas: tuple[float, ...] = ()) -> None:
+        """Each method over its grid (only its default for those in default_only), and for
+        methods with an α the extra α values (where a curve has not turned at the grid's end)."""
         members = self.tasks  # the merged updates stay cached for the ablation, which removes them
         for method in methods:
             settings = sweep_settings(method)
             if method in default_only:
                 settings = {_label(default_setting(method)): default_setting(method)}
+            elif "alpha" in default_setting(method):
+                settings |= {_label({"alpha": a}): {"alpha": a} for a in extra_alphas}
             for label, setting in settings.items():
                 self.merged(("sweep", method, label), method, setting, members, "validation")
 
@@ -428,6 +432,8 @@ def main():
     parser.add_argument("--sizes", default="", help="comma-separated T values for the subset stage (default: 2 … N)")
     parser.add_argument("--ablation-alphas", default=",".join(map(str, ABLATION_ALPHAS)),
                         help="comma-separated α values each ablation row is merged at")
+    parser.add_argument("--extra-alphas", default="", help="comma-separated α values swept beyond the grid "
+                        "(methods with an α)")
     parser.add_argument("--default-only", default="", help="comma-separated methods swept at their default only")
     rows = {name.removeprefix("esm, "): name for name in ABLATIONS}
     parser.add_argument("--ablations", default=",".join(rows), help=f"comma-separated ESM ablation rows, of: {', '.join(rows)}")
@@ -442,7 +448,8 @@ def main():
     for run in runs:
         run.references(("validation", "test") if {"subsets", "chosen"} & set(stages) else ("validation",))
         if "sweep" in stages:
-            run.sweep(methods, frozenset(filter(None, args.default_only.split(","))))
+            run.sweep(methods, frozenset(filter(None, args.default_only.split(","))),
+                      tuple(float(a) for a in filter(None, args.extra_alphas.split(","))))
             report(results, methods)
         if "ablation" in stages:
             run.ablation([rows[r] for r in args.ablations.split(",")],
