@@ -30,7 +30,7 @@ def run(workdir: Path) -> Path:
     def both(method: str, setting: dict) -> tuple[float, float, Path]:
         label = f"{method}[{_label(setting)}]"
         val = zoo.merged_val(method, setting, label)
-        path, _ = zoo.merge(method, setting)
+        path = zoo.merge(method, setting)["path"]
         test = zoo.scored("test", label, path)
         return 100 * normalized(val, zoo.expert_val), 100 * normalized(test, zoo.expert_test), path
 

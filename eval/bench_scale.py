@@ -162,6 +162,17 @@ def write_recipe(path: Path, method: str, base: Path, experts: list[Path], param
     return path
 
 
+def reported_peaks(stderr: str) -> dict:
+    """The peaks MEASURE printed last on stderr, in MiB (the GPU's only where one was used)."""
+    def reported(key: str) -> int:
+        return int(stderr.rsplit(key, 1)[1].split()[0])
+
+    peaks = {"peak_rss_mib": round(reported("PEAK_RSS_KB") / 1024), "peak_anon_mib": round(reported("PEAK_ANON_KB") / 1024)}
+    if "PEAK_GPU_B" in stderr:
+        peaks["peak_gpu_mib"] = round(reported("PEAK_GPU_B") / 2**20)
+    return peaks
+
+
 def run_merge(method: str, base: Path, experts: list[Path], root: Path, flags: list[str], esm_parameters: dict,
               log: Path | None = None) -> dict:
     recipe = write_recipe(root / f"{method}.yml", method, base, experts, esm_parameters if method == "esm" else None)
@@ -178,17 +189,7 @@ def run_merge(method: str, base: Path, experts: list[Path], root: Path, flags: l
         stderr = err.read()
     if result.returncode != 0:
         raise SystemExit(f"{method} failed:\n{stderr[-3000:]}")
-    def reported(key: str) -> int:
-        return int(stderr.rsplit(key, 1)[1].split()[0])
-
-    row = {
-        "method": method,
-        "wall_s": round(wall, 1),
-        "peak_rss_mib": round(reported("PEAK_RSS_KB") / 1024),
-        "peak_anon_mib": round(reported("PEAK_ANON_KB") / 1024),
-    }
-    if "PEAK_GPU_B" in stderr:
-        row["peak_gpu_mib"] = round(reported("PEAK_GPU_B") / 2**20)
+    row = {"method": method, "wall_s": round(wall, 1), **reported_peaks(stderr)}
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(cache, ignore_errors=True)
     return row

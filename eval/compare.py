@@ -97,27 +97,13 @@ def merge(
     workdir: Path,
     model_parameters: list[dict] | None = None,
     cache: Path | None = None,
-) -> tuple[Path, float]:
-    """Merge through the real mergekit-yaml from the method's recipe; cached by recipe.
-    Returns the merged model's folder and the wall seconds (0 when it was cached)."""
-    run = measured_merge(method, setting, base, experts, workdir, model_parameters, cache)
-    return run["path"], run["wall_s"]
-
-
-def measured_merge(
-    method: str,
-    setting: dict,
-    base: Path,
-    experts: list[Path],
-    workdir: Path,
-    model_parameters: list[dict] | None = None,
-    cache: Path | None = None,
 ) -> dict:
-    """`merge`, returning {path, wall_s, peak_rss_mib, peak_anon_mib} (no peaks when cached).
+    """Merge through the real mergekit-yaml from the method's recipe; cached by recipe.
+    Returns {path, wall_s, peak_rss_mib, peak_anon_mib}: wall_s 0 and no peaks when cached.
 
     model_parameters: each expert's per-model parameters (e.g. its own proxy), in order.
     cache: ESM's cache folder (default: the workdir's; an empty one times calibration too)."""
-    from eval.bench_scale import MEASURE
+    from eval.bench_scale import MEASURE, reported_peaks
 
     config = yaml.safe_load(recipe_file(method).read_text())
     config["base_model"] = str(base.resolve())
@@ -143,9 +129,7 @@ def measured_merge(
     wall = time.perf_counter() - start
     if result.returncode != 0:
         raise SystemExit(f"{method} {setting} failed:\n{result.stderr[-3000:]}")
-    peak = {key: int(result.stderr.rsplit(key, 1)[1].split()[0]) for key in ("PEAK_RSS_KB", "PEAK_ANON_KB")}
-    return {"path": out, "wall_s": wall, "peak_rss_mib": round(peak["PEAK_RSS_KB"] / 1024),
-            "peak_anon_mib": round(peak["PEAK_ANON_KB"] / 1024)}
+    return {"path": out, "wall_s": wall, **reported_peaks(result.stderr)}
 
 
 def _cuda() -> bool:
@@ -227,7 +211,7 @@ class Zoo:
             self.results.put(cached, "retention", label)
         return cached
 
-    def merge(self, method: str, setting: dict, model_parameters: dict[str, dict] | None = None) -> tuple[Path, float]:
+    def merge(self, method: str, setting: dict, model_parameters: dict[str, dict] | None = None) -> dict:
         """All of the zoo's experts merged (model_parameters: task → that expert's parameters)."""
         experts = [self.models["experts"][t] for t in self.tasks]
         per_model = [model_parameters[t] for t in self.tasks] if model_parameters else None
@@ -236,9 +220,9 @@ class Zoo:
     def merged_val(self, method: str, setting: dict, label: str, model_parameters=None) -> dict[str, float]:
         val = self.results.get("val", label)
         if val is None:
-            path, merge_s = self.merge(method, setting, model_parameters)
-            self.results.put(round(merge_s, 1), "merge_s", label)
-            val = self.scored("val", label, path)
+            run = self.merge(method, setting, model_parameters)
+            self.results.put(round(run["wall_s"], 1), "merge_s", label)
+            val = self.scored("val", label, run["path"])
         return val
 
     def merged_test(self, method: str, setting: dict, label: str, model_parameters=None) -> tuple[dict[str, float], Path]:
@@ -247,7 +231,7 @@ class Zoo:
         path = self.workdir / "merges" / method
         test = self.results.get("test", label)
         if test is None or self.results.get("retention", label) is None:
-            path, _ = self.merge(method, setting, model_parameters)
+            path = self.merge(method, setting, model_parameters)["path"]
             test = self.scored("test", label, path)
             self.retained(label, path)
         return test, path

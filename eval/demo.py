@@ -57,9 +57,9 @@ def run(workdir: Path) -> Path:
     for method, setting in settings.items():
         rows[method] = results.get(method)
         if rows[method] is None:
-            path, seconds = merge(method, setting, base, experts, workdir, cache=workdir / "esm-cache")
-            results.put(round(seconds, 1), "merge_s", method)
-            rows[method] = scored(method, path, DEMO_TASKS)
+            run = merge(method, setting, base, experts, workdir, cache=workdir / "esm-cache")
+            results.put(round(run["wall_s"], 1), "merge_s", method)
+            rows[method] = scored(method, run["path"], DEMO_TASKS)
     table = markdown_table(
         {k: v["tasks"] for k, v in rows.items()}, own, {m: "defaults" for m in settings},
         retention={k: v for k, v in rows.items()},

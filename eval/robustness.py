@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from eval.compare import GRIDS, REPO, Results, _label, measured_merge, recipe_file
+from eval.compare import GRIDS, REPO, Results, _label, merge, recipe_file
 from eval.report import normalized
 from eval.retention import QUIZ_TASK, heldout_nll, write_quiz_task
 from eval.score import score, write_task_configs
@@ -167,7 +167,7 @@ class ZooRun(ZooScores):
         cache = self.workdir / "robustness" / "esm-cache" / ("-".join(members) + ("-empty" if empty_cache else ""))
         if empty_cache:
             shutil.rmtree(cache, ignore_errors=True)
-        run = measured_merge(method, setting, self.base, [self.experts[m] for m in members],
+        run = merge(method, setting, self.base, [self.experts[m] for m in members],
                              self.workdir / "robustness", cache=cache)
         path = run["path"]
         scores = {**self.evaluate(key, path, members, split), "merge_s": round(run["wall_s"], 1),

@@ -14,7 +14,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from eval.compare import REPO, measured_merge
+from eval.compare import REPO, merge
 from eval.robustness import default_setting
 from eval.zoo.build import build_zoo
 
@@ -29,11 +29,11 @@ def main():
     experts = list(models["experts"].values())
     times = []
     with tempfile.TemporaryDirectory(prefix="zoo-speed-") as scratch:
-        for run, spec in enumerate(args.runs.split(",")):
+        for i, spec in enumerate(args.runs.split(",")):
             method, _, precision = spec.partition(":")
             setting = {**default_setting(method), **({"precision": precision} if precision else {})}
-            root = Path(scratch) / str(run)
-            run = measured_merge(method, setting, models["base"], experts, root, cache=root / "cache")
+            root = Path(scratch) / str(i)
+            run = merge(method, setting, models["base"], experts, root, cache=root / "cache")
             times.append((spec, round(run["wall_s"], 1), run["peak_anon_mib"]))
             print(*times[-1], flush=True)
     ties = next(s for m, s, _ in times if m == "ties")

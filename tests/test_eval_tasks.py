@@ -341,16 +341,16 @@ def test_robustness_report_from_a_small_fake_result_set(tmp_path, monkeypatch):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_measured_merge_reports_time_and_peak_memory_and_reuses_a_finished_merge(zoo, tmp_path):
+def test_merge_reports_time_and_peak_memory_and_reuses_a_finished_merge(zoo, tmp_path):
     """The comparison's merges go through the real mergekit-yaml with the benchmark's memory
     probe; a merge already on disk is returned as cached (0 s, no peaks), an interrupted one
     (no config.json) is not."""
-    from eval.compare import measured_merge
+    from eval.compare import merge
 
-    run = measured_merge("task_arithmetic", {"weight": 0.5}, zoo["base"], zoo["experts"], tmp_path)
+    run = merge("task_arithmetic", {"weight": 0.5}, zoo["base"], zoo["experts"], tmp_path)
     assert (run["path"] / "config.json").exists()
     assert run["wall_s"] > 0 and run["peak_anon_mib"] > 0 and run["peak_rss_mib"] >= run["peak_anon_mib"] > 0
-    again = measured_merge("task_arithmetic", {"weight": 0.5}, zoo["base"], zoo["experts"], tmp_path)
+    again = merge("task_arithmetic", {"weight": 0.5}, zoo["base"], zoo["experts"], tmp_path)
     assert again == {"path": run["path"], "wall_s": 0.0}
     (run["path"] / "config.json").unlink()
-    assert measured_merge("task_arithmetic", {"weight": 0.5}, zoo["base"], zoo["experts"], tmp_path)["wall_s"] > 0
+    assert merge("task_arithmetic", {"weight": 0.5}, zoo["base"], zoo["experts"], tmp_path)["wall_s"] > 0

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -108,7 +109,11 @@ class TaskMatrices(Sequence):
         self.base = target.of(readers[inputs.base](target.tensor)).to(dtype)
         self.changed: set[int] = set()
         self.stored: dict[int, torch.dtype] = {}
-        self.base_rms = float(self.base.square().mean().sqrt())
+
+    @cached_property
+    def base_rms(self) -> float:
+        # only ESM asks (rounding_level): the other methods do not pay a pass over the base
+        return float(self.base.square().mean().sqrt())
 
     def rounding_level(self, index: int) -> float:
         """Expert `index`'s ΔW rounding level as its checkpoint stores it (read it first)."""
