@@ -151,9 +151,9 @@ def carrying_directions(factors: TaskFactors) -> torch.Tensor:
     """Which of an expert's k directions take part in the merge: those with a positive
     eigenvalue whose share of ΔW, ‖row of Â‖, is above ΔW's rounding level: the solver's
     (‖ΔW‖·max(shape)·eps of the working dtype) and the checkpoint's (factors.rounding, from
-    storage_rounding_level), whichever is larger. In float32 the eigenvectors of a LoRA's
-    noise directions are resolved only to ~eps·λ₁/gap and lean towards its real ones, which
-    can lift their share above the checkpoint's level: float64 separates them (the CPU default).
+    storage_rounding_level), whichever is larger. float64 (the CPU default) leaves a merged
+    LoRA's noise directions out; float32 lets part of them through, likely because it resolves
+    their eigenvectors only to ~eps·λ₁/gap and they lean towards the real ones.
 
     The rest are arbitrary vectors of a null space: a low-rank task matrix (every LoRA expert)
     or rounding that made an eigenvalue ≤ 0 (inputs of lower rank than k). Kept, they would
