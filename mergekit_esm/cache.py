@@ -17,8 +17,9 @@ from typing import Any, Iterator
 # Bumped whenever the merged updates a key stands for change: 2 leaves null directions
 # out of the merge (algebra.merge.carrying_directions); 3 flattens eigenvalues keeping each
 # expert's norm under preserve_norm with TSV-M's combination; 4 leaves out directions below
-# the checkpoint's rounding level (algebra.merge.storage_rounding_level).
-CACHE_VERSION = 4
+# the checkpoint's rounding level (algebra.merge.storage_rounding_level); 5 keeps no more of
+# an expert's directions than ΔW has above that level (algebra.merge.rank_above_rounding).
+CACHE_VERSION = 5
 
 
 def cache_root(configured: str | None) -> Path:

@@ -17,6 +17,7 @@ from mergekit_esm.algebra import (
     merge_task_factors,
     polar_orthogonalize,
     polarized_scale,
+    rank_above_rounding,
     storage_rounding_level,
     svd_subspace,
     task_singular_vectors_merge,
@@ -308,12 +309,16 @@ def test_storage_rounding_level_bounds_a_checkpoints_rounding_error(stored):
     assert level / 4 < error < level
 
 
+@pytest.mark.parametrize("massive", [1.0, 1e3])
 @pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
-def test_merged_lora_stored_in_finite_precision_merges_as_its_exact_low_rank_update(stored):
+def test_merged_lora_stored_in_finite_precision_merges_as_its_exact_low_rank_update(stored, massive):
     """Experts W0 + B_t A_t (rank 3) saved in float32 or bfloat16: ΔW = rank 3 + rounding
-    noise in every other direction. With the checkpoint's rounding level the float64 merge
-    equals the merge of the exact rank-3 updates, and the float32 merge equals the float64
-    one; without it (the solver's eps alone) float64 whitened the noise into the update."""
+    noise in every other direction. With the checkpoint's rounding level and ΔW's rank above
+    it, the float64 merge equals the merge of the exact rank-3 updates, and the float32 merge
+    equals the float64 one, also when one input coordinate is 10³ times the others (an LLM's
+    massive activation), which squares into eigenvalues no solver resolves. Without the rank
+    (the share-of-ΔW test alone) that case keeps a noise direction; without the level, float64
+    whitens the noise into the update."""
     g = torch.Generator().manual_seed(22)
     d_out, d_in, n, t, r = 64, 48, 512, 3, 3
     w0 = (torch.randn(d_out, d_in, generator=g, dtype=D) * 0.05).to(stored).double()
@@ -321,11 +326,18 @@ def test_merged_lora_stored_in_finite_precision_merges_as_its_exact_low_rank_upd
              for _ in range(t)]
     deltas = [(w0 + u).to(stored).double() - w0 for u in exact]
     x = torch.randn(n, d_in, generator=g, dtype=D) * torch.logspace(-1, 1, d_in, dtype=D)
+    x[:, 0] *= massive
     level = storage_rounding_level(float(w0.square().mean().sqrt()), (d_out, d_in), stored)
+    k = d_out // t
+    assert [rank_above_rounding(u, level, k) for u in deltas] == [r] * t
 
-    def merged(tasks, precision, rounding):
-        moment = InputMoment(n, moment=(x.T @ x).to(precision))
-        factors = (replace(essential_subspace(u.to(precision), moment, d_out // t), rounding=rounding) for u in tasks)
+    def merged(tasks, precision, rounding, with_rank=True):
+        moment = InputMoment(n, moment=(x.T @ x).to(torch.float32))
+        factors = (
+            replace(essential_subspace(u.to(precision), moment, k), rounding=rounding,
+                    rank=rank_above_rounding(u, rounding, k) if with_rank and rounding else None)
+            for u in tasks
+        )
         return merge_task_factors(factors, gamma=0.15, task_exponent=2.0, dimension_exponent=2.0).double()
 
     reference = merged(exact, D, 0.0)
@@ -334,6 +346,26 @@ def test_merged_lora_stored_in_finite_precision_merges_as_its_exact_low_rank_upd
     assert (merged(deltas, D, level) - reference).abs().max() <= noise
     assert (merged(deltas, torch.float32, level) - reference).abs().max() <= noise + 1e-4 * scale
     assert (merged(deltas, D, 0.0) - reference).abs().max() > 0.1 * scale
+    if massive > 1:
+        assert (merged(deltas, D, level, with_rank=False) - reference).abs().max() > 0.1 * scale
+
+
+@pytest.mark.parametrize("rank", [0, 5, 40])
+def test_rank_above_rounding_counts_singular_values_above_the_level(rank):
+    """Against ΔW's own singular values: a rank-r matrix plus noise of spectral norm just below
+    the level counts r directions (capped at `directions`), through the sketch (small r) and
+    through the full spectrum (the sketch as wide as ΔW)."""
+    g = torch.Generator().manual_seed(5)
+    d_out, d_in, level = 96, 80, 1e-6
+    noise = torch.randn(d_out, d_in, generator=g, dtype=D)
+    noise *= 0.9 * level / torch.linalg.matrix_norm(noise, ord=2)
+    u, _ = torch.linalg.qr(torch.randn(d_out, rank, generator=g, dtype=D)) if rank else (torch.zeros(d_out, 0, dtype=D), None)
+    v, _ = torch.linalg.qr(torch.randn(d_in, rank, generator=g, dtype=D)) if rank else (torch.zeros(d_in, 0, dtype=D), None)
+    sigma = torch.logspace(-1, -5, rank, dtype=D) if rank else torch.zeros(0, dtype=D)  # down to 10× the level
+    delta = (u * sigma) @ v.T + noise
+    for directions in (8, 30, 80):
+        assert rank_above_rounding(delta, level, directions) == min(rank, directions)
+        assert rank_above_rounding(delta.float(), level, directions) == min(rank, directions)
 
 
 def test_auto_precision_is_float64_on_cpu_and_float32_on_gpus():

@@ -5,6 +5,7 @@ from mergekit_esm.algebra.merge import (
     isotropic_merge,
     merge_task_factors,
     polar_orthogonalize,
+    rank_above_rounding,
     storage_rounding_level,
     task_singular_vectors_merge,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "merge_task_factors",
     "polar_orthogonalize",
     "polarized_scale",
+    "rank_above_rounding",
     "storage_rounding_level",
     "svd_subspace",
 ]

@@ -147,23 +147,54 @@ def storage_rounding_level(weight_rms: float, shape: tuple[int, int], stored: to
     return 0.5 * torch.finfo(stored).eps * weight_rms * (d_out**0.5 + d_in**0.5)
 
 
+def rank_above_rounding(delta: torch.Tensor, level: float, directions: int) -> int:
+    """How many of ΔW's singular values stand above the checkpoint's rounding level, counted
+    up to `directions` (more are not needed): the rank of a merged LoRA's update, whatever the
+    rounding noise in its other directions.
+
+    The essential subspace cannot tell this by itself: its eigenproblem squares ΔW's spread,
+    and with an LLM's massive activations (one input coordinate 10³–10⁴ times the rest) the
+    noise directions' eigenvalues fall below what the eigensolver resolves, even in float64.
+    Their eigenvectors then lean towards the real directions and pass the share-of-ΔW test,
+    and the whitening weighs each like a real one (docs/design.md, "The math"). A Gaussian
+    sketch Y = ΔW Ω (Ω: d_in × m, m = 2·`directions` + 8) squares nothing: the noise N
+    (‖N‖₂ ≤ level) gives Y singular values of at most level·(√d_in + √m), a direction of a
+    rank-r ΔW with singular value σ one of at least σ·(√m − √r) ≥ σ·0.4·√m, so directions
+    ten times above the level count and no noise direction does. In float64 with a fixed seed:
+    the count is the same in either working precision and on every run.
+    """
+    d_out, d_in = delta.shape
+    m = min(2 * directions + 8, d_in)
+    if m >= min(d_out, d_in):  # the sketch would be as large as ΔW: count ΔW's own singular values
+        sigma = torch.linalg.svdvals(delta.double())
+        return min(int((sigma > level).sum()), directions)
+    omega = torch.randn(d_in, m, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sigma = torch.linalg.svdvals(delta.double() @ omega.to(delta.device))
+    noise = level * (d_in**0.5 + m**0.5)
+    return min(int((sigma > noise).sum()), directions)
+
+
 def carrying_directions(factors: TaskFactors) -> torch.Tensor:
-    """Which of an expert's k directions take part in the merge: those with a positive
-    eigenvalue whose share of ΔW, ‖row of Â‖, is above ΔW's rounding level: the solver's
-    (‖ΔW‖·max(shape)·eps of the working dtype) and the checkpoint's (factors.rounding, from
-    storage_rounding_level), whichever is larger. float64 (the CPU default) leaves a merged
-    LoRA's noise directions out; float32 lets part of them through, likely because it resolves
-    their eigenvectors only to ~eps·λ₁/gap and they lean towards the real ones.
+    """Which of an expert's k directions take part in the merge: the leading
+    `factors.rank` (rank_above_rounding: at most as many as ΔW has above its checkpoint's
+    rounding level), and of those, the ones with a positive eigenvalue whose share of ΔW,
+    ‖row of Â‖, is above ΔW's rounding level: the solver's (‖ΔW‖·max(shape)·eps of the working
+    dtype) and the checkpoint's (factors.rounding, from storage_rounding_level), whichever is
+    larger.
 
     The rest are arbitrary vectors of a null space: a low-rank task matrix (every LoRA expert)
     or rounding that made an eigenvalue ≤ 0 (inputs of lower rank than k). Kept, they would
     make the concatenated factors singular — every direction gets weight 1 in the polar factor —
-    and send it to the slow SVD route. Directions
-    that the proxy barely excites but that carry part of ΔW stay, as ESM keeps k per expert.
+    and send it to the slow SVD route; a merged LoRA's rounding noise, kept, gets the weight of
+    a real direction. Directions that the proxy barely excites but that carry part of ΔW stay,
+    as ESM keeps k per expert.
     """
     d_out, d_in = factors.basis.shape[0], factors.coords.shape[1]
     floor = (factors.norm * max(d_out, d_in) * torch.finfo(factors.coords.dtype).eps).clamp_min(factors.rounding)
-    return (factors.eigenvalues > 0) & (torch.linalg.vector_norm(factors.coords, dim=1) > floor)
+    kept = (factors.eigenvalues > 0) & (torch.linalg.vector_norm(factors.coords, dim=1) > floor)
+    if factors.rank is not None:
+        kept[factors.rank :] = False
+    return kept
 
 
 def merge_task_factors(

@@ -21,6 +21,9 @@ class TaskFactors:
     # ΔW's rounding level as stored (storage_rounding_level): directions whose share of ΔW is
     # below it are noise of the checkpoint's precision, not the expert's update
     rounding: float = 0.0
+    # how many of ΔW's directions stand above that level (rank_above_rounding); None: not
+    # measured. Only the `rank` leading directions can carry the update.
+    rank: int | None = None
 
 
 def moment_sqrt(input_moment: torch.Tensor) -> torch.Tensor:

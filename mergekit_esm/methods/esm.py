@@ -3,13 +3,14 @@
 The formulas and where this implementation differs from the authors' code: docs/design.md."""
 
 from collections.abc import Sequence
+from itertools import repeat
 from dataclasses import replace
 from typing import ClassVar, Literal, Optional
 
 import torch
 from pydantic import Field
 
-from mergekit_esm.algebra import essential_subspace, merge_task_factors, svd_subspace
+from mergekit_esm.algebra import essential_subspace, merge_task_factors, rank_above_rounding, svd_subspace
 from mergekit_esm.algebra.subspace import InputMoment
 from mergekit_esm.methods.base import CalibratedSettings, MethodDefinition, Strength
 
@@ -60,18 +61,23 @@ def merge_weight(
     # generators: one expert's task matrix and factors in memory at a time. An expert whose
     # proxy tokens cannot reveal k directions (an expert MLP its router seldom chose) takes
     # ΔW's SVD basis, ESD's subspace for isotropic inputs (docs/design.md, "Mixture-of-experts layers").
-    if settings.basis == "esd":
-        factors = (
-            essential_subspace(d, i, rank) if i.reveals_subspace(rank) else svd_subspace(d, rank)
-            for d, i in zip(deltas, inputs)
-        )
-    else:
-        factors = (svd_subspace(d, rank) for d in deltas)
-    # the checkpoint's rounding level (TaskMatrices knows each expert's stored dtype; plain
-    # tensors, as in the tests, are taken as exact)
+    # The checkpoint's rounding level: TaskMatrices knows each expert's stored dtype (read the
+    # expert first); plain tensors, as in the tests, are taken as exact.
     rounding = getattr(deltas, "rounding_level", lambda index: 0.0)
+
+    def expert_factors(index: int, delta: torch.Tensor, moment: Optional[InputMoment]):
+        if settings.basis == "esd" and moment.reveals_subspace(rank):
+            found = essential_subspace(delta, moment, rank)
+        else:
+            found = svd_subspace(delta, rank)
+        level = rounding(index)
+        return replace(found, rounding=level, rank=rank_above_rounding(delta, level, rank) if level > 0 else None)
+
+    factors = (
+        expert_factors(t, d, i) for t, (d, i) in enumerate(zip(deltas, inputs if settings.basis == "esd" else repeat(None)))
+    )
     return merge_task_factors(
-        (replace(f, rounding=rounding(t)) for t, f in enumerate(factors)),
+        factors,
         gamma=settings.gamma,
         task_exponent=settings.task_exponent,
         dimension_exponent=settings.dimension_exponent,

@@ -1,0 +1,103 @@
+"""How many directions of each expert take part in ESM's merge, per weight, in float64 and
+float32, with and without the rank rule (algebra.merge.rank_above_rounding); and how far the
+float32 merged update lies from the float64 one.
+
+    python -m eval.kept_directions [--zoo community] [--layers 0,3,6,9,12,15]
+
+Runs the base on the built-in proxy text (8 windows of 512 tokens, ESM's default budget),
+captures each target linear's inputs with hooks, and applies the merge's own functions to the
+zoo's checkpoints weight by weight. A merged LoRA of rank r should keep exactly r directions;
+a full fine-tune keeps k = ⌊d_out / T⌋. Prints one line per weight where some expert keeps a
+different number than its rank above the rounding level, or where the precisions disagree.
+"""
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from eval.compare import REPO
+from mergekit_esm.algebra import essential_subspace, merge_task_factors, rank_above_rounding, storage_rounding_level
+from mergekit_esm.algebra.merge import carrying_directions
+from mergekit_esm.algebra.subspace import InputMoment
+from mergekit_esm.calibration.proxy import load_documents, token_windows
+from mergekit_esm.methods.esm import EsmSettings
+
+# each target linear and the module whose input it reads (q/k/v share one, gate/up another)
+WEIGHTS = {
+    "self_attn.q_proj": "self_attn.q_proj", "self_attn.k_proj": "self_attn.q_proj",
+    "self_attn.v_proj": "self_attn.q_proj", "self_attn.o_proj": "self_attn.o_proj",
+    "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.gate_proj", "mlp.down_proj": "mlp.down_proj",
+}
+
+
+def layer_inputs(base: Path, layers: list[int]) -> dict[tuple[int, str], torch.Tensor]:
+    """(layer, module) → the base's inputs to that module on the proxy text, float64."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    captured: dict[tuple[int, str], list[torch.Tensor]] = {}
+    for layer in layers:
+        for module in set(WEIGHTS.values()):
+            model.model.layers[layer].get_submodule(module).register_forward_pre_hook(
+                lambda _, args, key=(layer, module): captured.setdefault(key, []).append(args[0][0].double())
+            )
+    with torch.no_grad():
+        for window in token_windows(load_documents("builtin"), tokenizer, 8, 512):
+            model(torch.tensor([window]))
+    return {key: torch.cat(parts) for key, parts in captured.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=REPO / "eval" / "workdir")
+    parser.add_argument("--zoo", default="community", choices=["community", "synthetic"])
+    parser.add_argument("--layers", default="0,3,6,9,12,15")
+    args = parser.parse_args()
+    from eval.zoo.build import build_community_zoo, build_zoo
+
+    models = (build_community_zoo if args.zoo == "community" else build_zoo)(args.workdir)
+    layers = [int(x) for x in args.layers.split(",")]
+    inputs = layer_inputs(models["base"], layers)
+    base = safe_open(Path(models["base"]) / "model.safetensors", "pt")
+    experts = {name: safe_open(Path(path) / "model.safetensors", "pt") for name, path in models["experts"].items()}
+    settings = EsmSettings()
+    merge_args = dict(gamma=settings.gamma, task_exponent=settings.task_exponent,
+                      dimension_exponent=settings.dimension_exponent, preserve_norm=settings.preserve_norm)
+    print(f"{args.zoo} zoo, experts {list(experts)}; columns: expert kept float64 / float32 "
+          "(rank above the rounding level) without → with the rank rule")
+    for layer in layers:
+        for weight, module in WEIGHTS.items():
+            x = inputs[(layer, module)]
+            moment = InputMoment(n_tokens=x.shape[0], moment=(x.T @ x).float())
+            name = f"model.layers.{layer}.{weight}.weight"
+            w0 = base.get_tensor(name)
+            k = min(w0.shape[0] // len(experts), w0.shape[1])
+            rms = float(w0.double().square().mean().sqrt())
+            counts, merged = {}, {}
+            for dtype in (torch.float64, torch.float32):
+                factors = []
+                for expert, stored in experts.items():
+                    w = stored.get_tensor(name)
+                    delta = w.to(dtype) - w0.to(dtype)
+                    level = storage_rounding_level(rms, tuple(w0.shape), w.dtype)
+                    rank = rank_above_rounding(delta, level, k)
+                    f = replace(essential_subspace(delta, moment, k), rounding=level)
+                    ruled = replace(f, rank=rank)
+                    counts.setdefault(expert, {})[dtype] = (
+                        int(carrying_directions(f).sum()), int(carrying_directions(ruled).sum()), rank)
+                    factors.append(ruled)
+                merged[dtype] = merge_task_factors(factors, **merge_args).double()
+            moved = float((merged[torch.float32] - merged[torch.float64]).norm() / merged[torch.float64].norm())
+            odd = [f"{e} {c[torch.float64][0]}/{c[torch.float32][0]} ({c[torch.float64][2]}) → "
+                   f"{c[torch.float64][1]}/{c[torch.float32][1]}"
+                   for e, c in counts.items() if len({c[torch.float64][0], c[torch.float32][0], c[torch.float64][2]}) > 1]
+            print(f"layer {layer:2d} {weight:17s} float32 vs float64 merged update (with the rule): "
+                  f"{moved:.4f}  {'; '.join(odd)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
