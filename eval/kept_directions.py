@@ -1,6 +1,9 @@
 """How many directions of each expert take part in ESM's merge, per weight, in float64 and
-float32, with and without the rank rule (algebra.merge.rank_above_rounding); and how far the
-float32 merged update lies from the float64 one.
+float32, with and without the rank rule (algebra.merge.rank_above_rounding); how far the
+float32 merged update lies from the float64 one; and how much of each expert's activation
+shift (ESD's objective, tr PᵀSP over the kept directions) float32's subspace captures against
+float64's: subspaces that split a cluster of nearly equal eigenvalues at the cut k differently
+capture the same shift, yet whitening merges them differently.
 
     python -m eval.kept_directions [--zoo community] [--layers 0,3,6,9,12,15]
 
@@ -51,6 +54,12 @@ def layer_inputs(base: Path, layers: list[int]) -> dict[tuple[int, str], torch.T
     return {key: torch.cat(parts) for key, parts in captured.items()}
 
 
+def _captured(basis: torch.Tensor, w: torch.Tensor, w0: torch.Tensor, moment: InputMoment) -> float:
+    """tr PᵀSP, S = ΔW XᵀX ΔWᵀ in float64: the activation shift the directions P capture."""
+    shift = basis.T @ (w.double() - w0.double())
+    return float(torch.einsum("ki,ij,kj->", shift, moment.moment.double(), shift))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=REPO / "eval" / "workdir")
@@ -77,7 +86,7 @@ def main():
             w0 = base.get_tensor(name)
             k = min(w0.shape[0] // len(experts), w0.shape[1])
             rms = float(w0.double().square().mean().sqrt())
-            counts, merged = {}, {}
+            counts, merged, bases = {}, {}, {}
             for dtype in (torch.float64, torch.float32):
                 factors = []
                 for expert, stored in experts.items():
@@ -90,13 +99,18 @@ def main():
                     counts.setdefault(expert, {})[dtype] = (
                         int(carrying_directions(f).sum()), int(carrying_directions(ruled).sum()), rank)
                     factors.append(ruled)
+                    bases.setdefault(expert, {})[dtype] = ruled.basis[:, carrying_directions(ruled)].double()
                 merged[dtype] = merge_task_factors(factors, **merge_args).double()
+            shares = [_captured(bases[e][torch.float32], experts[e].get_tensor(name), w0, moment)
+                      / reference for e in experts
+                      if (reference := _captured(bases[e][torch.float64], experts[e].get_tensor(name), w0, moment)) > 0]
+            captured = min(shares, default=1.0)
             moved = float((merged[torch.float32] - merged[torch.float64]).norm() / merged[torch.float64].norm())
             odd = [f"{e} {c[torch.float64][0]}/{c[torch.float32][0]} ({c[torch.float64][2]}) → "
                    f"{c[torch.float64][1]}/{c[torch.float32][1]}"
                    for e, c in counts.items() if len({c[torch.float64][0], c[torch.float32][0], c[torch.float64][2]}) > 1]
             print(f"layer {layer:2d} {weight:17s} float32 vs float64 merged update (with the rule): "
-                  f"{moved:.4f}  {'; '.join(odd)}", flush=True)
+                  f"{moved:.4f}, least shift captured by float32 / float64 {captured:.6f}  {'; '.join(odd)}", flush=True)
 
 
 if __name__ == "__main__":
