@@ -60,8 +60,8 @@ ABLATIONS = {
     # both suspects off at once: whitening (which flattens a LoRA expert's few strong directions
     # to the mean) and task scaling (which weighs experts by their training budget)
     "esm, unwhitened without task scaling": {"whiten_factors": False, "task_exponent": 0.0},
-    # not a part: float32 (the GPU default, and the speed lever on a CPU) against float64
-    "esm, float32": {"precision": "float32"},
+    # not a part: float64, the reference, against the default float32
+    "esm, float64": {"precision": "float64"},
 }
 ABLATION_ALPHAS = tuple(s["alpha"] for s in GRIDS["esm"])  # ESM's own grid, the same budget
 

@@ -55,11 +55,13 @@ def recipe(path: Path, base, experts, parameters=None, merge_method="esm", **top
     """A recipe over the tiny zoo; methods that calibrate do it on a few short windows to stay fast."""
     calibrated = merge_method in ("esm", "regmean", "regmean_plus_plus")
     fast = {"proxy_samples": 4, "proxy_max_tokens": 64} if calibrated else {}
+    # the tests hold merges to float64 references: pin the reference precision (ESM's `auto`
+    # is float32; test_end_to_end runs that default against this reference)
     config = {
         "merge_method": merge_method,
         "base_model": str(base),
         "models": [{"model": str(e)} for e in experts],
-        "parameters": {**fast, **(parameters or {})},
+        "parameters": {**fast, "precision": "float64", **(parameters or {})},
         "dtype": "float32",
         **top,
     }

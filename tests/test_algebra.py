@@ -368,10 +368,16 @@ def test_rank_above_rounding_counts_singular_values_above_the_level(rank):
         assert rank_above_rounding(delta.float(), level, directions) == min(rank, directions)
 
 
-def test_auto_precision_is_float64_on_cpu_and_float32_on_gpus():
-    assert EsmSettings().compute_dtype("cpu") == torch.float64
+def test_auto_precision_is_float32_for_esm_and_float64_on_cpu_for_the_others():
+    from mergekit_esm.methods.regmean import RegMeanSettings
+    from mergekit_esm.methods.tsv import TsvSettings
+
+    assert EsmSettings().compute_dtype("cpu") == torch.float32
     assert EsmSettings().compute_dtype("cuda:0") == torch.float32
-    assert EsmSettings(precision="float32").compute_dtype("cpu") == torch.float32
+    assert EsmSettings(precision="float64").compute_dtype("cpu") == torch.float64
+    for other in (TsvSettings(), RegMeanSettings()):
+        assert other.compute_dtype("cpu") == torch.float64
+        assert other.compute_dtype("cuda:0") == torch.float32
 
 
 @pytest.mark.parametrize("shape", [(12, 10), (10, 12)])

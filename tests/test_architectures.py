@@ -28,7 +28,8 @@ from tests.reference_esm import capture_inputs, esm_merge, packed_windows, refer
 from tests.tiny_models import ARCHITECTURES, UNSUPPORTED, architecture_config, write_zoo
 
 METHODS = ("esm", "tsv", "iso_c", "iso_cts")
-PROXY = {"proxy_samples": 4, "proxy_max_tokens": 64}  # 64-token windows: 4× the sliding windows
+# 64-token windows: 4× the sliding windows; float64, the precision of the references
+PROXY = {"proxy_samples": 4, "proxy_max_tokens": 64, "precision": "float64"}
 
 
 def _state(path) -> dict[str, torch.Tensor]:
@@ -104,7 +105,7 @@ def test_an_expert_mlp_given_fewer_tokens_than_its_rank_takes_its_svd_basis(tmp_
     reference, which gives those models isotropic inputs (XᵀX = I) instead of their tokens."""
     base, experts = write_zoo(tmp_path / "zoo", config=architecture_config("mixtral"))
     (tmp_path / "proxy.txt").write_text(PROXY_TEXT)
-    proxy = {"proxy_samples": 1, "proxy_max_tokens": 32, "proxy": str(tmp_path / "proxy.txt")}
+    proxy = {**PROXY, "proxy_samples": 1, "proxy_max_tokens": 32, "proxy": str(tmp_path / "proxy.txt")}
     result = _merge(tmp_path, {"base": base, "experts": experts}, "esm", proxy)
     assert result.exit_code == 0, result.output[-3000:]
     assert "got fewer proxy tokens than their rank from some model" in result.output

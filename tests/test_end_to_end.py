@@ -187,13 +187,13 @@ def test_svd_family_methods_match_their_dense_formulas(zoo, tmp_path, method):
     assert f"## {method} settings" in card and "| alpha | 1.3 |" in card
 
 
-def test_float32_precision_merge_runs_end_to_end_and_tracks_float64(zoo, merged):
-    """`precision: float32` (the GPU default: Newton polar route, XᵀX summed in float32)
+def test_default_float32_precision_merge_runs_end_to_end_and_tracks_float64(zoo, merged):
+    """ESM's default precision (`auto`: float32, the Newton polar route, XᵀX summed in float32)
     through the real `mergekit-yaml`: a complete, finite model whose merged updates follow
     the float64 merge (measured on this zoo: median relative difference 1.7e-6, largest 5.2e-5;
     real fine-tunes differ more, see eval/results/precision_zoo.md)."""
     tmp = merged["tmp"]
-    config = recipe(tmp / "f32.yml", zoo["base"], zoo["experts"], {"proxy": str(zoo["proxy"]), "precision": "float32"})
+    config = recipe(tmp / "f32.yml", zoo["base"], zoo["experts"], {"proxy": str(zoo["proxy"]), "precision": "auto"})
     result = mergekit_yaml(config, tmp / "out_f32", tmp / "cache")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "esm calibrating and merging" in result.stderr  # its own cache entry, not float64's

@@ -50,6 +50,9 @@ class EsmSettings(CalibratedSettings):
         "A_cat's row norms as singular values); an ablation switch.",
     )
     OUTSIDE_UPDATE_KEY: ClassVar[frozenset[str]] = CalibratedSettings.OUTSIDE_UPDATE_KEY | {"layer_exponent"}
+    # float32 scored as float64 on both zoos once directions were capped at ΔW's rank above
+    # the rounding level (docs/performance.md), in 2/3 of the time
+    CPU_PRECISION: ClassVar[torch.dtype] = torch.float32
 
 
 def merge_weight(
