@@ -42,9 +42,9 @@ ESM_ALPHAS = [{"alpha": a} for a in (0.5, 1.0, 1.5, 2.0, 3.0)]
 SVD_FAMILY_ALPHAS = [{"alpha": a} for a in (0.3, 0.6, 1.0, 1.7, 3.0)]
 # RegMean's update is a weighted mean of the task vectors (about 1/T of task arithmetic's
 # sum), so α 1 may be weak on LLM experts: the grid spans α 1 (RegMean itself) to 3 at the
-# method's default non_diagonal_ratio, and tries the other published ratio (0.1: RegMean's
-# authors on T5; 0.95: RegMean++'s on CLIP) and 0.5 at α 2. A new ratio reruns the
-# calibration; a new α only rewrites the output.
+# method's default non_diagonal_ratio, and tries two others at α 2, out of 0.1 (RegMean's
+# authors on T5), 0.5 and 0.95 (RegMean++'s on CLIP). A new ratio reruns the calibration; a
+# new α only rewrites the output.
 def _regmean_grid(default_ratio: float, other_ratios: tuple[float, float]) -> list[dict]:
     return [{"alpha": a, "non_diagonal_ratio": default_ratio} for a in (1.0, 2.0, 3.0)] + [
         {"alpha": 2.0, "non_diagonal_ratio": r} for r in other_ratios
@@ -56,7 +56,7 @@ GRIDS = {
     "tsv": SVD_FAMILY_ALPHAS,
     "iso_c": SVD_FAMILY_ALPHAS,
     "iso_cts": SVD_FAMILY_ALPHAS,
-    "regmean": _regmean_grid(0.1, (0.5, 0.95)),
+    "regmean": _regmean_grid(0.5, (0.1, 0.95)),
     "regmean_plus_plus": _regmean_grid(0.95, (0.5, 0.1)),
     "task_arithmetic": [{"weight": w} for w in (0.3, 0.5, 0.7, 1.0, 1.3)],
     "ties": [{"weight": w, "density": d} for w, d in ((1.0, 0.3), (1.0, 0.7), (0.7, 0.5), (1.0, 0.5), (1.3, 0.5))],
