@@ -20,9 +20,10 @@ def polar_orthogonalize(x: torch.Tensor, keep_scale: bool, float64_retry: bool |
     is common). Directions at numerical zero are left out, and out of the mean: their U, V
     are arbitrary, and a task that left a weight unchanged must not add them.
 
-    float64 (the CPU default): from the eigen-decomposition of the smaller Gram matrix, about
-    twice as fast as an SVD on CPU and within ~1e-9 of U Vᵀ. Lower precision (the GPU
-    default): the Gram matrix would square the condition number and lose directions below
+    float64 (the reference, and the CPU default of the methods other than ESM): from the
+    eigen-decomposition of the smaller Gram matrix, about twice as fast as an SVD on CPU and
+    within ~1e-9 of U Vᵀ. Lower precision (ESM's default, and every method's on a GPU): the
+    Gram matrix would square the condition number and lose directions below
     ~3% of σ_max, so the scaled Newton iteration is used, which is matrix products and
     inverses, an order of magnitude faster than the SVD at d_ff widths on a GPU; on a GPU, in
     float64 where κ is too large for float32 (float64_retry; default: off the CPU); the SVD
