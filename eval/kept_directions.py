@@ -54,10 +54,10 @@ def layer_inputs(base: Path, layers: list[int]) -> dict[tuple[int, str], torch.T
     return {key: torch.cat(parts) for key, parts in captured.items()}
 
 
-def _captured(basis: torch.Tensor, w: torch.Tensor, w0: torch.Tensor, moment: InputMoment) -> float:
-    """tr PᵀSP, S = ΔW XᵀX ΔWᵀ in float64: the activation shift the directions P capture."""
-    shift = basis.T @ (w.double() - w0.double())
-    return float(torch.einsum("ki,ij,kj->", shift, moment.moment.double(), shift))
+def _captured(basis: torch.Tensor, delta: torch.Tensor, moment: torch.Tensor) -> float:
+    """tr PᵀSP, S = ΔW XᵀX ΔWᵀ, in float64: the activation shift the directions P capture."""
+    shift = basis.T @ delta
+    return float(torch.einsum("ki,ij,kj->", shift, moment, shift))
 
 
 def main():
@@ -86,24 +86,25 @@ def main():
             w0 = base.get_tensor(name)
             k = min(w0.shape[0] // len(experts), w0.shape[1])
             rms = float(w0.double().square().mean().sqrt())
+            stored = {e: f.get_tensor(name) for e, f in experts.items()}  # each checkpoint read once
+            levels = {e: storage_rounding_level(rms, tuple(w0.shape), w.dtype) for e, w in stored.items()}
+            delta64 = {e: w.double() - w0.double() for e, w in stored.items()}
             counts, merged, bases = {}, {}, {}
             for dtype in (torch.float64, torch.float32):
                 factors = []
-                for expert, stored in experts.items():
-                    w = stored.get_tensor(name)
-                    delta = w.to(dtype) - w0.to(dtype)
-                    level = storage_rounding_level(rms, tuple(w0.shape), w.dtype)
-                    rank = rank_above_rounding(delta, level, k)
-                    f = replace(essential_subspace(delta, moment, k), rounding=level)
+                for expert, w in stored.items():
+                    delta = w.to(dtype) - w0.to(dtype)  # in the working precision, as the merge has it
+                    rank = rank_above_rounding(delta, levels[expert], k)
+                    f = replace(essential_subspace(delta, moment, k), rounding=levels[expert])
                     ruled = replace(f, rank=rank)
                     counts.setdefault(expert, {})[dtype] = (
                         int(carrying_directions(f).sum()), int(carrying_directions(ruled).sum()), rank)
                     factors.append(ruled)
                     bases.setdefault(expert, {})[dtype] = ruled.basis[:, carrying_directions(ruled)].double()
                 merged[dtype] = merge_task_factors(factors, **merge_args).double()
-            shares = [_captured(bases[e][torch.float32], experts[e].get_tensor(name), w0, moment)
-                      / reference for e in experts
-                      if (reference := _captured(bases[e][torch.float64], experts[e].get_tensor(name), w0, moment)) > 0]
+            moment64 = moment.moment.double()
+            shares = [_captured(bases[e][torch.float32], delta64[e], moment64) / reference for e in experts
+                      if (reference := _captured(bases[e][torch.float64], delta64[e], moment64)) > 0]
             captured = min(shares, default=1.0)
             moved = float((merged[torch.float32] - merged[torch.float64]).norm() / merged[torch.float64].norm())
             odd = [f"{e} {c[torch.float64][0]}/{c[torch.float32][0]} ({c[torch.float64][2]}) → "
