@@ -55,9 +55,9 @@ class MergeSettings(BaseModel):
     precision: Literal["auto", "float64", "float32"] = Field(
         "auto",
         description="Working precision of the per-weight linear algebra. auto: float32 on a GPU "
-        "(consumer GPUs run float64 at 1/32–1/64 of float32 speed) and for esm on CPU (2/3 of "
-        "float64's time, same scores on both zoos); float64 on CPU for the other methods, "
-        "whose float32 route was not measured against it. See docs/performance.md.",
+        "(consumer GPUs run float64 far slower) and for esm on CPU (faster, and it scored as "
+        "float64 on our zoos); float64 on CPU for the other methods, whose float32 route was "
+        "not measured against it. See docs/performance.md.",
     )
     cache_dir: Optional[str] = Field(
         None,

@@ -50,8 +50,8 @@ class EsmSettings(CalibratedSettings):
         "A_cat's row norms as singular values); an ablation switch.",
     )
     OUTSIDE_UPDATE_KEY: ClassVar[frozenset[str]] = CalibratedSettings.OUTSIDE_UPDATE_KEY | {"layer_exponent"}
-    # float32 scored as float64 on both zoos once directions were capped at ΔW's rank above
-    # the rounding level (docs/performance.md), in 2/3 of the time
+    # float32 scores as float64 on both zoos once directions are capped at ΔW's rank above the
+    # rounding level, and takes less time (docs/performance.md)
     CPU_PRECISION: ClassVar[torch.dtype] = torch.float32
 
 
