@@ -350,11 +350,14 @@ def test_merged_lora_stored_in_finite_precision_merges_as_its_exact_low_rank_upd
         assert (merged(deltas, D, level, with_rank=False) - reference).abs().max() > 0.1 * scale
 
 
-@pytest.mark.parametrize("rank", [0, 5, 40])
-def test_rank_above_rounding_counts_singular_values_above_the_level(rank):
+@pytest.mark.parametrize("rank", [0, 5, 29, 40])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_rank_above_rounding_counts_singular_values_above_the_level(rank, transpose):
     """Against ΔW's own singular values: a rank-r matrix plus noise of spectral norm just below
-    the level counts r directions (capped at `directions`), through the sketch (small r) and
-    through the full spectrum (the sketch as wide as ΔW)."""
+    the level counts r directions (capped at `directions`), through each stage: the Cholesky
+    test that all `directions` stand above the level (r ≥ directions), the small sketch's
+    count (r ≤ (directions − 8)/2), the wider sketch (r = 29, one short of 30 directions) and
+    the full spectrum (as many directions as ΔW's shorter side); ΔW tall or wide."""
     g = torch.Generator().manual_seed(5)
     d_out, d_in, level = 96, 80, 1e-6
     noise = torch.randn(d_out, d_in, generator=g, dtype=D)
@@ -363,6 +366,7 @@ def test_rank_above_rounding_counts_singular_values_above_the_level(rank):
     v, _ = torch.linalg.qr(torch.randn(d_in, rank, generator=g, dtype=D)) if rank else (torch.zeros(d_in, 0, dtype=D), None)
     sigma = torch.logspace(-1, -5, rank, dtype=D) if rank else torch.zeros(0, dtype=D)  # down to 10× the level
     delta = (u * sigma) @ v.T + noise
+    delta = delta.T if transpose else delta
     for directions in (8, 30, 80):
         assert rank_above_rounding(delta, level, directions) == min(rank, directions)
         assert rank_above_rounding(delta.float(), level, directions) == min(rank, directions)

@@ -158,20 +158,49 @@ def rank_above_rounding(delta: torch.Tensor, level: float, directions: int) -> i
     noise directions' eigenvalues fall below what the eigensolver resolves, even in float64.
     Their eigenvectors then lean towards the real directions and pass the share-of-ΔW test,
     and the whitening weighs each like a real one (docs/design.md, "The math"). A Gaussian
-    sketch Y = ΔW Ω (Ω: d_in × m, m = 2·`directions` + 8) squares nothing: the noise N
-    (‖N‖₂ ≤ level) gives Y singular values of at most level·(√d_in + √m), a direction of a
-    rank-r ΔW with singular value σ one of at least σ·(√m − √r) ≥ σ·0.4·√m, so directions
-    ten times above the level count and no noise direction does. In float64 with a fixed seed:
-    the count is the same in either working precision and on every run.
+    sketch Y = ΔW Ω (Ω: d_in × m) squares nothing: the noise N (‖N‖₂ ≤ level) gives Y
+    singular values of at most τ = level·(√d_in + √m) ≥ level·‖Ω‖₂, a direction of a rank-r
+    ΔW with singular value σ one of at least σ·(√m − √r), which is ≥ σ·0.4·√m for m ≥ 2r + 8,
+    so directions ten times above the level count and no noise direction does. ΔW is
+    sketched along its longer side (its transpose has the same singular values), so Y is
+    the smaller matrix. In float64 with a fixed seed: the count is the same in either working
+    precision and on every run.
+
+    In stages, cheapest first, as most experts are full fine-tunes whose every direction
+    stands above the level (the full count cost 0.3 s per expert and layer at 135M widths,
+    most of it in gate/up_proj's singular values; `python -m eval.bench_rank_sketch`):
+    1. a sketch of m = `directions` columns: σ_j(Y) ≤ σ_j(ΔW)·‖Ω‖₂, so if all m of Y's
+       singular values exceed τ (YᵀY − τ²I positive definite: one Cholesky, no SVD), ΔW has
+       at least `directions` above the level;
+    2. else that sketch's own count c, when m ≥ 2c + 8 (a LoRA's rank);
+    3. else the count from m = 2·`directions` + 8 columns, or from ΔW's own singular values
+       where such a sketch would be as large as ΔW.
     """
-    d_out, d_in = delta.shape
-    m = min(2 * directions + 8, d_in)
-    if m >= min(d_out, d_in):  # the sketch would be as large as ΔW: count ΔW's own singular values
-        sigma = torch.linalg.svdvals(delta.double())
-        return min(int((sigma > level).sum()), directions)
-    omega = torch.randn(d_in, m, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    sigma = torch.linalg.svdvals(delta.double() @ omega.to(delta.device))
-    noise = level * (d_in**0.5 + m**0.5)
+    wide = delta if delta.shape[1] >= delta.shape[0] else delta.T
+    rows, cols = wide.shape
+    directions = min(directions, rows)
+    if directions == 0:
+        return 0
+    wide = wide.double()
+
+    def sketch(m: int) -> tuple[torch.Tensor, float]:
+        omega = torch.randn(cols, m, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        return wide @ omega.to(wide.device), level * (cols**0.5 + m**0.5)
+
+    if directions < rows:
+        y, noise = sketch(directions)
+        gram = y.T @ y
+        gram.diagonal().sub_(noise**2)
+        if torch.linalg.cholesky_ex(gram).info == 0:
+            return directions
+        count = int((torch.linalg.svdvals(y) > noise).sum())
+        if directions >= 2 * count + 8:
+            return count
+    if 2 * directions + 8 >= rows:
+        sigma, noise = torch.linalg.svdvals(wide), level
+    else:
+        y, noise = sketch(2 * directions + 8)
+        sigma = torch.linalg.svdvals(y)
     return min(int((sigma > noise).sum()), directions)
 
 
