@@ -7,10 +7,14 @@ fresh process, ESM into an empty cache so that calibration is timed. `--runs` li
 in order, each `method` or `method:precision` (e.g. `esm:float32`), with its wall time and peak
 anonymous memory (bench_scale's measure: page cache of the mapped inputs not counted); the default, ESM first,
 then TIES, then ESM again, shows drift on a shared machine as the two ESM times differing.
+The report names OMP_WAIT_POLICY when it is set: PASSIVE (kind to jobs sharing the cores)
+slows MKL's eigensolver and inverses at these widths, so ESM more than TIES
+(docs/performance.md).
 """
 
 import argparse
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -37,8 +41,9 @@ def main():
             times.append((spec, round(run["wall_s"], 1), run["peak_anon_mib"]))
             print(*times[-1], flush=True)
     ties = next(s for m, s, _ in times if m == "ties")
+    policy = os.environ.get("OMP_WAIT_POLICY")
     text = (f"# ESM against TIES on the first zoo's merge (4 experts, SmolLM2-135M), "
-            f"`python -m eval.zoo_speed --runs {args.runs}`\n\n"
+            f"`{'OMP_WAIT_POLICY=' + policy + ' ' if policy else ''}python -m eval.zoo_speed --runs {args.runs}`\n\n"
             "| run | method | wall s (mergekit-yaml, calibration included) | / TIES | peak anonymous RSS MiB |\n"
             "|---|---|---|---|---|\n"
             + "".join(f"| {i + 1} | {m} | {s} | {s / ties:.2f}× | {mib} |\n" for i, (m, s, mib) in enumerate(times))
