@@ -167,8 +167,7 @@ def rank_above_rounding(delta: torch.Tensor, level: float, directions: int) -> i
     precision and on every run.
 
     In stages, cheapest first, as most experts are full fine-tunes whose every direction
-    stands above the level (the full count cost 0.3 s per expert and layer at 135M widths,
-    most of it in gate/up_proj's singular values; `python -m eval.bench_rank_sketch`):
+    stands above the level (each stage's cost: `python -m eval.bench_rank_sketch`):
     1. a sketch of m = `directions` columns: σ_j(Y) ≤ σ_j(ΔW)·‖Ω‖₂, so if all m of Y's
        singular values exceed τ (YᵀY − τ²I positive definite: one Cholesky, no SVD), ΔW has
        at least `directions` above the level;
