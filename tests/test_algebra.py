@@ -352,24 +352,42 @@ def test_merged_lora_stored_in_finite_precision_merges_as_its_exact_low_rank_upd
 
 @pytest.mark.parametrize("rank", [0, 5, 29, 40])
 @pytest.mark.parametrize("transpose", [False, True])
-def test_rank_above_rounding_counts_singular_values_above_the_level(rank, transpose):
+@pytest.mark.parametrize("level", [1e-6, 1e-11])
+def test_rank_above_rounding_counts_singular_values_above_the_level(rank, transpose, level):
     """Against ΔW's own singular values: a rank-r matrix plus noise of spectral norm just below
     the level counts r directions (capped at `directions`), through each stage: the Cholesky
     test that all `directions` stand above the level (r ≥ directions), the small sketch's
     count (r ≤ (directions − 8)/2), the wider sketch (r = 29, one short of 30 directions) and
-    the full spectrum (as many directions as ΔW's shorter side); ΔW tall or wide."""
+    the square one (as many directions as ΔW's shorter side); ΔW tall or wide; a level where
+    the sketch's Gram matrix resolves it (1e-6 of ΔW's largest singular value) and one where
+    it does not (1e-11: counted from the sketch's singular values)."""
     g = torch.Generator().manual_seed(5)
-    d_out, d_in, level = 96, 80, 1e-6
+    d_out, d_in = 96, 80
     noise = torch.randn(d_out, d_in, generator=g, dtype=D)
     noise *= 0.9 * level / torch.linalg.matrix_norm(noise, ord=2)
     u, _ = torch.linalg.qr(torch.randn(d_out, rank, generator=g, dtype=D)) if rank else (torch.zeros(d_out, 0, dtype=D), None)
     v, _ = torch.linalg.qr(torch.randn(d_in, rank, generator=g, dtype=D)) if rank else (torch.zeros(d_in, 0, dtype=D), None)
-    sigma = torch.logspace(-1, -5, rank, dtype=D) if rank else torch.zeros(0, dtype=D)  # down to 10× the level
-    delta = (u * sigma) @ v.T + noise
+    sigma = torch.logspace(-1, math.log10(10 * level), rank, dtype=D) if rank else torch.zeros(0, dtype=D)
+    delta = (u * sigma) @ v.T + noise  # singular values from 0.1 down to 10× the level
     delta = delta.T if transpose else delta
     for directions in (8, 30, 80):
         assert rank_above_rounding(delta, level, directions) == min(rank, directions)
-        assert rank_above_rounding(delta.float(), level, directions) == min(rank, directions)
+        if level > 1e-7:  # float32 itself rounds ΔW at ~1e-8 of its largest singular value
+            assert rank_above_rounding(delta.float(), level, directions) == min(rank, directions)
+
+
+def test_rank_above_rounding_one_strong_direction_short_of_all():
+    """ΔW with `directions` − 1 strong directions (≥ 1000× the level) and noise below it: the
+    sketch's first `directions` − 1 columns pass the Cholesky test and the last fails, which
+    bounds the count from below by `directions` − 1, not `directions`."""
+    g = torch.Generator().manual_seed(6)
+    d_out, d_in, level, directions = 96, 80, 1e-6, 30
+    u, _ = torch.linalg.qr(torch.randn(d_out, directions - 1, generator=g, dtype=D))
+    v, _ = torch.linalg.qr(torch.randn(d_in, directions - 1, generator=g, dtype=D))
+    noise = torch.randn(d_out, d_in, generator=g, dtype=D)
+    noise *= 0.9 * level / torch.linalg.matrix_norm(noise, ord=2)
+    delta = (u * torch.logspace(-1, -3, directions - 1, dtype=D)) @ v.T + noise
+    assert rank_above_rounding(delta, level, directions) == directions - 1
 
 
 def test_auto_precision_is_float32_for_esm_and_float64_on_cpu_for_the_others():

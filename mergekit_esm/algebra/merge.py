@@ -169,11 +169,17 @@ def rank_above_rounding(delta: torch.Tensor, level: float, directions: int) -> i
     In stages, cheapest first, as most experts are full fine-tunes whose every direction
     stands above the level (each stage's cost: `python -m eval.bench_rank_sketch`):
     1. a sketch of m = `directions` columns: σ_j(Y) ≤ σ_j(ΔW)·‖Ω‖₂, so if all m of Y's
-       singular values exceed τ (YᵀY − τ²I positive definite: one Cholesky, no SVD), ΔW has
-       at least `directions` above the level;
+       singular values exceed τ, ΔW has at least `directions` above the level;
     2. else that sketch's own count c, when m ≥ 2c + 8 (a LoRA's rank);
-    3. else the count from m = 2·`directions` + 8 columns, or from ΔW's own singular values
-       where such a sketch would be as large as ΔW.
+    3. else the count from m = 2·`directions` + 8 columns, at most as many as ΔW's shorter
+       side (square Y), never ΔW's own singular values, whose cost grows with its longer
+       side (an 8B gate_proj's 4096 × 14336 in float64). Where m < 2r + 8 the weakest of r
+       directions may need more than ten times the level to count: a full-rank ΔW's count
+       can fall short, never above.
+    Y's singular values come from its Gram matrix YᵀY (m × m; all above τ: one Cholesky of
+    YᵀY − τ²I) where squaring keeps τ² far above float64's rounding of YᵀY, as for ΔW in
+    bfloat16; from Y itself otherwise (float32 checkpoints, whose rounding level lies ~10⁻⁷
+    below ΔW).
     """
     wide = delta if delta.shape[1] >= delta.shape[0] else delta.T
     rows, cols = wide.shape
@@ -182,26 +188,39 @@ def rank_above_rounding(delta: torch.Tensor, level: float, directions: int) -> i
         return 0
     wide = wide.double()
 
-    def sketch(m: int) -> tuple[torch.Tensor, float]:
+    def sketch(m: int, known: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+        """Y = ΔW Ω for Ω's first m columns (the same columns for every m: drawn row by row of
+        Ωᵀ), reusing the columns of Y already `known`; with its noise bound τ."""
         # drawn in float32, five times faster than float64 and as Gaussian for the bound
-        omega = torch.randn(cols, m, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
-        return wide @ omega.to(wide.device, torch.float64), level * (cols**0.5 + m**0.5)
+        omega = torch.randn(m, cols, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+        start = 0 if known is None else known.shape[1]
+        y = wide @ omega[start:].T.to(wide.device, torch.float64)
+        return (y if known is None else torch.cat([known, y], dim=1)), level * (cols**0.5 + m**0.5)
 
-    if directions < rows:
-        y, noise = sketch(directions)
+    def count_above(y: torch.Tensor, noise: float, small_only: bool = False) -> int:
+        """#σ(Y) > τ. small_only: exact only when all are above, or when the count is small
+        enough for stage 2 (else any count > (m − 8)/2)."""
+        m = y.shape[1]
         gram = y.T @ y
+        # eigenvalues of the rounded YᵀY are off by at most ~m·eps·‖Y‖_F²
+        if m * torch.finfo(torch.float64).eps * float(gram.trace()) > 0.01 * noise**2:
+            return int((torch.linalg.svdvals(y) > noise).sum())
         gram.diagonal().sub_(noise**2)
-        if torch.linalg.cholesky_ex(gram).info == 0:
-            return directions
-        count = int((torch.linalg.svdvals(y) > noise).sum())
-        if directions >= 2 * count + 8:
+        if small_only:
+            # a leading minor of order i that is not positive definite: Y's first i − 1
+            # columns alone have i − 1 singular values above τ, so Y has at least as many
+            failed = int(torch.linalg.cholesky_ex(gram).info)
+            if failed == 0 or failed - 1 > (m - 8) // 2:
+                return m if failed == 0 else failed - 1
+        return int((torch.linalg.eigvalsh(gram) > 0).sum())
+
+    known = None
+    if directions < rows:
+        known, noise = sketch(directions)
+        count = count_above(known, noise, small_only=True)
+        if count == directions or directions >= 2 * count + 8:
             return count
-    if 2 * directions + 8 >= rows:
-        sigma, noise = torch.linalg.svdvals(wide), level
-    else:
-        y, noise = sketch(2 * directions + 8)
-        sigma = torch.linalg.svdvals(y)
-    return min(int((sigma > noise).sum()), directions)
+    return min(count_above(*sketch(min(2 * directions + 8, rows), known)), directions)
 
 
 def carrying_directions(factors: TaskFactors) -> torch.Tensor:
