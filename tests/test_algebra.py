@@ -358,7 +358,7 @@ def test_rank_above_rounding_counts_singular_values_above_the_level(rank, transp
     the level counts r directions (capped at `directions`), through each stage: the Cholesky
     test that all `directions` stand above the level (r ≥ directions), the small sketch's
     count (r ≤ (directions − 8)/2), the wider sketch (r = 29, one short of 30 directions) and
-    the square one (as many directions as ΔW's shorter side); ΔW tall or wide; a level where
+    one wider than ΔW is tall (80 directions: 168 columns); ΔW tall or wide; a level where
     the sketch's Gram matrix resolves it (1e-6 of ΔW's largest singular value) and one where
     it does not (1e-11: counted from the sketch's singular values)."""
     g = torch.Generator().manual_seed(5)

@@ -171,15 +171,14 @@ def rank_above_rounding(delta: torch.Tensor, level: float, directions: int) -> i
     1. a sketch of m = `directions` columns: σ_j(Y) ≤ σ_j(ΔW)·‖Ω‖₂, so if all m of Y's
        singular values exceed τ, ΔW has at least `directions` above the level;
     2. else that sketch's own count c, when m ≥ 2c + 8 (a LoRA's rank);
-    3. else the count from m = 2·`directions` + 8 columns, at most as many as ΔW's shorter
-       side (square Y), never ΔW's own singular values, whose cost grows with its longer
-       side (an 8B gate_proj's 4096 × 14336 in float64). Where m < 2r + 8 the weakest of r
-       directions may need more than ten times the level to count: a full-rank ΔW's count
-       can fall short, never above.
-    Y's singular values come from its Gram matrix YᵀY (m × m; all above τ: one Cholesky of
-    YᵀY − τ²I) where squaring keeps τ² far above float64's rounding of YᵀY, as for ΔW in
-    bfloat16; from Y itself otherwise (float32 checkpoints, whose rounding level lies ~10⁻⁷
-    below ΔW).
+    3. else the count from m = 2·`directions` + 8 columns, reusing the first sketch's, also
+       where m exceeds ΔW's shorter side (Y wider than tall): a narrower Y would lose the
+       weakest of a full-rank ΔW's directions, and ΔW's own singular values would have no
+       margin above the level (a merged LoRA's rounding noise reaches it).
+    Y's singular values come from its smaller Gram matrix (YᵀY or YYᵀ; all above τ: one
+    Cholesky of YᵀY − τ²I) where squaring keeps τ² far above float64's rounding of it, as for
+    ΔW in bfloat16; from Y itself otherwise (float32 checkpoints, whose rounding level lies
+    ~10⁻⁷ below ΔW).
     """
     wide = delta if delta.shape[1] >= delta.shape[0] else delta.T
     rows, cols = wide.shape
@@ -201,9 +200,9 @@ def rank_above_rounding(delta: torch.Tensor, level: float, directions: int) -> i
         """#σ(Y) > τ. small_only: exact only when all are above, or when the count is small
         enough for stage 2 (else any count > (m − 8)/2)."""
         m = y.shape[1]
-        gram = y.T @ y
-        # eigenvalues of the rounded YᵀY are off by at most ~m·eps·‖Y‖_F²
-        if m * torch.finfo(torch.float64).eps * float(gram.trace()) > 0.01 * noise**2:
+        gram = y.T @ y if m <= y.shape[0] else y @ y.T
+        # eigenvalues of the rounded Gram matrix are off by at most ~size·eps·‖Y‖_F²
+        if gram.shape[0] * torch.finfo(torch.float64).eps * float(gram.trace()) > 0.01 * noise**2:
             return int((torch.linalg.svdvals(y) > noise).sum())
         gram.diagonal().sub_(noise**2)
         if small_only:
@@ -220,7 +219,7 @@ def rank_above_rounding(delta: torch.Tensor, level: float, directions: int) -> i
         count = count_above(known, noise, small_only=True)
         if count == directions or directions >= 2 * count + 8:
             return count
-    return min(count_above(*sketch(min(2 * directions + 8, rows), known)), directions)
+    return min(count_above(*sketch(2 * directions + 8, known)), directions)
 
 
 def carrying_directions(factors: TaskFactors) -> torch.Tensor:
