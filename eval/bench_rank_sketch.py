@@ -4,7 +4,9 @@ alone on a model's weight shapes, for two kinds of expert.
     python -m eval.bench_rank_sketch [--hidden 576 --intermediate 1536 --kv 192 --experts 4 --layers 30]
 
 Defaults: SmolLM2-135M's shapes, 4 experts (the first zoo). The two experts:
-- "clear": ΔW well above the rounding level in every direction (the first stage settles it);
+- "clear": ΔW 10⁴ times its rounding level in every direction, as in a float32 checkpoint
+  (the first stage settles it; the level lies too far below ΔW for the sketch's Gram matrix,
+  so from the sketch's singular values);
 - "near the level": bench_scale's random experts, a base of scale 0.02 and a perturbation of
   0.002 both rounded to bfloat16, whose weakest directions lie a few times above bfloat16's
   rounding level, so gate/up_proj go through the wider sketch.
@@ -48,10 +50,10 @@ def main():
             rank_above_rounding(delta, level, k)  # warm-up
             start = time.perf_counter()
             for _ in range(args.repeats):
-                rank = rank_above_rounding(delta, level, k)
+                count = rank_above_rounding(delta, level, k)
             seconds = (time.perf_counter() - start) / args.repeats
             per_layer[kind] = per_layer.get(kind, 0.0) + seconds
-            print(f"{name:10s} {d_out:6d} × {d_in:6d}, k {k:5d}, {kind:15s}: {1000 * seconds:8.1f} ms (count {rank})")
+            print(f"{name:10s} {d_out:6d} × {d_in:6d}, k {k:5d}, {kind:15s}: {1000 * seconds:8.1f} ms (count {count})")
     for kind, seconds in per_layer.items():
         print(f"{kind}: per expert and layer {seconds:.3f} s; {args.experts} experts × {args.layers} layers: "
               f"{seconds * args.experts * args.layers:.1f} s")

@@ -176,9 +176,9 @@ def rank_above_rounding(delta: torch.Tensor, level: float, directions: int) -> i
        weakest of a full-rank ΔW's directions, and ΔW's own singular values would have no
        margin above the level (a merged LoRA's rounding noise reaches it).
     Y's singular values come from its smaller Gram matrix (YᵀY or YYᵀ; all above τ: one
-    Cholesky of YᵀY − τ²I) where squaring keeps τ² far above float64's rounding of it, as for
-    ΔW in bfloat16; from Y itself otherwise (float32 checkpoints, whose rounding level lies
-    ~10⁻⁷ below ΔW).
+    Cholesky of YᵀY − τ²I) where squaring keeps τ² above float64's rounding of it, as for ΔW
+    in bfloat16 and most float32 checkpoints; from Y itself where the level lies too far below
+    ΔW for that.
     """
     wide = delta if delta.shape[1] >= delta.shape[0] else delta.T
     rows, cols = wide.shape
@@ -201,8 +201,10 @@ def rank_above_rounding(delta: torch.Tensor, level: float, directions: int) -> i
         enough for stage 2 (else any count > (m − 8)/2)."""
         m = y.shape[1]
         gram = y.T @ y if m <= y.shape[0] else y @ y.T
-        # eigenvalues of the rounded Gram matrix are off by at most ~size·eps·‖Y‖_F²
-        if gram.shape[0] * torch.finfo(torch.float64).eps * float(gram.trace()) > 0.01 * noise**2:
+        # rounding moves the Gram matrix's eigenvalues by at most ~n·eps·‖Y‖_F² (n: the
+        # longer side, summed over); within a quarter of τ² only directions within ~12% of
+        # τ can change sides, where the count is a matter of convention anyway
+        if max(y.shape) * torch.finfo(torch.float64).eps * float(gram.trace()) > 0.25 * noise**2:
             return int((torch.linalg.svdvals(y) > noise).sum())
         gram.diagonal().sub_(noise**2)
         if small_only:
