@@ -334,6 +334,11 @@ def dominating(point: tuple[float, float, float], others: dict[tuple[str, str], 
             if a >= acc and q >= quiz and n <= nll and (a, q, -n) != (acc, quiz, -nll)]
 
 
+# ESM is drawn in red; every other curve takes the next of the other tab10 colours
+OTHER_COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
+                "tab:olive", "tab:cyan"]
+
+
 def plot_by_size(curves_by_zoo: dict, path: Path) -> None:
     import matplotlib
 
@@ -344,6 +349,8 @@ def plot_by_size(curves_by_zoo: dict, path: Path) -> None:
     if not zoos:
         return
     fig, axes = plt.subplots(len(zoos), 3, figsize=(14, 3.8 * len(zoos)), squeeze=False)
+    for ax in axes.flat:
+        ax.set_prop_cycle(color=OTHER_COLORS)
     for row, zoo in zip(axes, zoos):
         for (method, which), points in sorted(curves_by_zoo[zoo].items()):
             points.sort()
@@ -373,6 +380,8 @@ def plot_pareto(run: ZooScores, curves: list[str], path: Path, title: str) -> No
     experts = run.expert_scores("validation")
     base = run.results.get(run.name, "base", "validation")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax in axes:
+        ax.set_prop_cycle(color=OTHER_COLORS)
     for curve in curves:
         rows = sweep.get(curve) or {}
         points = sorted((normalized(r["tasks"], experts), r["quiz"], r["nll"], label) for label, r in rows.items())
