@@ -350,6 +350,18 @@ def test_merged_lora_stored_in_finite_precision_merges_as_its_exact_low_rank_upd
         assert (merged(deltas, D, level, with_rank=False) - reference).abs().max() > 0.1 * scale
 
 
+def _spectrum_plus_noise(sigma: torch.Tensor, level: float, seed: int) -> torch.Tensor:
+    """A 96 × 80 matrix with singular values `sigma` along random directions, plus noise of
+    spectral norm 0.9 × `level` in every direction (a merged LoRA stored with rounding)."""
+    g = torch.Generator().manual_seed(seed)
+    d_out, d_in, r = 96, 80, sigma.numel()
+    noise = torch.randn(d_out, d_in, generator=g, dtype=D)
+    noise *= 0.9 * level / torch.linalg.matrix_norm(noise, ord=2)
+    u, _ = torch.linalg.qr(torch.randn(d_out, r, generator=g, dtype=D))
+    v, _ = torch.linalg.qr(torch.randn(d_in, r, generator=g, dtype=D))
+    return (u * sigma) @ v.T + noise
+
+
 @pytest.mark.parametrize("rank", [0, 5, 29, 40])
 @pytest.mark.parametrize("transpose", [False, True])
 @pytest.mark.parametrize("level", [1e-6, 1e-11])
@@ -361,14 +373,9 @@ def test_rank_above_rounding_counts_singular_values_above_the_level(rank, transp
     one wider than ΔW is tall (80 directions: 168 columns); ΔW tall or wide; a level where
     the sketch's Gram matrix resolves it (1e-6 of ΔW's largest singular value) and one where
     it does not (1e-11: counted from the sketch's singular values)."""
-    g = torch.Generator().manual_seed(5)
-    d_out, d_in = 96, 80
-    noise = torch.randn(d_out, d_in, generator=g, dtype=D)
-    noise *= 0.9 * level / torch.linalg.matrix_norm(noise, ord=2)
-    u, _ = torch.linalg.qr(torch.randn(d_out, rank, generator=g, dtype=D)) if rank else (torch.zeros(d_out, 0, dtype=D), None)
-    v, _ = torch.linalg.qr(torch.randn(d_in, rank, generator=g, dtype=D)) if rank else (torch.zeros(d_in, 0, dtype=D), None)
+    # singular values from 0.1 down to 10× the level
     sigma = torch.logspace(-1, math.log10(10 * level), rank, dtype=D) if rank else torch.zeros(0, dtype=D)
-    delta = (u * sigma) @ v.T + noise  # singular values from 0.1 down to 10× the level
+    delta = _spectrum_plus_noise(sigma, level, seed=5)
     delta = delta.T if transpose else delta
     for directions in (8, 30, 80):
         assert rank_above_rounding(delta, level, directions) == min(rank, directions)
@@ -380,13 +387,8 @@ def test_rank_above_rounding_one_strong_direction_short_of_all():
     """ΔW with `directions` − 1 strong directions (≥ 1000× the level) and noise below it: the
     sketch's first `directions` − 1 columns pass the Cholesky test and the last fails, which
     bounds the count from below by `directions` − 1, not `directions`."""
-    g = torch.Generator().manual_seed(6)
-    d_out, d_in, level, directions = 96, 80, 1e-6, 30
-    u, _ = torch.linalg.qr(torch.randn(d_out, directions - 1, generator=g, dtype=D))
-    v, _ = torch.linalg.qr(torch.randn(d_in, directions - 1, generator=g, dtype=D))
-    noise = torch.randn(d_out, d_in, generator=g, dtype=D)
-    noise *= 0.9 * level / torch.linalg.matrix_norm(noise, ord=2)
-    delta = (u * torch.logspace(-1, -3, directions - 1, dtype=D)) @ v.T + noise
+    level, directions = 1e-6, 30
+    delta = _spectrum_plus_noise(torch.logspace(-1, -3, directions - 1, dtype=D), level, seed=6)
     assert rank_above_rounding(delta, level, directions) == directions - 1
 
 

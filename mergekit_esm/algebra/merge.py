@@ -200,12 +200,12 @@ def rank_above_rounding(delta: torch.Tensor, level: float, directions: int) -> i
         """#σ(Y) > τ. small_only: exact only when all are above, or when the count is small
         enough for stage 2 (else any count > (m − 8)/2)."""
         m = y.shape[1]
-        gram = y.T @ y if m <= y.shape[0] else y @ y.T
         # rounding moves the Gram matrix's eigenvalues by at most ~n·eps·‖Y‖_F² (n: the
         # longer side, summed over); within a quarter of τ² only directions within ~12% of
         # τ can change sides, where the count is a matter of convention anyway
-        if max(y.shape) * torch.finfo(torch.float64).eps * float(gram.trace()) > 0.25 * noise**2:
+        if max(y.shape) * torch.finfo(torch.float64).eps * float(y.square().sum()) > 0.25 * noise**2:
             return int((torch.linalg.svdvals(y) > noise).sum())
+        gram = y.T @ y if m <= y.shape[0] else y @ y.T
         gram.diagonal().sub_(noise**2)
         if small_only:
             # a leading minor of order i that is not positive definite: Y's first i − 1
