@@ -190,7 +190,7 @@ def rank_above_rounding(delta: torch.Tensor, level: float, directions: int) -> i
     def sketch(m: int, known: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
         """Y = ΔW Ω for Ω's first m columns (the same columns for every m: drawn row by row of
         Ωᵀ), reusing the columns of Y already `known`; with its noise bound τ."""
-        # drawn in float32, five times faster than float64 and as Gaussian for the bound
+        # drawn in float32: faster to draw than float64, and as Gaussian for the bound
         omega = torch.randn(m, cols, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
         start = 0 if known is None else known.shape[1]
         y = wide @ omega[start:].T.to(wide.device, torch.float64)
