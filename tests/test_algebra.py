@@ -18,11 +18,12 @@ from mergekit_esm.algebra import (
     polar_orthogonalize,
     polarized_scale,
     rank_above_rounding,
+
     storage_rounding_level,
     svd_subspace,
     task_singular_vectors_merge,
 )
-from mergekit_esm.algebra.merge import common_space_split, concatenate_factors, newton_polar
+from mergekit_esm.algebra.merge import common_space_split, concatenate_factors, newton_polar, sketch_dtype
 from mergekit_esm.algebra.regression import regression_mean
 from mergekit_esm.algebra.subspace import InputMoment
 from mergekit_esm.methods.esm import EsmSettings
@@ -555,3 +556,33 @@ def test_norm_preserving_flattening_ignores_near_null_directions():
     assert e[:4].max() < 1.2  # the four real directions keep about their own size
     assert eigenvalue_flattening(lam, 0.15)[:4].min() > 2.5  # the mean-1 rule inflates them
     assert torch.allclose(eigenvalue_flattening(lam, 0.0, norms), torch.ones(16, dtype=D))
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_rank_above_rounding_in_float32_near_a_bfloat16_level_counts_as_float64(transpose):
+    """A level like a bfloat16 checkpoint's (1e-3 of ΔW's largest singular value) lets the
+    sketch run in float32; the counts are those of ΔW's own singular values, at every stage."""
+    level = 1e-4
+    for rank, directions in ((40, 30), (29, 30), (5, 30), (40, 80)):
+        sigma = torch.logspace(-1, math.log10(10 * level), rank, dtype=D)
+        delta = _spectrum_plus_noise(sigma, level, seed=7)
+        delta = delta.T if transpose else delta
+        wide = delta if delta.shape[1] >= delta.shape[0] else delta.T
+        row_norm = float(torch.linalg.vector_norm(wide, dim=1).max())
+        m = 2 * min(directions, wide.shape[0]) + 8
+        assert sketch_dtype(row_norm, level, *wide.shape, m) == torch.float32
+        assert rank_above_rounding(delta, level, directions) == min(rank, directions)
+
+
+def test_sketch_dtype_is_float32_only_where_its_rounding_stays_far_below_the_level():
+    rows, cols, m = 2048, 5632, 2824
+    # rows of a weight of rms 0.02 and a fine-tune's ΔW of rms 2e-3 (TinyLlama's gate_proj)
+    weight_rms, row_norm = 0.02, 2e-3 * cols**0.5
+    for stored, expected in ((torch.bfloat16, torch.float32), (torch.float16, torch.float32)):
+        level = storage_rounding_level(weight_rms, (cols, rows), stored)
+        assert sketch_dtype(row_norm, level, rows, cols, m) == expected
+    # a float32 checkpoint whose ΔW is a tenth of W: float32 rounding of Y reaches its level
+    level = storage_rounding_level(weight_rms, (cols, rows), torch.float32)
+    assert sketch_dtype(row_norm, level, rows, cols, m) == torch.float64
+    # and one whose ΔW is 10⁻⁴ of W is sketched in float32
+    assert sketch_dtype(row_norm * 1e-3, level, rows, cols, m) == torch.float32

@@ -163,8 +163,9 @@ def rank_above_rounding(delta: torch.Tensor, level: float, directions: int) -> i
     ΔW with singular value σ one of at least σ·(√m − √r), which is ≥ σ·0.4·√m for m ≥ 2r + 8,
     so directions ten times above the level count and no noise direction does. ΔW is
     sketched along its longer side (its transpose has the same singular values), so Y is
-    the smaller matrix. In float64 with a fixed seed: the count is the same in either working
-    precision and on every run.
+    the smaller matrix. With a fixed seed, and in a precision chosen from ΔW's size and the
+    level (not from the working precision): the count is the same in either working precision
+    and on every run.
 
     In stages, cheapest first, as most experts are full fine-tunes whose every direction
     stands above the level (each stage's cost: `python -m eval.bench_rank_sketch`):
@@ -179,13 +180,18 @@ def rank_above_rounding(delta: torch.Tensor, level: float, directions: int) -> i
     Cholesky of YᵀY − τ²I) where squaring keeps τ² above float64's rounding of it, as for ΔW
     in bfloat16 and most float32 checkpoints; from Y itself where the level lies too far below
     ΔW for that.
+
+    The sketch products run in float32 where their rounding stays far below τ (`sketch_dtype`:
+    bfloat16 and float16 checkpoints, and float32 ones whose ΔW is small against W), else in
+    float64; the counting is in float64 either way.
     """
     wide = delta if delta.shape[1] >= delta.shape[0] else delta.T
     rows, cols = wide.shape
     directions = min(directions, rows)
     if directions == 0:
         return 0
-    wide = wide.double()
+    row_norm = float(torch.linalg.vector_norm(wide, dim=1).max())
+    wide = wide.to(sketch_dtype(row_norm, level, rows, cols, 2 * directions + 8))
 
     def sketch(m: int, known: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
         """Y = ΔW Ω for Ω's first m columns (the same columns for every m: drawn row by row of
@@ -193,7 +199,7 @@ def rank_above_rounding(delta: torch.Tensor, level: float, directions: int) -> i
         # drawn in float32: faster to draw than float64, and as Gaussian for the bound
         omega = torch.randn(m, cols, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
         start = 0 if known is None else known.shape[1]
-        y = wide @ omega[start:].T.to(wide.device, torch.float64)
+        y = (wide @ omega[start:].T.to(wide.device, wide.dtype)).double()
         return (y if known is None else torch.cat([known, y], dim=1)), level * (cols**0.5 + m**0.5)
 
     def count_above(y: torch.Tensor, noise: float, small_only: bool = False) -> int:
@@ -222,6 +228,26 @@ def rank_above_rounding(delta: torch.Tensor, level: float, directions: int) -> i
         if count == directions or directions >= 2 * count + 8:
             return count
     return min(count_above(*sketch(2 * directions + 8, known)), directions)
+
+
+def sketch_dtype(row_norm: float, level: float, rows: int, cols: int, columns: int) -> torch.dtype:
+    """float32 for rank_above_rounding's sketch Y = ΔW Ω (ΔW: rows × cols, its longest row of
+    norm `row_norm`; Ω: cols × `columns` Gaussian) where a float32 product's rounding error
+    stays below a tenth of the noise bound τ = level·(√cols + √columns); float64 otherwise.
+
+    Each entry of Y is a dot product of length cols with error ~u·√cols·‖ΔW row‖ (u = eps/2;
+    the probabilistic bound of Higham and Mary, SIAM J. Sci. Comput. 41, 2019), independent
+    across entries, so the error matrix's spectral norm, which bounds how far any singular
+    value of Y moves, is at most u·√cols·max‖ΔW row‖·(√rows + √columns). That is far below τ
+    for bfloat16 and float16 checkpoints (levels 2¹³–2¹⁶ times float32's), and for a float32
+    checkpoint only when ΔW is small against W.
+
+    On a CPU float32 halves the sketch's time; on a consumer GPU, whose float64 rate is 1/64 of
+    its float32 rate, it is what makes the rule affordable for bfloat16 models.
+    """
+    u = torch.finfo(torch.float32).eps / 2
+    error = u * cols**0.5 * row_norm * (rows**0.5 + columns**0.5)
+    return torch.float32 if error <= 0.1 * level * (cols**0.5 + columns**0.5) else torch.float64
 
 
 def carrying_directions(factors: TaskFactors) -> torch.Tensor:
