@@ -55,7 +55,7 @@ ABLATIONS = {
     "esm, no dimension scaling": {"dimension_exponent": 0.0},
     "esm, svd basis": {"basis": "svd"},
     "esm, no layer scaling": {"layer_exponent": 0.0},
-    "esm, no task scaling": {"task_exponent": 0.0},
+    "esm, paper's task scaling": {"task_exponent": 2.0},  # the paper's p = 2 (off by default)
     "esm, no flattening": {"gamma": 0.0},
     # both suspects off at once: whitening (which flattens a LoRA expert's few strong directions
     # to the mean) and task scaling (which weighs experts by their training budget)
@@ -77,6 +77,16 @@ def default_setting(method: str) -> dict:
         return {key: fields[key].default for key in GRIDS[method][0]}
     recipe = yaml.safe_load(recipe_file(method).read_text())["parameters"]
     return {key: recipe[key] for key in GRIDS[method][0] if key in recipe}
+
+
+def full_setting(method: str, setting: dict) -> dict:
+    """`setting` with every parameter it leaves to this package's defaults filled in (mergekit's
+    own methods take theirs from the recipe, which `setting` already is)."""
+    from mergekit_esm.methods import METHODS as OURS
+
+    if method not in OURS:
+        return dict(setting)
+    return {key: field.default for key, field in OURS[method].settings_type.model_fields.items()} | setting
 
 
 def sweep_settings(method: str) -> dict[str, dict]:
@@ -162,7 +172,10 @@ class ZooRun(ZooScores):
         empty_cache: merge without the cached merged updates of earlier settings, so that the
         recorded time and peak memory are the whole merge's."""
         cached = self.results.get(self.name, *key)
-        if cached is not None:
+        # a "default" key outlives a change of the defaults: the full settings it was merged
+        # with are kept, and a merge whose settings differ from today's is redone
+        recorded = full_setting(method, setting)
+        if cached is not None and cached.get("setting", recorded) == recorded:
             return cached
         cache = self.workdir / "robustness" / "esm-cache" / ("-".join(members) + ("-empty" if empty_cache else ""))
         if empty_cache:
@@ -170,7 +183,7 @@ class ZooRun(ZooScores):
         run = merge(method, setting, self.base, [self.experts[m] for m in members],
                              self.workdir / "robustness", cache=cache)
         path = run["path"]
-        scores = {**self.evaluate(key, path, members, split), "merge_s": round(run["wall_s"], 1),
+        scores = {**self.evaluate(key, path, members, split), "merge_s": round(run["wall_s"], 1), "setting": recorded,
                   **({"peak_anon_mib": run["peak_anon_mib"]} if "peak_anon_mib" in run else {})}
         if setting.get("alpha") == "auto":  # the α it chose, from the model card
             card = (path / "README.md").read_text()

@@ -17,16 +17,22 @@ from mergekit_esm.methods.base import CalibratedSettings, MethodDefinition, Stre
 
 class EsmSettings(CalibratedSettings):
     alpha: Strength = Field(
-        3.0,
+        2.0,
         description="Global strength α: W = W0 + α·β_ℓ·ΔW_merged, or 'auto'. α=1 is the merged "
         "update as ESM builds it, without the authors' ViT factor 2 (α=1 here is their α=0.5). "
-        "Default 3: chosen on our zoos' validation splits (README, 'Choosing the strength').",
+        "Default 2: the largest α of the grid that keeps the base within the retention margin on "
+        "both zoos' validation splits (docs/robustness.md, 'The defaults chosen').",
     )
     rank: Optional[int] = Field(
         None, ge=1, description="Directions kept per expert and weight; default ⌊d_out / T⌋, at most d_in."
     )
     gamma: float = Field(0.15, ge=0, description="Eigenvalue flattening exponent γ; 0 turns it off.")
-    task_exponent: float = Field(2.0, description="Task-level polarized scaling exponent; 0 = off.")
+    task_exponent: float = Field(
+        0.0,
+        description="Task-level polarized scaling exponent; 0 = off (default; the paper's 2 weighs "
+        "experts by their task vectors' norms, i.e. by their training budget, and lost tasks and "
+        "retention on both zoos: docs/robustness.md).",
+    )
     dimension_exponent: float = Field(
         2.0, description="Input-dimension-level polarized scaling exponent; 0 = off."
     )
