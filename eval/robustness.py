@@ -149,9 +149,10 @@ class ZooRun(ZooScores):
         write_quiz_task(tasks_dir, AutoTokenizer.from_pretrained(self.base))
         self.include = write_task_configs(models["data"], tasks_dir, scorer=scorer)
 
-    def evaluate(self, key: tuple, model: Path, tasks: list[str], split: str) -> dict:
-        """Accuracy per task, quiz and held-out NLL on the split, cached under key."""
-        cached = self.results.get(self.name, *key)
+    def evaluate(self, key: tuple, model: Path, tasks: list[str], split: str, fresh: bool = False) -> dict:
+        """Accuracy per task, quiz and held-out NLL on the split, cached under key (fresh: score
+        again whatever is cached, for a merge that was just redone)."""
+        cached = None if fresh else self.results.get(self.name, *key)
         if cached is None:
             suffix = "" if split == "test" else "_val"
             names = [t + suffix for t in tasks] + [QUIZ_TASK + suffix]
@@ -183,7 +184,7 @@ class ZooRun(ZooScores):
         run = merge(method, setting, self.base, [self.experts[m] for m in members],
                              self.workdir / "robustness", cache=cache)
         path = run["path"]
-        scores = {**self.evaluate(key, path, members, split), "merge_s": round(run["wall_s"], 1), "setting": recorded,
+        scores = {**self.evaluate(key, path, members, split, fresh=True), "merge_s": round(run["wall_s"], 1), "setting": recorded,
                   **({"peak_anon_mib": run["peak_anon_mib"]} if "peak_anon_mib" in run else {})}
         if setting.get("alpha") == "auto":  # the α it chose, from the model card
             card = (path / "README.md").read_text()

@@ -354,3 +354,32 @@ def test_merge_reports_time_and_peak_memory_and_reuses_a_finished_merge(zoo, tmp
     assert again == {"path": run["path"], "wall_s": 0.0}
     (run["path"] / "config.json").unlink()
     assert merge("task_arithmetic", {"weight": 0.5}, zoo["base"], zoo["experts"], tmp_path)["wall_s"] > 0
+
+
+def test_protocol_redoes_and_rescores_a_cached_merge_whose_settings_changed(tmp_path, monkeypatch):
+    """A subset's "default" key outlives a change of the method's defaults: the merge is redone
+    when the full settings it was made with differ from today's, and scored afresh (not read
+    back from the stale entry); with the same settings it is neither merged nor scored again."""
+    import eval.robustness as rb
+    from eval.compare import Results
+
+    run = object.__new__(rb.ZooRun)
+    run.name, run.results, run.workdir, run.include = "toy", Results(tmp_path / "results.json"), tmp_path, None
+    run.base, run.experts = tmp_path, {"a": tmp_path}
+    merges, accuracy = [], iter([0.25, 0.75])
+
+    def fake_merge(method, setting, base, experts, workdir, cache):
+        merges.append(setting)
+        (path := tmp_path / f"merge{len(merges)}").mkdir()
+        return {"path": path, "wall_s": 1.0}
+
+    monkeypatch.setattr(rb, "merge", fake_merge)
+    monkeypatch.setattr(rb, "score", lambda model, names, include: dict.fromkeys(names, next(accuracy)))
+    monkeypatch.setattr(rb, "heldout_nll", lambda model: 3.0)
+    key = ("subsets", "1", "a", "esm", rb.DEFAULT)
+    first = run.merged(key, "esm", {"alpha": 2.0}, ["a"], "test")
+    assert run.merged(key, "esm", {"alpha": 2.0}, ["a"], "test") == first and len(merges) == 1
+    assert first["tasks"] == {"a": 0.25} and first["setting"]["task_exponent"] == 0.0
+    redone = run.merged(key, "esm", {"alpha": 2.0, "task_exponent": 2.0}, ["a"], "test")
+    assert len(merges) == 2 and redone["tasks"] == {"a": 0.75} and redone["setting"]["task_exponent"] == 2.0
+    assert run.results.get("toy", *key) == redone
