@@ -18,7 +18,6 @@ from mergekit_esm.algebra import (
     polar_orthogonalize,
     polarized_scale,
     rank_above_rounding,
-
     storage_rounding_level,
     svd_subspace,
     task_singular_vectors_merge,
@@ -567,11 +566,15 @@ def test_rank_above_rounding_in_float32_near_a_bfloat16_level_counts_as_float64(
         sigma = torch.logspace(-1, math.log10(10 * level), rank, dtype=D)
         delta = _spectrum_plus_noise(sigma, level, seed=7)
         delta = delta.T if transpose else delta
-        wide = delta if delta.shape[1] >= delta.shape[0] else delta.T
-        row_norm = float(torch.linalg.vector_norm(wide, dim=1).max())
-        m = 2 * min(directions, wide.shape[0]) + 8
-        assert sketch_dtype(row_norm, level, *wide.shape, m) == torch.float32
-        assert rank_above_rounding(delta, level, directions) == min(rank, directions)
+        chosen = []
+
+        def recorded(*args):
+            chosen.append(sketch_dtype(*args))
+            return chosen[-1]
+
+        with mock.patch("mergekit_esm.algebra.merge.sketch_dtype", recorded):
+            assert rank_above_rounding(delta, level, directions) == min(rank, directions)
+        assert chosen == [torch.float32]
 
 
 def test_sketch_dtype_is_float32_only_where_its_rounding_stays_far_below_the_level():
