@@ -60,6 +60,11 @@ ABLATIONS = {
     # both suspects off at once: whitening (which flattens a LoRA expert's few strong directions
     # to the mean) and task scaling (which weighs experts by their training budget)
     "esm, unwhitened without task scaling": {"whiten_factors": False, "task_exponent": 0.0},
+    # TSV-M's rank, ⌊min(d_out, d_in)/T⌋ (differs for gate/up_proj only)
+    "esm, shorter-side rank": {"rank_rule": "shorter"},
+    # not a part: each expert's whitened directions at its own spectrum's scale, the fix
+    # tried for a LoRA expert's few strong directions, which whitening cuts to the mean
+    "esm, expert spectrum scale": {"spectrum_exponent": 1.0},
     # not a part: float64, the reference, against the default float32
     "esm, float64": {"precision": "float64"},
 }

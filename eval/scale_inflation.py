@@ -13,6 +13,7 @@ arithmetic's is about 1 for unrelated experts): an expert whose share is near 0 
 """
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,22 +21,37 @@ from safetensors import safe_open
 
 from eval.compare import REPO
 from mergekit_esm.algebra import svd_subspace
-from mergekit_esm.algebra.merge import merge_task_factors
+from mergekit_esm.algebra.merge import merge_task_factors, rank_above_rounding, storage_rounding_level
 from mergekit_esm.methods.esm import EsmSettings, default_rank
 
 
 def read(model: Path, name: str) -> torch.Tensor:
     with safe_open(str(model / "model.safetensors"), framework="pt") as f:
-        return f.get_tensor(name).double()
+        return f.get_tensor(name)
 
 
-def task_vectors(base: Path, experts: dict[str, Path], name: str) -> dict[str, torch.Tensor]:
-    w0 = read(base, name)
-    return {e: read(path, name) - w0 for e, path in experts.items()}
+def task_vectors(base: Path, experts: dict[str, Path], name: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Each expert's ΔW (float64), and its rounding level as its checkpoint stores it."""
+    w0 = read(base, name).double()
+    rms = float(w0.square().mean().sqrt())
+    deltas, levels = {}, {}
+    for e, path in experts.items():
+        stored = read(path, name)
+        deltas[e] = stored.double() - w0
+        levels[e] = storage_rounding_level(rms, tuple(w0.shape), stored.dtype)
+    return deltas, levels
+
+
+def svd_factors(deltas: dict[str, torch.Tensor], levels: dict[str, float], rank: int):
+    """Each expert's SVD factors with ESM's rounding and rank rules (as methods/esm.py)."""
+    for e, d in deltas.items():
+        level = levels.get(e, 0.0)
+        rule = rank_above_rounding(d, level, rank) if level > 0 else None
+        yield replace(svd_subspace(d, rank), rounding=level, rank=rule)
 
 
 def rank_per_expert(deltas: dict[str, torch.Tensor]) -> int:
-    return default_rank(*next(iter(deltas.values())).shape, len(deltas))
+    return default_rank(EsmSettings(), *next(iter(deltas.values())).shape, len(deltas))
 
 
 def inflation_table(deltas: dict[str, torch.Tensor], name: str) -> str:
@@ -57,7 +73,7 @@ def inflation_table(deltas: dict[str, torch.Tensor], name: str) -> str:
     return "\n".join(lines)
 
 
-def share_table(deltas: dict[str, torch.Tensor], name: str) -> str:
+def share_table(deltas: dict[str, torch.Tensor], levels: dict[str, float], name: str) -> str:
     rank = rank_per_expert(deltas)
     esm = EsmSettings()
     off = dict(gamma=0.0, task_exponent=0.0, dimension_exponent=0.0)
@@ -66,7 +82,9 @@ def share_table(deltas: dict[str, torch.Tensor], name: str) -> str:
         "task arithmetic (sum)": None,
         "TSV-M": dict(off, combination="tsv"),
         "whitened, no scaling": dict(off),
-        "whitened, ESM's scaling": dict(scaled, task_exponent=2.0),
+        "whitened, ESM's scaling (paper's task scaling)": dict(scaled, task_exponent=2.0),
+        "whitened, ESM's defaults": dict(scaled, task_exponent=0.0),
+        "whitened, ESM's defaults, expert spectrum scale": dict(scaled, task_exponent=0.0, spectrum_exponent=1.0),
         "unwhitened, ESM's scaling": dict(scaled, task_exponent=2.0, combination="tsv"),
         "unwhitened, no task scaling": dict(scaled, task_exponent=0.0, combination="tsv"),
     }
@@ -76,7 +94,7 @@ def share_table(deltas: dict[str, torch.Tensor], name: str) -> str:
         if kwargs is None:
             merged = torch.stack(list(deltas.values())).sum(0)
         else:
-            merged = merge_task_factors((svd_subspace(d, rank) for d in deltas.values()), **kwargs)
+            merged = merge_task_factors(svd_factors(deltas, levels, rank), **kwargs)
         shares = [float((merged * d).sum() / (d * d).sum()) for d in deltas.values()]
         lines.append(f"| {label} | {merged.norm():.3f} | " + " | ".join(f"{x:.2f}" for x in shares) + " |")
     return "\n".join(lines)
@@ -92,8 +110,8 @@ def main():
     args = parser.parse_args()
     names = community.TASKS if args.zoo == "community" else tasks.TASKS
     models = args.workdir / "models"
-    deltas = task_vectors(models / "base", {t: models / t for t in names}, args.weight)
-    print(inflation_table(deltas, args.weight), "", share_table(deltas, args.weight), sep="\n")
+    deltas, levels = task_vectors(models / "base", {t: models / t for t in names}, args.weight)
+    print(inflation_table(deltas, args.weight), "", share_table(deltas, levels, args.weight), sep="\n")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from mergekit_esm.algebra import (
 )
 from mergekit_esm.algebra.merge import common_space_split, concatenate_factors, newton_polar, sketch_dtype
 from mergekit_esm.algebra.regression import regression_mean
-from mergekit_esm.algebra.subspace import InputMoment
+from mergekit_esm.algebra.subspace import InputMoment, TaskFactors
 from mergekit_esm.methods.esm import EsmSettings
 from tests import reference_svd_family as reference
 from tests.reference_esm import esm_weight
@@ -98,6 +98,41 @@ def test_essential_merge_matches_direct_formula(gamma, p_task, p_dim):
     factors = [essential_subspace(d, _moment(x), k) for d, x in zip(deltas, xs)]
     merged = merge_task_factors(factors, gamma=gamma, task_exponent=p_task, dimension_exponent=p_dim)
     assert torch.allclose(merged, esm_weight(deltas, xs, k, gamma, p_task, p_dim), atol=1e-10)
+
+
+@pytest.mark.parametrize("exponent", [0.0, 0.5, 1.0])
+def test_expert_spectrum_scale_on_orthogonal_experts_in_closed_form(exponent):
+    """Experts in mutually orthogonal output and input subspaces, of ranks 1, 2 and 3 and
+    very different spectra (a LoRA-like few strong directions beside weak full ones): both
+    polar factors split into the experts' own, so ESM's whitened update is
+    m·Σ_t c_t P_t polar(A_t), m = mean σ of A_cat, c_t = (rms σ_t / mean)^q renormalized to
+    Σ k_t c_t² = Σ k_t. With q = 1 an expert's share of its own update is proportional to its
+    spectrum's mean/rms ratio (1 for a flat one), instead of to 1/σ as with q = 0."""
+    g = torch.Generator().manual_seed(7)
+    u, _ = torch.linalg.qr(torch.randn(12, 6, generator=g, dtype=D))
+    v, _ = torch.linalg.qr(torch.randn(10, 6, generator=g, dtype=D))
+    blocks, spectra = [(0, 1), (1, 3), (3, 6)], [[9.0], [0.5, 0.2], [1.0, 0.7, 0.3]]
+    factors, expected_parts = [], []
+    for (start, stop), sigma in zip(blocks, spectra):
+        basis = u[:, start:stop]
+        coords = torch.tensor(sigma, dtype=D)[:, None] * v[:, start:stop].T
+        factors.append(TaskFactors(basis, coords, torch.tensor(sigma, dtype=D) ** 2, torch.linalg.matrix_norm(coords)))
+        expected_parts.append((basis @ v[:, start:stop].T, len(sigma), math.sqrt(sum(x * x for x in sigma) / len(sigma))))
+    mean_sigma = sum(sum(s) for s in spectra) / 6
+    rms = torch.tensor([r for _, _, r in expected_parts], dtype=D)
+    c = (rms / rms.mean()) ** exponent
+    counts = torch.tensor([k for _, k, _ in expected_parts], dtype=D)
+    c = c * ((counts.sum() / (counts * c**2).sum()) ** 0.5)
+    expected = mean_sigma * sum(ci * part for ci, (part, _, _) in zip(c, expected_parts))
+
+    merged = merge_task_factors(
+        factors, gamma=0.0, task_exponent=0.0, dimension_exponent=0.0, spectrum_exponent=exponent
+    )
+    assert torch.allclose(merged, expected, atol=1e-10)
+    if exponent == 1.0:
+        shares = torch.tensor([float((merged * (f.basis @ f.coords)).sum() / f.coords.square().sum()) for f in factors], dtype=D)
+        flatness = torch.tensor([sum(s) / len(s) for s in spectra], dtype=D) / rms
+        assert torch.allclose(shares / flatness, (shares / flatness)[0].expand(3), rtol=1e-9)
 
 
 def test_factors_may_arrive_as_a_stream():
@@ -450,7 +485,7 @@ def test_esd_basis_without_whitening_keeps_tsv_m_combination():
     factors on both sides); True is ESM's mean-σ whitening of both factors."""
     from mergekit_esm.algebra import essential_subspace
     from mergekit_esm.algebra.merge import merge_task_factors
-    from mergekit_esm.algebra.subspace import InputMoment
+    from mergekit_esm.algebra.subspace import InputMoment, TaskFactors
     from mergekit_esm.methods.esm import EsmSettings, merge_weight
 
     g = torch.Generator().manual_seed(3)
@@ -589,3 +624,17 @@ def test_sketch_dtype_is_float32_only_where_its_rounding_stays_far_below_the_lev
     assert sketch_dtype(row_norm, level, rows, cols, m) == torch.float64
     # and one whose ΔW is 10⁻⁴ of W is sketched in float32
     assert sketch_dtype(row_norm * 1e-3, level, rows, cols, m) == torch.float32
+
+
+@pytest.mark.parametrize("shape", [(1536, 576), (576, 1536), (576, 576), (192, 576)])
+def test_default_rank_rules_by_hand(shape):
+    """'output' (the paper): ⌊d_out/T⌋ at most d_in; 'shorter' (TSV-M's): ⌊min/T⌋, so the T
+    experts' directions together fit in the shorter side (the polar factors stay that small)."""
+    from mergekit_esm.methods import METHODS
+
+    d_out, d_in = shape
+    esm = METHODS["esm"]
+    assert esm.default_rank(EsmSettings(), d_out, d_in, 4) == min(d_out // 4, d_in)
+    shorter = esm.default_rank(EsmSettings(rank_rule="shorter"), d_out, d_in, 4)
+    assert shorter == min(d_out, d_in) // 4 and 4 * shorter <= min(d_out, d_in)
+    assert shorter == METHODS["tsv"].default_rank(None, d_out, d_in, 4)

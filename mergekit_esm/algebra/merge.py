@@ -281,6 +281,7 @@ def merge_task_factors(
     dimension_exponent: float,
     combination: Combination = "essential",
     preserve_norm: bool = False,
+    spectrum_exponent: float = 0.0,
 ) -> torch.Tensor:
     """ESM §2: flatten, scale tasks and input dimensions, concatenate, orthogonalize, multiply.
 
@@ -293,16 +294,25 @@ def merge_task_factors(
     combination="essential" (ESM): P̃ Ã with both concatenated factors polar-whitened.
     combination="tsv" (TSV-M): polar(P_cat) diag(σ) polar(B) where A_cat = diag(σ) B has unit
     rows; with SVD factors and every scaling off this is exactly TSV-M.
+    spectrum_exponent (essential only; 0 is ESM): whitening gives every kept direction the
+    same weight, so an expert whose update sits in a few strong directions (a LoRA) keeps a far
+    smaller share of it than one spread over many. With q > 0 each expert's block of the
+    whitened update is scaled by expert_spectrum_scale: its own directions' rms singular value,
+    as a ratio to the others', to the power q. With q = 1 an expert keeps a share of its own
+    update proportional to its spectrum's mean/rms ratio (1 if flat), about the same for every
+    expert as with TSV-M, instead of one proportional to 1/σ.
     An expert that left this weight unchanged takes no part: its basis would be arbitrary.
     `factors` is consumed one at a time, so a generator keeps only one expert's factors alive.
     """
-    bases, coords, norms = [], [], []
+    bases, coords, norms, spectra = [], [], [], []
     for f in factors:
         shape, like = (f.basis.shape[0], f.coords.shape[1]), f.basis
         kept = carrying_directions(f)
         if kept.any():
             if not kept.all():
                 f = TaskFactors(f.basis[:, kept], f.coords[kept], f.eigenvalues[kept], f.norm)
+            # the expert's own spectrum, before flattening and scaling reshape it
+            spectra.append((torch.linalg.matrix_norm(f.coords), f.coords.shape[0]))
             # flattened to mean 1 over the directions that take part, so a rank-r expert
             # weighs as if it had been truncated at r
             # Whitened, the update's size is set by the factors' mean singular values and
@@ -323,10 +333,25 @@ def merge_task_factors(
     del coords
 
     if combination == "essential":
-        return polar_orthogonalize(p_cat, keep_scale=True) @ polar_orthogonalize(
-            a_cat, keep_scale=True
-        )
+        p_whitened = polar_orthogonalize(p_cat, keep_scale=True)
+        if spectrum_exponent != 0:
+            p_whitened *= expert_spectrum_scale(spectra, spectrum_exponent).to(p_whitened)
+        return p_whitened @ polar_orthogonalize(a_cat, keep_scale=True)
     return singular_vector_merge(p_cat, a_cat, isotropic=False)
+
+
+def expert_spectrum_scale(spectra: Sequence[tuple[torch.Tensor, int]], exponent: float) -> torch.Tensor:
+    """Per kept direction, its expert's scale after whitening: the polarized scale of the
+    experts' rms singular values ‖A_t‖_F/√k_t, renormalized so that Σ_t k_t s_t² = Σ_t k_t (a
+    whitened update of orthogonal experts keeps its Frobenius norm; scaling shifts weight
+    between experts, as the other levels do with preserve_norm). `spectra`: (‖A_t‖_F, k_t) per
+    expert, in the order of the concatenated directions."""
+    energy = torch.stack([norm.double() for norm, _ in spectra])
+    counts = torch.tensor([k for _, k in spectra], dtype=torch.float64)
+    scale = polarized_scale(energy / counts.sqrt(), exponent)
+    weighted = (counts * scale**2).sum()
+    scale = scale * (counts.sum() / weighted).sqrt() if weighted > 0 else torch.ones_like(scale)
+    return scale.repeat_interleave(counts.long())
 
 
 def polarized_coordinates(

@@ -270,7 +270,7 @@ def preflight(config: MergeConfiguration, options: MergeOptions) -> MergeInputs:
     ranks = {}
     for target in layout.targets:
         d_out, d_in = target.shape
-        k = getattr(settings, "rank", None) or method.default_rank(d_out, d_in, len(experts))
+        k = getattr(settings, "rank", None) or method.default_rank(settings, d_out, d_in, len(experts))
         if k is not None and k > min(d_out, d_in):
             raise EsmInputError(
                 f"rank {k} exceeds what {target.name} ({d_out}×{d_in}) can hold "

@@ -142,7 +142,7 @@ class MethodDefinition:
     formula: str  # one line for the model card and README
     settings_type: type[MergeSettings]
     merge_weight: WeightMerge
-    default_rank: Callable[[int, int, int], Optional[int]]  # (d_out, d_in, experts) → k
+    default_rank: Callable[[MergeSettings, int, int, int], Optional[int]]  # (settings, d_out, d_in, experts) → k
     calibrates: Callable[[MergeSettings], bool] = lambda settings: False
     # The method reads each input's XᵀX itself (RegMean), so an input that one weight alone
     # reads cannot be held as that weight's shift moment ΔW XᵀX ΔWᵀ (ESM's smaller form).

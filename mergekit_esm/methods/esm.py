@@ -26,12 +26,27 @@ class EsmSettings(CalibratedSettings):
     rank: Optional[int] = Field(
         None, ge=1, description="Directions kept per expert and weight; default ⌊d_out / T⌋, at most d_in."
     )
+    rank_rule: Literal["output", "shorter"] = Field(
+        "output",
+        description="Default rank (when `rank` is not set): 'output', ⌊d_out/T⌋ at most d_in (the "
+        "paper); 'shorter', ⌊min(d_out, d_in)/T⌋ (TSV-M's: all experts together keep no more "
+        "directions than one ΔW can have). They differ only where d_out > d_in (gate/up_proj), "
+        "whose d_out × d_out orthogonalization 'shorter' replaces by a d_in × d_in one.",
+    )
     gamma: float = Field(0.15, ge=0, description="Eigenvalue flattening exponent γ; 0 turns it off.")
     task_exponent: float = Field(
         0.0,
         description="Task-level polarized scaling exponent; 0 = off (default; the paper's 2 weighs "
         "experts by their task vectors' norms, i.e. by their training budget, and lost tasks and "
         "retention on both zoos: docs/robustness.md).",
+    )
+    spectrum_exponent: float = Field(
+        0.0,
+        ge=0,
+        description="Expert-level scale after whitening: each expert's part of the whitened update "
+        "times (its directions' rms singular value / the others')^q, total norm kept. 0 = off (the "
+        "paper: every kept direction of every expert weighs alike, so a LoRA's few strong directions "
+        "are cut to the mean); 1 = about the same share of each expert's own update.",
     )
     dimension_exponent: float = Field(
         2.0, description="Input-dimension-level polarized scaling exponent; 0 = off."
@@ -91,13 +106,16 @@ def merge_weight(
         task_exponent=settings.task_exponent,
         dimension_exponent=settings.dimension_exponent,
         preserve_norm=settings.preserve_norm,
+        spectrum_exponent=settings.spectrum_exponent,
         combination="essential" if settings.basis == "esd" and settings.whiten_factors else "tsv",
     )
 
 
-def default_rank(d_out: int, d_in: int, experts: int) -> int:
+def default_rank(settings: EsmSettings, d_out: int, d_in: int, experts: int) -> int:
     # ΔW has rank ≤ min(d_out, d_in): directions beyond that carry nothing (ESM.md's
     # ⌊d_out/T⌋ exceeds d_in for gate/up_proj when T is small).
+    if settings.rank_rule == "shorter":
+        return max(1, min(d_out, d_in) // experts)
     return max(1, min(d_out // experts, d_in))
 
 

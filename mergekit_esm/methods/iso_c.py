@@ -23,5 +23,5 @@ METHOD = MethodDefinition(
     formula="W = W0 + α·σ̄·U·Vᵀ for Σ_t ΔW_t = U·diag(σ)·Vᵀ, σ̄ = mean(σ)",
     settings_type=IsoCSettings,
     merge_weight=merge_weight,
-    default_rank=lambda d_out, d_in, experts: None,
+    default_rank=lambda settings, d_out, d_in, experts: None,
 )

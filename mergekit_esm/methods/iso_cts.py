@@ -32,5 +32,5 @@ METHOD = MethodDefinition(
     "each expert's top directions outside them",
     settings_type=IsoCtsSettings,
     merge_weight=merge_weight,
-    default_rank=lambda d_out, d_in, experts: None,
+    default_rank=lambda settings, d_out, d_in, experts: None,
 )

@@ -46,7 +46,7 @@ METHOD = MethodDefinition(
     "XᵀX/n on its proxy text with off-diagonal entries × non_diagonal_ratio",
     settings_type=RegMeanSettings,
     merge_weight=merge_weight,
-    default_rank=lambda d_out, d_in, experts: None,
+    default_rank=lambda settings, d_out, d_in, experts: None,
     calibrates=lambda settings: True,
     needs_input_gram=True,
 )

@@ -31,5 +31,5 @@ METHOD = MethodDefinition(
     settings_type=TsvSettings,
     merge_weight=merge_weight,
     # TSV-M keeps 1/T of each task matrix's singular values.
-    default_rank=lambda d_out, d_in, experts: max(1, min(d_out, d_in) // experts),
+    default_rank=lambda settings, d_out, d_in, experts: max(1, min(d_out, d_in) // experts),
 )
