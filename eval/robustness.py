@@ -60,8 +60,9 @@ ABLATIONS = {
     # both suspects off at once: whitening (which flattens a LoRA expert's few strong directions
     # to the mean) and task scaling (which weighs experts by their training budget)
     "esm, unwhitened without task scaling": {"whiten_factors": False, "task_exponent": 0.0},
-    # TSV-M's rank, ⌊min(d_out, d_in)/T⌋ (differs for gate/up_proj only)
-    "esm, shorter-side rank": {"rank_rule": "shorter"},
+    # the paper's rank ⌊d_out/T⌋ (capped at d_in) against the default ⌊min(d_out, d_in)/T⌋;
+    # they differ for gate/up_proj only
+    "esm, paper's rank": {"rank_rule": "output"},
     # not a part: each expert's whitened directions at its own spectrum's scale, the fix
     # tried for a LoRA expert's few strong directions, which whitening cuts to the mean
     "esm, expert spectrum scale": {"spectrum_exponent": 1.0},

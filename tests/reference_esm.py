@@ -59,7 +59,8 @@ def esm_weight(deltas, xs, k, gamma, p_task, p_dim, preserve_norm=False, whiten_
 def reference_settings(settings) -> dict:
     """esm_merge's keyword arguments for a settings object of the package (read, not imported)."""
     return dict(alpha=settings.alpha, gamma=settings.gamma, p_task=settings.task_exponent, p_dim=settings.dimension_exponent,
-                p_layer=settings.layer_exponent, preserve_norm=settings.preserve_norm, whiten_factors=settings.whiten_factors)
+                p_layer=settings.layer_exponent, preserve_norm=settings.preserve_norm, whiten_factors=settings.whiten_factors,
+                rank_rule=settings.rank_rule)
 
 
 def packed_windows(documents, tokenizer, samples, max_tokens):
@@ -117,8 +118,9 @@ VOCABULARY = ("model.embed_tokens.weight", "lm_head.weight")  # the names in eve
 
 def esm_merge(
     base_dir, expert_dirs, windows, alpha=1.0, gamma=0.15, p_task=2.0, p_dim=2.0, p_layer=2.0, embedding_merge="mean",
-    preserve_norm=False, whiten_factors=True,
+    preserve_norm=False, whiten_factors=True, rank_rule="output",
 ):
+    """rank_rule: 'output', the paper's k = ⌊d_out/T⌋; 'shorter', ⌊min(d_out, d_in)/T⌋."""
     base_model = AutoModelForCausalLM.from_pretrained(base_dir)
     base = {k: v.double() for k, v in base_model.state_dict().items()}
     experts, inputs = [], []
@@ -144,7 +146,7 @@ def esm_merge(
             for kind, rows in blocks_of(linear_kind, base_model.config, matrices[0].shape[0]):
                 block = [d[start : start + rows] for d in matrices]
                 start += rows
-                k = max(1, rows // T)
+                k = max(1, (rows if rank_rule == "output" else min(rows, w0.shape[-1])) // T)
                 # fewer tokens than k: the SVD basis, ESD's subspace for isotropic inputs (XᵀX = I)
                 xs = [x[key] if x[key].shape[0] >= max(k, 2) else torch.eye(w0.shape[-1], dtype=torch.float64) for x in inputs]
                 merged_delta[name, expert, kind] = esm_weight(block, xs, k, gamma, p_task, p_dim, preserve_norm, whiten_factors)

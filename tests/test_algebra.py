@@ -634,7 +634,7 @@ def test_default_rank_rules_by_hand(shape):
 
     d_out, d_in = shape
     esm = METHODS["esm"]
-    assert esm.default_rank(EsmSettings(), d_out, d_in, 4) == min(d_out // 4, d_in)
-    shorter = esm.default_rank(EsmSettings(rank_rule="shorter"), d_out, d_in, 4)
+    assert esm.default_rank(EsmSettings(rank_rule="output"), d_out, d_in, 4) == min(d_out // 4, d_in)
+    shorter = esm.default_rank(EsmSettings(), d_out, d_in, 4)
     assert shorter == min(d_out, d_in) // 4 and 4 * shorter <= min(d_out, d_in)
     assert shorter == METHODS["tsv"].default_rank(None, d_out, d_in, 4)

@@ -167,7 +167,8 @@ def test_too_few_proxy_tokens_for_the_rank(tmp_path, models, monkeypatch):
     base, experts = models
     (tmp_path / "short.txt").write_text("tiny")
     message = run(tmp_path, recipe(tmp_path / "r.yml", base, experts, {"proxy": str(tmp_path / "short.txt")}), monkeypatch)
-    assert "gives 5 tokens" in message and "needs at least 21" in message
+    # the largest default rank of the tiny zoo (hidden 32, intermediate 64, 3 experts): ⌊32/3⌋
+    assert "gives 5 tokens" in message and "needs at least 10" in message
 
 
 def test_vocabulary_mismatch(tmp_path, models, monkeypatch):

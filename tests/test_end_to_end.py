@@ -82,7 +82,7 @@ def test_model_card_is_titled_by_the_output_and_shows_defaults_in_words(merged):
     card = (merged["out"] / "README.md").read_text()
     assert "\n# out\n" in card and "esm-partial" not in card
     assert "| None |" not in card
-    assert "| rank | default (⌊d_out / T⌋, at most d_in) |" in card
+    assert "| rank | default (⌊min(d_out, d_in) / T⌋ (see rank_rule)) |" in card
     assert "| cache_dir | default ($MERGEKIT_ESM_CACHE or ~/.cache/mergekit-esm) |" in card
     # the linears this architecture's layout merged, by module type
     linears = card.split("on the linears ")[1].split(";")[0].split(", ")

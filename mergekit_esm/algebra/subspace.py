@@ -145,7 +145,7 @@ def activation_shift_spectrum(
     or, for a wide output (gate/up_proj, d_out > m), the m × m Gram matrix YᵀY of Y = ΔW Fᵀ
     (FᵀF = XᵀX), whose eigenvectors V give S's as Y V / σ. That is O(d_out·m²) instead of
     O(d_out³); in token space when X is held. There, only the wanted vectors are formed and
-    orthonormalized (ESD wants k = d_out/T of them).
+    orthonormalized (ESD wants k = min(d_out, d_in)/T of them by default).
     """
     n = inputs.n_tokens
     if n < 2:
