@@ -75,7 +75,7 @@ def main():
         return deltas, held
 
     def merge(weight: str, deltas: list[torch.Tensor], held: list[InputMoment]) -> torch.Tensor:
-        rank = METHOD.default_rank(EsmSettings(), *weights[weight][:2], len(deltas))
+        rank = METHOD.default_rank(settings, *weights[weight][:2], len(deltas))
         return METHOD.merge_weight(settings, deltas, rank, held)
 
     merge("k_proj", *merge_inputs("k_proj"))  # warm-up: library initialisation is not the layer's cost

@@ -13,15 +13,14 @@ arithmetic's is about 1 for unrelated experts): an expert whose share is near 0 
 """
 
 import argparse
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from eval.compare import REPO
-from mergekit_esm.algebra import svd_subspace
-from mergekit_esm.algebra.merge import merge_task_factors, rank_above_rounding, storage_rounding_level
+from mergekit_esm.algebra import svd_subspace, with_rounding_level
+from mergekit_esm.algebra.merge import merge_task_factors, storage_rounding_level
 from mergekit_esm.methods.esm import EsmSettings, default_rank
 
 
@@ -45,9 +44,7 @@ def task_vectors(base: Path, experts: dict[str, Path], name: str) -> tuple[dict[
 def svd_factors(deltas: dict[str, torch.Tensor], levels: dict[str, float], rank: int):
     """Each expert's SVD factors with ESM's rounding and rank rules (as methods/esm.py)."""
     for e, d in deltas.items():
-        level = levels.get(e, 0.0)
-        rule = rank_above_rounding(d, level, rank) if level > 0 else None
-        yield replace(svd_subspace(d, rank), rounding=level, rank=rule)
+        yield with_rounding_level(svd_subspace(d, rank), d, levels[e], rank)
 
 
 def rank_per_expert(deltas: dict[str, torch.Tensor]) -> int:

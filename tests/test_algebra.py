@@ -485,7 +485,7 @@ def test_esd_basis_without_whitening_keeps_tsv_m_combination():
     factors on both sides); True is ESM's mean-σ whitening of both factors."""
     from mergekit_esm.algebra import essential_subspace
     from mergekit_esm.algebra.merge import merge_task_factors
-    from mergekit_esm.algebra.subspace import InputMoment, TaskFactors
+    from mergekit_esm.algebra.subspace import InputMoment
     from mergekit_esm.methods.esm import EsmSettings, merge_weight
 
     g = torch.Generator().manual_seed(3)

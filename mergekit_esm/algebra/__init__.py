@@ -8,6 +8,7 @@ from mergekit_esm.algebra.merge import (
     rank_above_rounding,
     storage_rounding_level,
     task_singular_vectors_merge,
+    with_rounding_level,
 )
 from mergekit_esm.algebra.scaling import eigenvalue_flattening, layer_scales, polarized_scale
 from mergekit_esm.algebra.subspace import TaskFactors, essential_subspace, svd_subspace
@@ -26,4 +27,5 @@ __all__ = [
     "rank_above_rounding",
     "storage_rounding_level",
     "svd_subspace",
+    "with_rounding_level",
 ]

@@ -1,6 +1,7 @@
 """Merging the experts' factors of one weight into a single update ΔW_merged."""
 
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -228,6 +229,13 @@ def rank_above_rounding(delta: torch.Tensor, level: float, directions: int) -> i
         if count == directions or directions >= 2 * count + 8:
             return count
     return min(count_above(*sketch(2 * directions + 8, known)), directions)
+
+
+def with_rounding_level(factors: TaskFactors, delta: torch.Tensor, level: float, directions: int) -> TaskFactors:
+    """`factors` of ΔW = `delta` marked with its checkpoint's rounding level and the number of
+    its directions above it (rank_above_rounding, up to `directions`), which decide in
+    `carrying_directions` which directions take part. Level 0 (exact inputs): no rule."""
+    return replace(factors, rounding=level, rank=rank_above_rounding(delta, level, directions) if level > 0 else None)
 
 
 def sketch_dtype(row_norm: float, level: float, rows: int, cols: int, columns: int) -> torch.dtype:

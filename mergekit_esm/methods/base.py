@@ -152,6 +152,12 @@ class MethodDefinition:
     calibrates_on_merged_layers: bool = False
 
 
+def shorter_side_rank(d_out: int, d_in: int, experts: int) -> int:
+    """TSV-M's budget: each of the T experts keeps 1/T of the shorter side, so together they
+    keep no more directions than one ΔW can have."""
+    return max(1, min(d_out, d_in) // experts)
+
+
 def unknown_parameter_message(name: str, where: str, allowed: frozenset[str] | list[str]) -> str:
     close = difflib.get_close_matches(name, list(allowed), n=1)
     hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(sorted(allowed))}"

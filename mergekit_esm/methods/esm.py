@@ -4,15 +4,14 @@ The formulas and where this implementation differs from the authors' code: docs/
 
 from collections.abc import Sequence
 from itertools import repeat
-from dataclasses import replace
 from typing import ClassVar, Literal, Optional
 
 import torch
 from pydantic import Field
 
-from mergekit_esm.algebra import essential_subspace, merge_task_factors, rank_above_rounding, svd_subspace
+from mergekit_esm.algebra import essential_subspace, merge_task_factors, svd_subspace, with_rounding_level
 from mergekit_esm.algebra.subspace import InputMoment
-from mergekit_esm.methods.base import CalibratedSettings, MethodDefinition, Strength
+from mergekit_esm.methods.base import CalibratedSettings, MethodDefinition, Strength, shorter_side_rank
 
 
 class EsmSettings(CalibratedSettings):
@@ -31,8 +30,8 @@ class EsmSettings(CalibratedSettings):
         description="Default rank (when `rank` is not set): 'shorter' (default), ⌊min(d_out, d_in)/T⌋ "
         "(TSV-M's: all experts together keep no more directions than one ΔW can have); 'output', "
         "⌊d_out/T⌋ at most d_in (the paper). They differ only where d_out > d_in (gate/up_proj), "
-        "whose d_out × d_out orthogonalization 'shorter' replaces by a d_in × d_in one: half the "
-        "merge's time at 1.1B widths, with the same scores on both zoos (docs/robustness.md).",
+        "whose d_out × d_out orthogonalization 'shorter' replaces by a d_in × d_in one: far less "
+        "time at wide MLPs, with the same scores on both zoos (docs/robustness.md, docs/performance.md).",
     )
     gamma: float = Field(0.15, ge=0, description="Eigenvalue flattening exponent γ; 0 turns it off.")
     task_exponent: float = Field(
@@ -95,8 +94,7 @@ def merge_weight(
             found = essential_subspace(delta, moment, rank)
         else:
             found = svd_subspace(delta, rank)
-        level = rounding(index)
-        return replace(found, rounding=level, rank=rank_above_rounding(delta, level, rank) if level > 0 else None)
+        return with_rounding_level(found, delta, rounding(index), rank)
 
     factors = (
         expert_factors(t, d, i) for t, (d, i) in enumerate(zip(deltas, inputs if settings.basis == "esd" else repeat(None)))
@@ -116,7 +114,7 @@ def default_rank(settings: EsmSettings, d_out: int, d_in: int, experts: int) -> 
     # ΔW has rank ≤ min(d_out, d_in): directions beyond that carry nothing (ESM.md's
     # ⌊d_out/T⌋ exceeds d_in for gate/up_proj when T is small).
     if settings.rank_rule == "shorter":
-        return max(1, min(d_out, d_in) // experts)
+        return shorter_side_rank(d_out, d_in, experts)
     return max(1, min(d_out // experts, d_in))
 
 

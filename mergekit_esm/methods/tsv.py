@@ -7,7 +7,7 @@ import torch
 from pydantic import Field
 
 from mergekit_esm.algebra.merge import task_singular_vectors_merge
-from mergekit_esm.methods.base import MergeSettings, MethodDefinition, Strength
+from mergekit_esm.methods.base import MergeSettings, MethodDefinition, Strength, shorter_side_rank
 
 
 class TsvSettings(MergeSettings):
@@ -30,6 +30,5 @@ METHOD = MethodDefinition(
     formula="W = W0 + α·polar(U_cat)·Σ_cat·polar(V_cat)ᵀ over each expert's top-k SVD factors",
     settings_type=TsvSettings,
     merge_weight=merge_weight,
-    # TSV-M keeps 1/T of each task matrix's singular values.
-    default_rank=lambda settings, d_out, d_in, experts: max(1, min(d_out, d_in) // experts),
+    default_rank=lambda settings, d_out, d_in, experts: shorter_side_rank(d_out, d_in, experts),
 )
