@@ -108,7 +108,7 @@ STAGES = [
     (prepare.TaskMatrices, "__init__", "· read base weight"),
     (prepare.TaskMatrices, "__getitem__", "· read expert weight − base"),
     (esm, "essential_subspace", "· essential subspace (eigh)"),
-    (esm, "rank_above_rounding", "· ΔW's rank above the rounding level (sketch)"),
+    (merge, "rank_above_rounding", "· ΔW's rank above the rounding level (sketch)"),
     (subspace, "moment_sqrt", "· · √XᵀX for wide outputs"),
     (merge, "polar_orthogonalize", "· polar factors"),
     (merge, "newton_polar", "· · Newton route (a wide factor counts twice)"),
