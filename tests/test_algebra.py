@@ -22,7 +22,13 @@ from mergekit_esm.algebra import (
     svd_subspace,
     task_singular_vectors_merge,
 )
-from mergekit_esm.algebra.merge import common_space_split, concatenate_factors, newton_polar, sketch_dtype
+from mergekit_esm.algebra.merge import (
+    common_space_split,
+    concatenate_factors,
+    newton_polar,
+    sketch_columns,
+    sketch_dtype,
+)
 from mergekit_esm.algebra.regression import regression_mean
 from mergekit_esm.algebra.subspace import InputMoment, TaskFactors
 from mergekit_esm.methods.esm import EsmSettings
@@ -416,6 +422,17 @@ def test_rank_above_rounding_counts_singular_values_above_the_level(rank, transp
         assert rank_above_rounding(delta, level, directions) == min(rank, directions)
         if level > 1e-7:  # float32 itself rounds ΔW at ~1e-8 of its largest singular value
             assert rank_above_rounding(delta.float(), level, directions) == min(rank, directions)
+
+
+def test_rank_above_rounding_leaves_its_kept_sketch_columns_as_drawn():
+    """The sketch's Gaussian columns are drawn once per shape and kept (`sketch_columns`); a
+    float32 ΔW on the CPU multiplies them without a copy, so counting must not write to them,
+    and a second count must see the same numbers as a fresh seeded draw."""
+    delta = _spectrum_plus_noise(torch.logspace(-1, -3, 12, dtype=D), 1e-6, seed=7).float()
+    first = rank_above_rounding(delta, 1e-6, 8)
+    kept = sketch_columns(8, max(delta.shape))
+    assert torch.equal(kept, torch.randn(8, max(delta.shape), generator=torch.Generator().manual_seed(0)))
+    assert rank_above_rounding(delta, 1e-6, 8) == first == 8
 
 
 def test_rank_above_rounding_one_strong_direction_short_of_all():
