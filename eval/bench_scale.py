@@ -28,6 +28,7 @@ from pathlib import Path
 
 import psutil
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import LlamaConfig
@@ -69,6 +70,14 @@ finally:
     if torch.cuda.is_available():
         print("PEAK_GPU_B", torch.cuda.max_memory_allocated(), file=sys.stderr)
 """
+
+
+def esm_parameter(text: str) -> tuple[str, object]:
+    """--esm KEY=VALUE: one of ESM's recipe parameters, its value read as YAML (as in a recipe)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (an ESM recipe parameter), got {text!r}")
+    return key, yaml.safe_load(value)
 
 
 def layer_tensors(config: LlamaConfig, layer: int) -> dict[str, tuple[int, ...]]:
@@ -213,6 +222,8 @@ def main():
     parser.add_argument("--cuda", action="store_true", help="pass --cuda to mergekit-yaml")
     parser.add_argument("--precision", choices=["auto", "float64", "float32"], default="auto", help="ESM's `precision`")
     parser.add_argument("--proxy-samples", type=int, default=None, help="ESM's `proxy_samples` (512-token windows per expert; default: the plugin's, from the rank)")
+    parser.add_argument("--esm", type=esm_parameter, action="append", default=[], metavar="KEY=VALUE",
+                        help="another ESM recipe parameter, e.g. subspace_solver=randomized (repeatable)")
     parser.add_argument("--out-shard-size", default="500M",
                         help="mergekit's --out-shard-size for both methods: a shard is buffered in RAM until written")
     parser.add_argument("--workdir", type=Path, default=None, help="where checkpoints go (default: a temp dir)")
@@ -246,13 +257,15 @@ def main():
                 drop_page_cache()
                 rows.append({"layers": layers, "params_b": round(params / 1e9, 2),
                              **run_merge(method, models[0], models[1:], root, flags,
-                                         {"precision": args.precision, **({"proxy_samples": args.proxy_samples} if args.proxy_samples else {})},
+                                         {"precision": args.precision, **({"proxy_samples": args.proxy_samples} if args.proxy_samples else {}),
+                                          **dict(args.esm)},
                                          args.logs / f"{method}_{layers}.log" if args.logs else None)})
                 print(json.dumps(rows[-1]), flush=True)
 
     header = (f"Shape `{args.shape}` ({', '.join(f'{k}={v}' for k, v in shape.items() if k != 'num_hidden_layers')}), "
               f"{args.experts} experts, bf16; flags {' '.join(flags)}; ESM precision {args.precision}, "
-              f"{args.proxy_samples or 'the default number of'} × 512 proxy tokens; page cache "
+              f"{args.proxy_samples or 'the default number of'} × 512 proxy tokens"
+              f"{''.join(f', {k}: {v}' for k, v in args.esm)}; page cache "
               f"{'dropped before each run' if cold else 'not dropped (not root)'}; {machine()}.\n\n")
     table = (
         "| layers | params | run | wall s | peak RSS MiB | peak anonymous RSS MiB | peak GPU MiB |\n"

@@ -29,7 +29,7 @@ import mergekit_esm.algebra.merge as merge
 import mergekit_esm.algebra.subspace as subspace
 import mergekit_esm.integration.prepare as prepare
 import mergekit_esm.methods.esm as esm
-from eval.bench_scale import SHAPES, write_checkpoints, write_recipe
+from eval.bench_scale import SHAPES, esm_parameter, write_checkpoints, write_recipe
 
 seconds: dict[str, float] = collections.defaultdict(float)
 calls: collections.Counter = collections.Counter()
@@ -125,6 +125,8 @@ def main():
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--precision", choices=["auto", "float64", "float32"], default="auto")
     parser.add_argument("--proxy-samples", type=int, default=None, help="ESM's `proxy_samples` (512-token windows per expert; default: the plugin's, from the rank)")
+    parser.add_argument("--esm", type=esm_parameter, action="append", default=[], metavar="KEY=VALUE",
+                        help="another ESM recipe parameter, e.g. subspace_solver=randomized (repeatable)")
     parser.add_argument("--cuda", action="store_true")
     parser.add_argument("--workdir", type=Path, default=None, help="where checkpoints go (default: a temp dir)")
     args = parser.parse_args()
@@ -135,7 +137,8 @@ def main():
     root = Path(tempfile.mkdtemp(prefix="bench-stages-", dir=args.workdir))
     _, models = write_checkpoints(root, SHAPES[args.shape], args.layers, args.experts)
     recipe = write_recipe(root / "esm.yml", "esm", models[0], models[1:],
-                          {"precision": args.precision, **({"proxy_samples": args.proxy_samples} if args.proxy_samples else {})})
+                          {"precision": args.precision, **({"proxy_samples": args.proxy_samples} if args.proxy_samples else {}),
+                           **dict(args.esm)})
     os.environ["MERGEKIT_ESM_CACHE"] = str(root / "cache")
     from mergekit.scripts.run_yaml import main as mergekit_yaml
 
@@ -150,7 +153,8 @@ def main():
     device = torch.cuda.get_device_name(0) if args.cuda else f"CPU, {torch.get_num_threads()} threads"
     print(
         f"\n`{args.shape}` shape, {args.layers} layers, {args.experts} experts, precision {args.precision}, "
-        f"{args.proxy_samples or 'the default number of'} × 512 proxy tokens per expert, {device}\n"
+        f"{args.proxy_samples or 'the default number of'} × 512 proxy tokens per expert"
+        f"{''.join(f', {k}: {v}' for k, v in args.esm)}, {device}\n"
     )
     print("| stage | seconds | calls | peak anonymous MiB | peak RSS MiB |\n|---|---|---|---|---|")
     print(f"| {TOTAL} | {total:.1f} | 1 | {peak_mib[TOTAL]} | {peak_rss_mib[TOTAL]} |")

@@ -26,11 +26,10 @@ from mergekit_esm.algebra.merge import (
     common_space_split,
     concatenate_factors,
     newton_polar,
-    sketch_columns,
     sketch_dtype,
 )
 from mergekit_esm.algebra.regression import regression_mean
-from mergekit_esm.algebra.subspace import InputMoment, TaskFactors
+from mergekit_esm.algebra.subspace import InputMoment, TaskFactors, leading_eigh, seeded_gaussian
 from mergekit_esm.methods.esm import EsmSettings
 from tests import reference_svd_family as reference
 from tests.reference_esm import esm_weight
@@ -70,6 +69,40 @@ def test_esd_truncation_error_is_the_dropped_eigenvalues(rank):
     assert torch.allclose(f.eigenvalues, full[:rank], rtol=1e-9, atol=1e-12)
     assert torch.allclose(f.basis.T @ f.basis, torch.eye(rank, dtype=D), atol=1e-12)
     assert torch.allclose(f.norm, torch.linalg.matrix_norm(delta))
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_randomized_essential_subspace_comes_within_two_percent_of_the_exact_truncation_error(wide):
+    """The randomized solver against the identity above: its subspace leaves at most 2% more of
+    the activation shift out than the exact one (the target its block width and power steps
+    were chosen for), on inputs whose scales decay over two decades, in float64, for S itself
+    and for a wide output's Gram matrix; its basis is orthonormal and its Ritz values lie at or
+    below the exact eigenvalues (Cauchy interlacing)."""
+    g = torch.Generator().manual_seed(11)
+    d_out, d_in = (768, 256) if wide else (256, 512)
+    delta = torch.randn(d_out, d_in, generator=g, dtype=D)
+    x = torch.randn(2048, d_in, generator=g, dtype=D) * torch.logspace(0, -2, d_in, dtype=D)
+    rank = min(d_out, d_in) // 4
+    exact = essential_subspace(delta, _moment(x), rank)
+    fast = essential_subspace(delta, _moment(x), rank, solver="randomized")
+    error = lambda f: torch.linalg.matrix_norm(x @ (delta - f.basis @ f.coords).T) ** 2
+    assert error(exact) <= error(fast) <= 1.02 * error(exact)
+    assert torch.allclose(fast.basis.T @ fast.basis, torch.eye(rank, dtype=D), atol=1e-10)
+    assert torch.all(fast.eigenvalues <= exact.eigenvalues * (1 + 1e-9))
+
+
+def test_randomized_leading_eigh_is_exact_on_a_matrix_of_rank_count_and_falls_back_where_its_block_is_half():
+    """A PSD matrix of rank `count`: the block spans its range, so the Ritz pairs are its
+    eigenpairs. Where the block (count + count/4) would exceed half the matrix, the exact
+    solver runs and the result is the exact one, bit for bit."""
+    g = torch.Generator().manual_seed(12)
+    b = torch.randn(300, 40, generator=g, dtype=D) * torch.logspace(0, -3, 40, dtype=D)
+    values, vectors = leading_eigh(b @ b.T, 40, "randomized")
+    exact_values, exact_vectors = leading_eigh(b @ b.T, 40)
+    assert torch.allclose(values, exact_values, rtol=1e-8, atol=0)
+    assert torch.allclose((vectors.T @ exact_vectors).abs(), torch.eye(40, dtype=D), atol=1e-6)
+    small = b[:60] @ b[:60].T
+    assert all(torch.equal(a, e) for a, e in zip(leading_eigh(small, 30, "randomized"), leading_eigh(small, 30)))
 
 
 def test_esd_beats_svd_on_the_inputs_it_sees():
@@ -425,12 +458,12 @@ def test_rank_above_rounding_counts_singular_values_above_the_level(rank, transp
 
 
 def test_rank_above_rounding_leaves_its_kept_sketch_columns_as_drawn():
-    """The sketch's Gaussian columns are drawn once per shape and kept (`sketch_columns`); a
+    """The sketch's Gaussian columns are drawn once per shape and kept (`seeded_gaussian`); a
     float32 ΔW on the CPU multiplies them without a copy, so counting must not write to them,
     and a second count must see the same numbers as a fresh seeded draw."""
     delta = _spectrum_plus_noise(torch.logspace(-1, -3, 12, dtype=D), 1e-6, seed=7).float()
     first = rank_above_rounding(delta, 1e-6, 8)
-    kept = sketch_columns(8, max(delta.shape))
+    kept = seeded_gaussian(8, max(delta.shape))
     assert torch.equal(kept, torch.randn(8, max(delta.shape), generator=torch.Generator().manual_seed(0)))
     assert rank_above_rounding(delta, 1e-6, 8) == first == 8
 

@@ -1,6 +1,5 @@
 """Merging the experts' factors of one weight into a single update ΔW_merged."""
 
-import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import Literal
@@ -8,7 +7,7 @@ from typing import Literal
 import torch
 
 from mergekit_esm.algebra.scaling import eigenvalue_flattening, polarized_scale
-from mergekit_esm.algebra.subspace import TaskFactors, svd_subspace
+from mergekit_esm.algebra.subspace import TaskFactors, seeded_gaussian, svd_subspace
 
 Combination = Literal["essential", "tsv"]
 
@@ -198,7 +197,7 @@ def rank_above_rounding(delta: torch.Tensor, level: float, directions: int) -> i
     def sketch(m: int, known: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
         """Y = ΔW Ω for Ω's first m columns (the same columns for every m: drawn row by row of
         Ωᵀ), reusing the columns of Y already `known`; with its noise bound τ."""
-        omega = sketch_columns(m, cols)
+        omega = seeded_gaussian(m, cols)  # Ωᵀ: the same first columns for every m
         start = 0 if known is None else known.shape[1]
         y = (wide @ omega[start:].T.to(wide.device, wide.dtype)).double()
         return (y if known is None else torch.cat([known, y], dim=1)), level * (cols**0.5 + m**0.5)
@@ -229,18 +228,6 @@ def rank_above_rounding(delta: torch.Tensor, level: float, directions: int) -> i
         if count == directions or directions >= 2 * count + 8:
             return count
     return min(count_above(*sketch(2 * directions + 8, known)), directions)
-
-
-@functools.lru_cache(maxsize=4)
-def sketch_columns(m: int, cols: int) -> torch.Tensor:
-    """Ωᵀ (m × cols, Gaussian) of `rank_above_rounding`'s sketch, seeded, in float32 (faster to
-    draw than float64, and as Gaussian for the bound), on the CPU: the same numbers on every
-    machine and run.
-
-    Kept: a layer asks for the same few shapes once per expert and weight (4 × 7 times in a
-    LLaMA layer of 4 experts), and at 8B widths the draw (1024 × 14336 on the CPU) took longer
-    than the sketch's product on a GPU. Read-only: callers copy it to their device and dtype."""
-    return torch.randn(m, cols, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
 
 
 def with_rounding_level(factors: TaskFactors, delta: torch.Tensor, level: float, directions: int) -> TaskFactors:

@@ -5,7 +5,9 @@ merge step does not care which basis produced them. Everything in `algebra` comp
 the dtype of the task matrices it is given: the caller chooses the precision (`precision`).
 """
 
+import functools
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -134,51 +136,103 @@ def _descending_eigh(symmetric: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return eigenvalues.flip(0).clamp_min(0), eigenvectors.flip(1)
 
 
-def activation_shift_spectrum(
-    delta: torch.Tensor, inputs: InputMoment, vectors: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigen-decomposition of S = ΔW (XᵀX) ΔWᵀ / (n−1), the uncentered covariance of ΔO = X ΔWᵀ.
+SubspaceSolver = Literal["exact", "randomized"]
+# Power steps of the randomized solver (its block is count + max(count/4, 16) wide): the fewest
+# that leave at most 2% more truncation error than the exact subspace on decaying spectra
+# (test_randomized_essential_subspace_…; two steps did not; docs/performance.md).
+RANDOMIZED_STEPS = 3
 
-    Returns (eigenvalues descending, clamped at 0; eigenvectors as columns): min(d_out, m)
-    eigenvalues, m = min(n, d_in) ≥ rank(S), and the leading `vectors` eigenvectors (all by
-    default). The smaller of two equivalent eigenproblems is solved: S itself (d_out × d_out),
-    or, for a wide output (gate/up_proj, d_out > m), the m × m Gram matrix YᵀY of Y = ΔW Fᵀ
-    (FᵀF = XᵀX), whose eigenvectors V give S's as Y V / σ. That is O(d_out·m²) instead of
-    O(d_out³); in token space when X is held. There, only the wanted vectors are formed and
-    orthonormalized (ESD wants k = min(d_out, d_in)/T of them by default).
+
+def seeded_gaussian(rows: int, cols: int) -> torch.Tensor:
+    """A rows × cols standard Gaussian matrix, seeded, in float32 (faster to draw than float64,
+    and as Gaussian for a sketch), on the CPU: the same numbers on every machine and run.
+
+    Kept per shape: a layer asks for the same few shapes once per expert and weight, and at 8B
+    widths a draw (1024 × 14336: 75 ms on a 2-core CPU) took longer than the product it feeds
+    on a GPU. Read-only: callers copy it to their device and dtype."""
+    return _seeded_gaussian(rows, cols)
+
+
+@functools.lru_cache(maxsize=4)
+def _seeded_gaussian(rows: int, cols: int) -> torch.Tensor:
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+
+
+def leading_eigh(
+    symmetric: torch.Tensor, count: int, solver: SubspaceSolver = "exact"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `count` leading eigenpairs of a symmetric positive semi-definite matrix: eigenvalues
+    descending, clamped at 0, and eigenvectors as columns.
+
+    exact: one full eigendecomposition (O(d³), most of it the tridiagonal reduction, which
+    runs at memory speed). randomized: subspace iteration (Halko, Martinsson and Tropp, SIAM
+    Review 53, 2011, algorithm 4.4) on a seeded Gaussian block a quarter wider than `count`,
+    then Rayleigh–Ritz on the block: matrix products and a QR per step, and one eigh of the
+    block's size. Its subspace carries slightly less of the matrix's trace than the exact one
+    (a near-tie at the cut can fall either side); where the block would be more than half of
+    d, nothing is gained and the exact solver runs.
+    """
+    d = symmetric.shape[0]
+    width = count + max(count // 4, 16)
+    if solver == "exact" or 2 * width > d:
+        eigenvalues, eigenvectors = _descending_eigh(symmetric)
+        return eigenvalues[:count], eigenvectors[:, :count]
+    block = seeded_gaussian(width, d).T.to(symmetric.device, symmetric.dtype)
+    for _ in range(RANDOMIZED_STEPS):
+        block = torch.linalg.qr(symmetric @ block).Q
+    ritz_values, ritz_vectors = _descending_eigh(block.T @ symmetric @ block)
+    return ritz_values[:count], block @ ritz_vectors[:, :count]
+
+
+def activation_shift_spectrum(
+    delta: torch.Tensor, inputs: InputMoment, vectors: int, solver: SubspaceSolver = "exact"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The leading `vectors` eigenpairs of S = ΔW (XᵀX) ΔWᵀ / (n−1), the uncentered covariance
+    of ΔO = X ΔWᵀ: eigenvalues descending, clamped at 0; eigenvectors as columns.
+
+    S has min(d_out, m) eigenvalues that can be nonzero, m = min(n, d_in) ≥ rank(S). The
+    smaller of two equivalent eigenproblems is solved: S itself (d_out × d_out), or, for a wide
+    output (gate/up_proj, d_out > m), the m × m Gram matrix YᵀY of Y = ΔW Fᵀ (FᵀF = XᵀX), whose
+    eigenvectors V give S's as Y V / σ. That is O(d_out·m²) instead of O(d_out³); in token
+    space when X is held. There, only the wanted vectors are formed and orthonormalized.
+    `solver`: leading_eigh's.
     """
     n = inputs.n_tokens
     if n < 2:
         raise ValueError(f"need at least 2 proxy tokens, got {n}")
     if delta.shape[0] <= inputs.rank_bound:
-        eigenvalues, eigenvectors = _descending_eigh(inputs.output_covariance(delta))
-        return eigenvalues / (n - 1), eigenvectors[:, :vectors]
+        eigenvalues, eigenvectors = leading_eigh(inputs.output_covariance(delta), vectors, solver)
+        return eigenvalues / (n - 1), eigenvectors
     y = delta @ inputs.factor(delta.dtype).T
-    eigenvalues, v = _descending_eigh(y.T @ y)
-    sigma = eigenvalues[:vectors].sqrt()
+    eigenvalues, v = leading_eigh(y.T @ y, vectors, solver)
+    sigma = eigenvalues.sqrt()
     # σ = 0 (rounding made the eigenvalue ≤ 0, e.g. inputs of lower rank than k): the column
     # stays Y v, which QR turns into some unit vector orthogonal to the rest. Dividing by a σ
     # clamped just above 0 can overflow to Inf; the NaN basis that follows sent a GPU merge
     # to an SVD that did not return.
-    u = y @ (v[:, :vectors] / torch.where(sigma > 0, sigma, 1.0))
+    u = y @ (v / torch.where(sigma > 0, sigma, 1.0))
     # Y V / σ is orthonormal up to rounding that grows as σ → 0; QR restores it exactly and
     # keeps every direction's sign (R's diagonal is positive where Y V / σ is accurate).
     q, r = torch.linalg.qr(u)
     return eigenvalues / (n - 1), q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, 1.0)
 
 
-def essential_subspace(delta: torch.Tensor, inputs: InputMoment, rank: int) -> TaskFactors:
+def essential_subspace(
+    delta: torch.Tensor, inputs: InputMoment, rank: int, solver: SubspaceSolver = "exact"
+) -> TaskFactors:
     """ESD: keep the k directions of the output space that carry most of the activation shift.
 
-    Truncation error is exact: ‖X (ΔW − P̂Â)ᵀ‖_F² = (n−1) Σ_{i>k} λ_i.
+    Truncation error is exact with the exact solver: ‖X (ΔW − P̂Â)ᵀ‖_F² = (n−1) Σ_{i>k} λ_i;
+    the randomized one comes within a bound of it (leading_eigh).
     """
-    eigenvalues, basis = activation_shift_spectrum(delta, inputs, vectors=rank)
-    if rank > eigenvalues.shape[0]:
-        raise ValueError(f"rank {rank} exceeds min(d_out, d_in, n) = {eigenvalues.shape[0]}")
+    available = min(delta.shape[0], inputs.rank_bound)
+    if rank > available:
+        raise ValueError(f"rank {rank} exceeds min(d_out, d_in, n) = {available}")
+    eigenvalues, basis = activation_shift_spectrum(delta, inputs, vectors=rank, solver=solver)
     return TaskFactors(
         basis=basis,
         coords=basis.T @ delta,
-        eigenvalues=eigenvalues[:rank],
+        eigenvalues=eigenvalues,
         norm=torch.linalg.matrix_norm(delta),
     )
 

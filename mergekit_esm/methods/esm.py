@@ -10,7 +10,7 @@ import torch
 from pydantic import Field
 
 from mergekit_esm.algebra import essential_subspace, merge_task_factors, svd_subspace, with_rounding_level
-from mergekit_esm.algebra.subspace import InputMoment
+from mergekit_esm.algebra.subspace import InputMoment, SubspaceSolver
 from mergekit_esm.methods.base import CalibratedSettings, MethodDefinition, Strength, shorter_side_rank
 
 
@@ -64,6 +64,14 @@ class EsmSettings(CalibratedSettings):
         description="esd: essential subspace from proxy activations (ESM); svd: singular "
         "vectors of ΔW merged the TSV-M way (the paper's SVD ablation rows).",
     )
+    subspace_solver: SubspaceSolver = Field(
+        "exact",
+        description="esd basis: how each expert's essential subspace is found. 'exact': a full "
+        "eigendecomposition (the paper). 'randomized': subspace iteration on a seeded block a "
+        "quarter wider than k, a few matrix products and QRs; its subspace carries nearly as much "
+        "of the activation shift (docs/performance.md, 'The essential subspaces by subspace "
+        "iteration') in less time where k is small against the matrix (d ≥ 1024 or so).",
+    )
     whiten_factors: bool = Field(
         True,
         description="esd basis: orthogonalize both concatenated factors at their mean singular "
@@ -91,7 +99,7 @@ def merge_weight(
 
     def expert_factors(index: int, delta: torch.Tensor, moment: Optional[InputMoment]):
         if settings.basis == "esd" and moment.reveals_subspace(rank):
-            found = essential_subspace(delta, moment, rank)
+            found = essential_subspace(delta, moment, rank, settings.subspace_solver)
         else:
             found = svd_subspace(delta, rank)
         return with_rounding_level(found, delta, rounding(index), rank)
