@@ -22,7 +22,12 @@ import torch
 from safetensors import safe_open
 
 from eval.compare import REPO
-from mergekit_esm.algebra import essential_subspace, merge_task_factors, rank_above_rounding, storage_rounding_level
+from mergekit_esm.algebra import (
+    essential_subspace,
+    merge_task_factors,
+    rank_above_rounding,
+    storage_rounding_level,
+)
 from mergekit_esm.algebra.merge import carrying_directions
 from mergekit_esm.algebra.subspace import InputMoment
 from mergekit_esm.calibration.proxy import load_documents, token_windows
@@ -60,22 +65,38 @@ def _captured(basis: torch.Tensor, delta: torch.Tensor, moment: torch.Tensor) ->
     return float(torch.einsum("ki,ij,kj->", shift, moment, shift))
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def study_arguments(description: str) -> argparse.Namespace:
+    """The command line of a study over a zoo's real experts: --workdir, --zoo, --layers."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--workdir", type=Path, default=REPO / "eval" / "workdir")
     parser.add_argument("--zoo", default="community", choices=["community", "synthetic"])
     parser.add_argument("--layers", default="0,3,6,9,12,15")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def open_zoo(args: argparse.Namespace) -> tuple[list[int], dict, object, dict]:
+    """(layers, the base's inputs per (layer, module), the base's and each expert's checkpoint
+    opened with safetensors), the zoo built or read from its cache."""
     from eval.zoo.build import build_community_zoo, build_zoo
 
     models = (build_community_zoo if args.zoo == "community" else build_zoo)(args.workdir)
     layers = [int(x) for x in args.layers.split(",")]
-    inputs = layer_inputs(models["base"], layers)
     base = safe_open(Path(models["base"]) / "model.safetensors", "pt")
     experts = {name: safe_open(Path(path) / "model.safetensors", "pt") for name, path in models["experts"].items()}
+    return layers, layer_inputs(models["base"], layers), base, experts
+
+
+def default_merge_arguments() -> dict:
+    """merge_task_factors' keyword arguments at ESM's defaults."""
     settings = EsmSettings()
-    merge_args = dict(gamma=settings.gamma, task_exponent=settings.task_exponent,
-                      dimension_exponent=settings.dimension_exponent, preserve_norm=settings.preserve_norm)
+    return dict(gamma=settings.gamma, task_exponent=settings.task_exponent,
+                dimension_exponent=settings.dimension_exponent, preserve_norm=settings.preserve_norm)
+
+
+def main():
+    args = study_arguments(__doc__.splitlines()[0])
+    layers, inputs, base, experts = open_zoo(args)
+    merge_args = default_merge_arguments()
     print(f"{args.zoo} zoo, experts {list(experts)}; columns: expert kept float64 / float32 "
           "(rank above the rounding level) without → with the rank rule")
     for layer in layers:

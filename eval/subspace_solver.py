@@ -10,36 +10,28 @@ Inputs as in eval.kept_directions: the base's inputs to each linear on the built
 text (8 windows of 512 tokens). Prints one line per weight and a summary line.
 """
 
-import argparse
-from pathlib import Path
 
-import torch
-from safetensors import safe_open
-
-from eval.compare import REPO
-from eval.kept_directions import WEIGHTS, _captured, layer_inputs
-from mergekit_esm.algebra import essential_subspace, merge_task_factors, storage_rounding_level, with_rounding_level
+from eval.kept_directions import (
+    WEIGHTS,
+    _captured,
+    default_merge_arguments,
+    open_zoo,
+    study_arguments,
+)
+from mergekit_esm.algebra import (
+    essential_subspace,
+    merge_task_factors,
+    storage_rounding_level,
+    with_rounding_level,
+)
 from mergekit_esm.algebra.subspace import InputMoment
 from mergekit_esm.methods.base import shorter_side_rank
-from mergekit_esm.methods.esm import EsmSettings
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=REPO / "eval" / "workdir")
-    parser.add_argument("--zoo", default="community", choices=["community", "synthetic"])
-    parser.add_argument("--layers", default="0,3,6,9,12,15")
-    args = parser.parse_args()
-    from eval.zoo.build import build_community_zoo, build_zoo
-
-    models = (build_community_zoo if args.zoo == "community" else build_zoo)(args.workdir)
-    layers = [int(x) for x in args.layers.split(",")]
-    inputs = layer_inputs(models["base"], layers)
-    base = safe_open(Path(models["base"]) / "model.safetensors", "pt")
-    experts = {name: safe_open(Path(path) / "model.safetensors", "pt") for name, path in models["experts"].items()}
-    settings = EsmSettings()
-    merge_args = dict(gamma=settings.gamma, task_exponent=settings.task_exponent,
-                      dimension_exponent=settings.dimension_exponent, preserve_norm=settings.preserve_norm)
+    args = study_arguments(__doc__.splitlines()[0])
+    layers, inputs, base, experts = open_zoo(args)
+    merge_args = default_merge_arguments()
     print(f"{args.zoo} zoo, {len(experts)} experts {list(experts)}, float32, k = ⌊min(d_out, d_in)/T⌋")
     least_shares, distances = [], []
     for layer in layers:
