@@ -552,6 +552,27 @@ def test_esd_basis_without_whitening_keeps_tsv_m_combination():
     assert not torch.allclose(unwhitened, merge_weight(EsmSettings(**off), deltas, 4, inputs), atol=1e-6)
 
 
+def test_esm_finds_its_subspaces_with_the_solver_its_settings_name():
+    """merge_weight hands `subspace_solver` to every expert's essential subspace: at a width
+    where the randomized solver runs (k = 16 of 128), the default merge is the randomized
+    one, and `exact` the full eigendecomposition's."""
+    from mergekit_esm.algebra import essential_subspace
+    from mergekit_esm.algebra.merge import merge_task_factors
+    from mergekit_esm.methods.esm import merge_weight
+
+    g = torch.Generator().manual_seed(13)
+    deltas = [torch.randn(128, 96, generator=g, dtype=D) for _ in range(3)]
+    inputs = [InputMoment(400, tokens=torch.randn(400, 96, generator=g, dtype=D)) for _ in range(3)]
+    off = {"gamma": 0.0, "task_exponent": 0.0, "dimension_exponent": 0.0}
+    merged = {}
+    for solver in ("randomized", "exact"):
+        expected = merge_task_factors((essential_subspace(d, i, 16, solver) for d, i in zip(deltas, inputs)), **off)
+        merged[solver] = merge_weight(EsmSettings(subspace_solver=solver, **off), deltas, 16, inputs)
+        assert torch.allclose(merged[solver], expected, atol=1e-12)
+    assert torch.equal(merge_weight(EsmSettings(**off), deltas, 16, inputs), merged["randomized"])
+    assert not torch.allclose(merged["randomized"], merged["exact"], atol=1e-6)
+
+
 def test_polarized_coordinates_preserve_the_norm_and_keep_the_papers_proportions():
     """preserve_norm rescales each level to the norm before it; the proportions between tasks
     and between columns stay those of the paper's raw ratios."""
