@@ -143,18 +143,14 @@ SubspaceSolver = Literal["exact", "randomized"]
 RANDOMIZED_STEPS = 3
 
 
+@functools.lru_cache(maxsize=4)
 def seeded_gaussian(rows: int, cols: int) -> torch.Tensor:
     """A rows × cols standard Gaussian matrix, seeded, in float32 (faster to draw than float64,
     and as Gaussian for a sketch), on the CPU: the same numbers on every machine and run.
 
     Kept per shape: a layer asks for the same few shapes once per expert and weight, and at 8B
-    widths a draw (1024 × 14336: 75 ms on a 2-core CPU) took longer than the product it feeds
-    on a GPU. Read-only: callers copy it to their device and dtype."""
-    return _seeded_gaussian(rows, cols)
-
-
-@functools.lru_cache(maxsize=4)
-def _seeded_gaussian(rows: int, cols: int) -> torch.Tensor:
+    widths a draw took longer than the product it feeds on a GPU (docs/performance.md).
+    Read-only: callers copy it to their device and dtype."""
     return torch.randn(rows, cols, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
 
 
