@@ -71,6 +71,9 @@ ABLATIONS = {
     "esm, exact subspace": {"subspace_solver": "exact"},
     # not a part: float64, the reference, against the default float32
     "esm, float64": {"precision": "float64"},
+    # not a part: the proxy budget's floor (8 windows of 512 tokens) against 4, which is what the
+    # rule of 4 tokens per kept direction asks for at 1.1B widths and T = 4
+    "esm, 4 proxy windows": {"proxy_samples": 4},
 }
 ABLATION_ALPHAS = tuple(s["alpha"] for s in GRIDS["esm"])  # ESM's own grid, the same budget
 
