@@ -111,11 +111,16 @@ def sweep_settings(method: str) -> dict[str, dict]:
 
 def subsets(n_experts: int, size: int, count: int, seed: int = 0) -> list[tuple[int, ...]]:
     """`count` distinct subsets of `size` experts out of n (all of them when there are fewer),
-    drawn with a seed that depends only on (n, size, seed): the same draw on every machine."""
+    drawn with a seed that depends only on (n, size, seed): the same draw on every machine.
+
+    The first `count` of one seeded permutation, so a larger count keeps every subset of a
+    smaller one and a protocol run extended with more subsets reuses the merges already scored
+    (random.sample(every, count) draws a different sequence once the count passes 5 where there
+    are more than 21 subsets to choose from)."""
     every = list(itertools.combinations(range(n_experts), size))
     if count >= len(every):
         return every
-    return sorted(random.Random(f"subsets-{n_experts}-{size}-{seed}").sample(every, count))
+    return sorted(random.Random(f"subsets-{n_experts}-{size}-{seed}").sample(every, len(every))[:count])
 
 
 def subsets_per_size(n_experts: int, per_size: int) -> dict[int, list[tuple[int, ...]]]:

@@ -272,6 +272,9 @@ def test_subset_sampler_is_seeded_and_covers_every_size():
     assert len(set(draw)) == 5 and all(len(s) == 3 and len(set(s)) == 3 and max(s) < 6 for s in draw)
     assert subsets(6, 3, 5, seed=1) != draw  # the seed matters
     assert len(subsets(4, 3, 5)) == 4  # all of them when the zoo has fewer
+    for n, size in [(6, 2), (6, 3), (8, 4), (12, 2)]:  # more subsets extend fewer
+        for fewer in range(1, 8):
+            assert set(subsets(n, size, fewer)) <= set(subsets(n, size, fewer + 3))
     plan = subsets_per_size(6, 2)
     assert sorted(plan) == [2, 3, 4, 5, 6] and plan[6] == [(0, 1, 2, 3, 4, 5)]
     assert all(len(v) == 2 for k, v in plan.items() if k < 6)
