@@ -13,6 +13,7 @@ arithmetic's is about 1 for unrelated experts): an expert whose share is near 0 
 """
 
 import argparse
+import itertools
 from pathlib import Path
 
 import torch
@@ -92,8 +93,43 @@ def share_table(deltas: dict[str, torch.Tensor], levels: dict[str, float], name:
             merged = torch.stack(list(deltas.values())).sum(0)
         else:
             merged = merge_task_factors(svd_factors(deltas, levels, rank), **kwargs)
-        shares = [float((merged * d).sum() / (d * d).sum()) for d in deltas.values()]
+        shares = kept_shares(merged, deltas)
         lines.append(f"| {label} | {merged.norm():.3f} | " + " | ".join(f"{x:.2f}" for x in shares) + " |")
+    return "\n".join(lines)
+
+
+def kept_shares(merged: torch.Tensor, deltas: dict[str, torch.Tensor]) -> list[float]:
+    """Each expert's share of its own task vector in the merged update, ⟨ΔW_merged, ΔW_t⟩/‖ΔW_t‖²."""
+    return [float((merged * d).sum() / (d * d).sum()) for d in deltas.values()]
+
+
+def share_by_size_table(deltas: dict[str, torch.Tensor], levels: dict[str, float], name: str) -> str:
+    """Per number of experts T, the mean kept share over every subset of T experts and its
+    members, for task arithmetic, TSV-M and ESM's combination at its defaults (α = 1): whether
+    a fixed α means the same strength at every T. ESM's whitening gives each of the k = d/T
+    kept directions the mean σ, which more and weaker directions (small T) pull down; TSV-M
+    keeps each direction's own σ, so it keeps more of each expert the fewer are merged."""
+    esm = EsmSettings()
+    variants = {
+        "TSV-M": dict(gamma=0.0, task_exponent=0.0, dimension_exponent=0.0, combination="tsv"),
+        "ESM's defaults": dict(gamma=esm.gamma, task_exponent=esm.task_exponent,
+                               dimension_exponent=esm.dimension_exponent, preserve_norm=esm.preserve_norm),
+    }
+    lines = [f"`{name}`: mean share ⟨ΔW_merged, ΔW_t⟩/‖ΔW_t‖² over every subset of T experts and its members "
+             "(SVD basis at ESM's default rank for T; ESM at α = 1, before layer scaling)", "",
+             "| T | subsets | rank | task arithmetic | TSV-M | ESM's defaults | ESM / TSV-M |", "|---|---|---|---|---|---|---|"]
+    for size in range(2, len(deltas) + 1):
+        totals = dict.fromkeys(["task arithmetic", *variants], 0.0)
+        subsets = list(itertools.combinations(deltas, size))
+        for members in subsets:
+            chosen = {e: deltas[e] for e in members}
+            rank = rank_per_expert(chosen)
+            totals["task arithmetic"] += sum(kept_shares(torch.stack(list(chosen.values())).sum(0), chosen))
+            for label, kwargs in variants.items():
+                merged = merge_task_factors(svd_factors(chosen, levels, rank), **kwargs)
+                totals[label] += sum(kept_shares(merged, chosen))
+        ta, tsv, esm_share = (totals[label] / (len(subsets) * size) for label in totals)
+        lines.append(f"| {size} | {len(subsets)} | {rank} | {ta:.3f} | {tsv:.3f} | {esm_share:.3f} | {esm_share / tsv:.2f} |")
     return "\n".join(lines)
 
 
@@ -104,10 +140,15 @@ def main():
     parser.add_argument("--workdir", type=Path, default=REPO / "eval" / "workdir")
     parser.add_argument("--zoo", choices=["community", "synthetic"], default="community")
     parser.add_argument("--weight", default="model.layers.29.mlp.gate_proj.weight")
+    parser.add_argument("--by-size", action="store_true",
+                        help="instead: each method's mean kept share per number of experts T, over every subset")
     args = parser.parse_args()
     names = community.TASKS if args.zoo == "community" else tasks.TASKS
     models = args.workdir / "models"
     deltas, levels = task_vectors(models / "base", {t: models / t for t in names}, args.weight)
+    if args.by_size:
+        print(share_by_size_table(deltas, levels, args.weight))
+        return
     print(inflation_table(deltas, args.weight), "", share_table(deltas, levels, args.weight), sep="\n")
 
 

@@ -386,3 +386,27 @@ def test_protocol_redoes_and_rescores_a_cached_merge_whose_settings_changed(tmp_
     redone = run.merged(key, "esm", {"alpha": 2.0, "task_exponent": 2.0}, ["a"], "test")
     assert len(merges) == 2 and redone["tasks"] == {"a": 0.75} and redone["setting"]["task_exponent"] == 2.0
     assert run.results.get("toy", *key) == redone
+
+
+def test_share_by_size_counts_what_each_merge_keeps_of_its_experts():
+    import torch
+
+    from eval.scale_inflation import kept_shares, share_by_size_table
+
+    torch.manual_seed(0)
+    rows = 24  # three experts on disjoint output rows: task arithmetic keeps exactly each one
+    deltas = {}
+    for i, name in enumerate("abc"):
+        d = torch.zeros(rows, 16, dtype=torch.float64)
+        d[8 * i : 8 * (i + 1)] = torch.randn(8, 16, dtype=torch.float64)
+        deltas[name] = d
+    assert kept_shares(sum(deltas.values()), deltas) == pytest.approx([1.0, 1.0, 1.0])
+    assert kept_shares(2 * deltas["a"], {"a": deltas["a"]}) == pytest.approx([2.0])
+    table = share_by_size_table(deltas, dict.fromkeys(deltas, 0.0), "w").splitlines()
+    cells = {int(line.split("|")[1]): [float(c) for c in line.split("|")[2:8]] for line in table if line[:3] in ("| 2", "| 3")}
+    assert sorted(cells) == [2, 3]
+    assert cells[2][0] == 3 and cells[3][0] == 1  # subsets of 2 and 3 out of 3
+    for size, (subsets, rank, ta, tsv, esm, ratio) in cells.items():
+        assert rank == min(rows, 16) // size  # ESM's default rank ⌊min(d_out, d_in)/T⌋
+        assert ta == pytest.approx(1.0, abs=1e-3)
+        assert 0 < tsv <= 1.0 + 1e-3 and esm > 0 and ratio == pytest.approx(esm / tsv, abs=0.01)
