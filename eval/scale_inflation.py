@@ -1,7 +1,7 @@
 """How ESM's scaling and combination treat one weight's experts: the merged update's norm,
 and how much of each expert's own task vector it keeps.
 
-    python -m eval.scale_inflation [--weight model.layers.29.mlp.gate_proj.weight] [--zoo community]
+    python -m eval.scale_inflation [--weight model.layers.29.mlp.gate_proj.weight] [--zoo community] [--by-size]
 
 Reads the base and the zoo's experts from <workdir>/models and merges the one weight with the
 SVD basis (no calibration needed; scaling and combination act the same on ESD factors).
@@ -10,6 +10,7 @@ with `preserve_norm`: the Frobenius norms beside each task vector's and their su
 table: task arithmetic's sum, TSV-M, and ESM's combination (whitened or not, scaling on or
 off), each with its norm and each expert's share ⟨ΔW_merged, ΔW_t⟩ / ‖ΔW_t‖² (task
 arithmetic's is about 1 for unrelated experts): an expert whose share is near 0 is left out.
+--by-size: instead, those shares per number of experts T, averaged over every subset of T.
 """
 
 import argparse
