@@ -72,12 +72,12 @@ def inflation_table(deltas: dict[str, torch.Tensor], name: str) -> str:
     return "\n".join(lines)
 
 
-def share_table(deltas: dict[str, torch.Tensor], levels: dict[str, float], name: str) -> str:
-    rank = rank_per_expert(deltas)
+def merge_variants() -> dict[str, dict | None]:
+    """The merges the share tables compare: merge_task_factors' arguments (None: task arithmetic's sum)."""
     esm = EsmSettings()
     off = dict(gamma=0.0, task_exponent=0.0, dimension_exponent=0.0)
     scaled = dict(gamma=esm.gamma, dimension_exponent=esm.dimension_exponent, preserve_norm=True)
-    variants = {
+    return {
         "task arithmetic (sum)": None,
         "TSV-M": dict(off, combination="tsv"),
         "whitened, no scaling": dict(off),
@@ -87,21 +87,29 @@ def share_table(deltas: dict[str, torch.Tensor], levels: dict[str, float], name:
         "unwhitened, ESM's scaling": dict(scaled, task_exponent=2.0, combination="tsv"),
         "unwhitened, no task scaling": dict(scaled, task_exponent=0.0, combination="tsv"),
     }
-    lines = [f"`{name}`, rank {rank} per expert", "",
-             "| merge | ‖ΔW_merged‖ | " + " | ".join(deltas) + " |", "|---|---|" + "---|" * len(deltas)]
-    for label, kwargs in variants.items():
-        if kwargs is None:
-            merged = torch.stack(list(deltas.values())).sum(0)
-        else:
-            merged = merge_task_factors(svd_factors(deltas, levels, rank), **kwargs)
-        shares = kept_shares(merged, deltas)
-        lines.append(f"| {label} | {merged.norm():.3f} | " + " | ".join(f"{x:.2f}" for x in shares) + " |")
-    return "\n".join(lines)
+
+
+def merged_update(kwargs: dict | None, deltas: dict[str, torch.Tensor], levels: dict[str, float], rank: int) -> torch.Tensor:
+    """One weight merged as merge_variants() describes it, on the SVD basis at `rank`."""
+    if kwargs is None:
+        return torch.stack(list(deltas.values())).sum(0)
+    return merge_task_factors(svd_factors(deltas, levels, rank), **kwargs)
 
 
 def kept_shares(merged: torch.Tensor, deltas: dict[str, torch.Tensor]) -> list[float]:
     """Each expert's share of its own task vector in the merged update, ⟨ΔW_merged, ΔW_t⟩/‖ΔW_t‖²."""
     return [float((merged * d).sum() / (d * d).sum()) for d in deltas.values()]
+
+
+def share_table(deltas: dict[str, torch.Tensor], levels: dict[str, float], name: str) -> str:
+    rank = rank_per_expert(deltas)
+    lines = [f"`{name}`, rank {rank} per expert", "",
+             "| merge | ‖ΔW_merged‖ | " + " | ".join(deltas) + " |", "|---|---|" + "---|" * len(deltas)]
+    for label, kwargs in merge_variants().items():
+        merged = merged_update(kwargs, deltas, levels, rank)
+        shares = kept_shares(merged, deltas)
+        lines.append(f"| {label} | {merged.norm():.3f} | " + " | ".join(f"{x:.2f}" for x in shares) + " |")
+    return "\n".join(lines)
 
 
 def share_by_size_table(deltas: dict[str, torch.Tensor], levels: dict[str, float], name: str) -> str:
@@ -110,26 +118,20 @@ def share_by_size_table(deltas: dict[str, torch.Tensor], levels: dict[str, float
     a fixed α means the same strength at every T. ESM's whitening gives each of the k = d/T
     kept directions the mean σ, which more and weaker directions (small T) pull down; TSV-M
     keeps each direction's own σ, so it keeps more of each expert the fewer are merged."""
-    esm = EsmSettings()
-    variants = {
-        "TSV-M": dict(gamma=0.0, task_exponent=0.0, dimension_exponent=0.0, combination="tsv"),
-        "ESM's defaults": dict(gamma=esm.gamma, task_exponent=esm.task_exponent,
-                               dimension_exponent=esm.dimension_exponent, preserve_norm=esm.preserve_norm),
-    }
+    compared = ("task arithmetic (sum)", "TSV-M", "whitened, ESM's defaults")
+    variants = {label: merge_variants()[label] for label in compared}
     lines = [f"`{name}`: mean share ⟨ΔW_merged, ΔW_t⟩/‖ΔW_t‖² over every subset of T experts and its members "
              "(SVD basis at ESM's default rank for T; ESM at α = 1, before layer scaling)", "",
              "| T | subsets | rank | task arithmetic | TSV-M | ESM's defaults | ESM / TSV-M |", "|---|---|---|---|---|---|---|"]
     for size in range(2, len(deltas) + 1):
-        totals = dict.fromkeys(["task arithmetic", *variants], 0.0)
+        totals = dict.fromkeys(variants, 0.0)
         subsets = list(itertools.combinations(deltas, size))
         for members in subsets:
             chosen = {e: deltas[e] for e in members}
             rank = rank_per_expert(chosen)
-            totals["task arithmetic"] += sum(kept_shares(torch.stack(list(chosen.values())).sum(0), chosen))
             for label, kwargs in variants.items():
-                merged = merge_task_factors(svd_factors(chosen, levels, rank), **kwargs)
-                totals[label] += sum(kept_shares(merged, chosen))
-        ta, tsv, esm_share = (totals[label] / (len(subsets) * size) for label in totals)
+                totals[label] += sum(kept_shares(merged_update(kwargs, chosen, levels, rank), chosen))
+        ta, tsv, esm_share = (totals[label] / (len(subsets) * size) for label in compared)
         lines.append(f"| {size} | {len(subsets)} | {rank} | {ta:.3f} | {tsv:.3f} | {esm_share:.3f} | {esm_share / tsv:.2f} |")
     return "\n".join(lines)
 
