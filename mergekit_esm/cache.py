@@ -18,8 +18,10 @@ from typing import Any, Iterator
 # out of the merge (algebra.merge.carrying_directions); 3 flattens eigenvalues keeping each
 # expert's norm under preserve_norm with TSV-M's combination; 4 leaves out directions below
 # the checkpoint's rounding level (algebra.merge.storage_rounding_level); 5 keeps no more of
-# an expert's directions than ΔW has above that level (algebra.merge.rank_above_rounding).
-CACHE_VERSION = 5
+# an expert's directions than ΔW has above that level (algebra.merge.rank_above_rounding); 6
+# measures the whitened factors' size with eigenvalue flattening undone under preserve_norm
+# (algebra.merge.with_unflattened_sigma).
+CACHE_VERSION = 6
 
 
 def cache_root(configured: str | None) -> Path:

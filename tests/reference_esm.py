@@ -13,9 +13,12 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 FUSED = ("qkv_proj", "gate_up_proj")
 
 
-def whiten(m):
+def whiten(m, unflattened=None):
+    """U Vᵀ times m's mean singular value; with `unflattened` (preserve_norm), times the mean
+    singular value of m before eigenvalue flattening, measured along U Vᵀ: tr((U Vᵀ)ᵀ m₀)/r."""
     u, s, vh = torch.linalg.svd(m, full_matrices=False)
-    return u @ vh * s.mean()
+    q = u @ vh
+    return q * (s.mean() if unflattened is None else (q * unflattened).sum() / s.numel())
 
 
 def esm_weight(deltas, xs, k, gamma, p_task, p_dim, preserve_norm=False, whiten_factors=True):
@@ -25,10 +28,11 @@ def esm_weight(deltas, xs, k, gamma, p_task, p_dim, preserve_norm=False, whiten_
     polar(P) · diag(σ) · polar(B), where A = diag(σ) B has unit rows.
 
     preserve_norm: after task and after dimension scaling, A_cat is rescaled to the Frobenius
-    norm it had before that scaling."""
+    norm it had before that scaling; whitened, each factor takes the size it has without
+    eigenvalue flattening."""
     norms = [torch.linalg.matrix_norm(d) for d in deltas]
     mean_norm = sum(norms) / len(norms)
-    ps, as_ = [], []
+    ps, as_, es = [], [], []
     for d, x, norm in zip(deltas, xs, norms):
         shift = x @ d.T
         lam, vec = torch.linalg.eigh(shift.T @ shift / (x.shape[0] - 1))
@@ -41,6 +45,7 @@ def esm_weight(deltas, xs, k, gamma, p_task, p_dim, preserve_norm=False, whiten_
             e = e / e.mean()
         ps.append(vec * e)
         as_.append(coords * e[:, None])
+        es.append(e)
     p, a = torch.cat(ps, 1), torch.cat(as_, 0)
     task_scales = torch.cat([torch.full((x.shape[0],), float((n / mean_norm) ** p_task)) for x, n in zip(as_, norms)])
     scaled = a * task_scales[:, None].double()
@@ -50,6 +55,9 @@ def esm_weight(deltas, xs, k, gamma, p_task, p_dim, preserve_norm=False, whiten_
     a = scaled * (col / col.mean()) ** p_dim
     if preserve_norm:
         a = a * torch.linalg.matrix_norm(scaled) / torch.linalg.matrix_norm(a)
+    if whiten_factors and preserve_norm:
+        e = torch.cat(es)
+        return whiten(p, p / e) @ whiten(a, a / e[:, None])
     if whiten_factors:
         return whiten(p) @ whiten(a)
     sigma = torch.linalg.vector_norm(a, dim=1)

@@ -709,3 +709,47 @@ def test_default_rank_rules_by_hand(shape):
     shorter = esm.default_rank(EsmSettings(), d_out, d_in, 4)
     assert shorter == min(d_out, d_in) // 4 and 4 * shorter <= min(d_out, d_in)
     assert shorter == METHODS["tsv"].default_rank(None, d_out, d_in, 4)
+
+
+def test_whitened_update_keeps_its_size_whatever_the_flattening_under_preserve_norm():
+    """One expert whose spectrum sits in one direction (a LoRA meeting massive activations):
+    whitened, its update is mean(σ)·U Vᵀ over its directions whatever γ (flattening only sets
+    proportions), where the authors' mean-1 rule grows it with γ; without preserve_norm that
+    rule stays (the paper's raw scaling)."""
+    g = torch.Generator().manual_seed(3)
+    u, _ = torch.linalg.qr(torch.randn(12, 4, generator=g, dtype=D))
+    v, _ = torch.linalg.qr(torch.randn(10, 4, generator=g, dtype=D))
+    sigma = torch.tensor([5.0, 0.05, 0.02, 0.01], dtype=D)
+    factors = svd_subspace(u @ torch.diag(sigma) @ v.T, 4)
+    expected = sigma.mean() * u @ v.T  # U Vᵀ with the signs svd_subspace gives
+    expected = expected * torch.sign((expected * (factors.basis @ factors.coords)).sum())
+
+    def merged(gamma, preserve_norm):
+        return merge_task_factors([factors], gamma=gamma, task_exponent=0.0, dimension_exponent=0.0,
+                                  preserve_norm=preserve_norm)
+
+    for gamma in (0.0, 0.15, 0.5):
+        assert torch.allclose(merged(gamma, True), expected, atol=1e-10)
+    # the mean-1 rule: e ≈ (2.3, 0.6, 0.5, 0.5) at γ 0.15, so mean(σ·e) ≈ 2.3·mean(σ)
+    assert torch.linalg.matrix_norm(merged(0.15, False)) > 2 * torch.linalg.matrix_norm(expected)
+
+
+def test_whitened_sizes_undo_flattening_along_the_polar_factor():
+    """Two overlapping experts: each whitened factor is its polar factor times ⟨Q, X₀⟩/r, X₀
+    the concatenated factor without flattening (brute force with the SVD)."""
+    g = torch.Generator().manual_seed(4)
+    deltas = [torch.randn(9, 7, generator=g, dtype=D) @ torch.diag(torch.logspace(0, -3, 7, dtype=D)) for _ in range(2)]
+    deltas[1] = deltas[1] + 0.5 * deltas[0]
+    factors = [svd_subspace(d, 3) for d in deltas]
+    e = torch.cat([eigenvalue_flattening(f.eigenvalues, 0.15) for f in factors])
+    p0, a0 = concatenate_factors(factors)
+    p, a = p0 * e, a0 * e[:, None]
+
+    def polar_factor(x):
+        left, _, right = torch.linalg.svd(x, full_matrices=False)
+        return left @ right
+
+    qp, qa = polar_factor(p), polar_factor(a)
+    expected = qp * (qp * p0).sum() / 6 @ (qa * (qa * a0).sum() / 6)
+    got = merge_task_factors(factors, gamma=0.15, task_exponent=0.0, dimension_exponent=0.0, preserve_norm=True)
+    assert torch.allclose(got, expected, atol=1e-10)

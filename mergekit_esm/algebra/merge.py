@@ -311,7 +311,7 @@ def merge_task_factors(
     An expert that left this weight unchanged takes no part: its basis would be arbitrary.
     `factors` is consumed one at a time, so a generator keeps only one expert's factors alive.
     """
-    bases, coords, norms, spectra = [], [], [], []
+    bases, coords, norms, spectra, flattening = [], [], [], [], []
     for f in factors:
         shape, like = (f.basis.shape[0], f.coords.shape[1]), f.basis
         kept = carrying_directions(f)
@@ -321,16 +321,16 @@ def merge_task_factors(
             # the expert's own spectrum, before flattening and scaling reshape it
             spectra.append((torch.linalg.matrix_norm(f.coords), f.coords.shape[0]))
             # flattened to mean 1 over the directions that take part, so a rank-r expert
-            # weighs as if it had been truncated at r
-            # Whitened, the update's size is set by the factors' mean singular values and
-            # flattening only sets proportions (authors' mean-1 rule). TSV-M's combination keeps
-            # the σ, so there flattening must keep the expert's norm (preserve_norm).
+            # weighs as if it had been truncated at r (authors' mean-1 rule). TSV-M's
+            # combination keeps the σ, so there flattening must keep the expert's norm
+            # (preserve_norm); whitened, the size is restored after the polar factors instead.
             keep_norm = preserve_norm and combination == "tsv"
             row_norms = torch.linalg.vector_norm(f.coords, dim=1) if keep_norm else None
             e = eigenvalue_flattening(f.eigenvalues, gamma, row_norms)
             bases.append(f.basis * e)
             coords.append(f.coords * e[:, None])
             norms.append(f.norm)
+            flattening.append(e)
         del f
     if not bases:
         return like.new_zeros(shape)
@@ -340,11 +340,33 @@ def merge_task_factors(
     del coords
 
     if combination == "essential":
-        p_whitened = polar_orthogonalize(p_cat, keep_scale=True)
+        if preserve_norm:
+            e = torch.cat(flattening)
+            p_whitened = with_unflattened_sigma(polar_orthogonalize(p_cat, keep_scale=False), p_cat, e, dim=1)
+            a_whitened = with_unflattened_sigma(polar_orthogonalize(a_cat, keep_scale=False), a_cat, e, dim=0)
+        else:
+            p_whitened = polar_orthogonalize(p_cat, keep_scale=True)
+            a_whitened = polar_orthogonalize(a_cat, keep_scale=True)
         if spectrum_exponent != 0:
             p_whitened *= expert_spectrum_scale(spectra, spectrum_exponent).to(p_whitened)
-        return p_whitened @ polar_orthogonalize(a_cat, keep_scale=True)
+        return p_whitened @ a_whitened
     return singular_vector_merge(p_cat, a_cat, isotropic=False)
+
+
+def with_unflattened_sigma(q: torch.Tensor, x: torch.Tensor, flattening: torch.Tensor, dim: int) -> torch.Tensor:
+    """Polar factor q of a flattened factor x (its directions along `dim` scaled by
+    `flattening`), times the mean singular value of x with the flattening undone, measured along
+    q: ⟨q, x₀⟩/⟨q, q⟩ for x₀ = x·diag(1/e) (columns, dim=1) or diag(1/e)·x (rows, dim=0).
+
+    Whitening gives every direction the factor's mean σ, so that mean sets the update's size.
+    The authors' mean-1 rule keeps mean(e) = 1, not mean(σ·e): where an expert's spectrum sits
+    in one direction (a LoRA whose update meets an LLM's massive activations: λ₁/λ₂ ~ 10⁴),
+    its strongest direction takes e ≈ 5 and the whitened update grew to 2.5× the experts'
+    sum (docs/robustness.md, "Two LoRA experts"). Measured on x₀, flattening sets proportions
+    only, as preserve_norm has every scaling level do. For q = polar(x₀) this is x₀'s mean σ.
+    """
+    directions = (q * x).sum(dim=1 - dim) / flattening.to(x)
+    return q * (directions.sum() / q.square().sum())
 
 
 def expert_spectrum_scale(spectra: Sequence[tuple[torch.Tensor, int]], exponent: float) -> torch.Tensor:
