@@ -55,9 +55,11 @@ class EsmSettings(CalibratedSettings):
     preserve_norm: bool = Field(
         True,
         description="Polarized scaling (task, dimension, layer) shifts weight without changing "
-        "the update's total Frobenius norm: each level's scales are renormalized. false: the "
-        "paper's raw ratios, whose mean grows with how much the experts' norms differ (experts "
-        "trained with different budgets gave an unusable model at every α; docs/robustness.md).",
+        "the update's total Frobenius norm: each level's scales are renormalized, and eigenvalue "
+        "flattening leaves the whitened factors' mean singular values as they are without it. "
+        "false: the paper's raw ratios, whose mean grows with how much the experts' norms differ "
+        "(experts trained with different budgets gave an unusable model at every α), and its "
+        "mean-1 flattening, which grew a merge of two LoRA experts up to 5× (docs/robustness.md).",
     )
     basis: Literal["esd", "svd"] = Field(
         "esd",
