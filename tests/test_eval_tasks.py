@@ -312,6 +312,7 @@ def test_robustness_report_from_a_small_fake_result_set(tmp_path, monkeypatch):
         for t in "abc":
             results.put(score({t: 1.0}, 0.5, 3.2), "toy", "expert", t, split)
     run = rb.ZooScores("toy", results)
+    default = rb.default_setting("esm")["alpha"]  # the sweep's second row is ESM's default α
     assert run.tasks == ["a", "b", "c"]
     # subset a+b: esm beats TA (0.9 vs 0.5) and keeps the base within the margin; ties does neither
     draws = {"a+b": {"esm": 0.9, "task_arithmetic": 0.5, "ties": 0.4}, "b+c": {"esm": 0.6, "task_arithmetic": 0.7, "ties": 0.8}}
@@ -319,25 +320,25 @@ def test_robustness_report_from_a_small_fake_result_set(tmp_path, monkeypatch):
         for method, acc in accs.items():
             kept = (0.75, 3.1) if method == "esm" and members == "a+b" else (0.2, 3.6)
             results.put(score({t: acc for t in members.split("+")}, *kept), "toy", "subsets", "2", members, method, rb.DEFAULT)
-    for label, acc in (("alpha=1.0", 0.5), ("alpha=2.0", 0.9)):
+    for label, acc in (("alpha=1.0", 0.5), (f"alpha={default}", 0.9)):
         results.put(score({"a": acc, "b": acc, "c": acc}, 0.5, 3.3), "toy", "sweep", "esm", label)
     results.put({**score({"a": 0.8, "b": 0.8, "c": 0.8}, 0.6, 3.2), "alpha": 2.5}, "toy", "auto", "esm")
     results.put(score({"a": 0.6, "b": 0.6, "c": 0.6}, 0.5, 3.3), "toy", "sweep", "tsv", "alpha=1.0")
     results.put({**score({"a": 0.7, "b": 1.0, "c": 0.4}, 0.45, 3.4), "merge_s": 12.5, "peak_anon_mib": 900},
-                "toy", "chosen", "esm", "alpha=2.0")
+                "toy", "chosen", "esm", f"alpha={default}")
     text, curves = rb.summarize(run, ["esm", "task_arithmetic", "ties"])
-    assert "| esm | alpha=2.0 | 70.0 | 45.0 | 3.400 | 12.5 | 900 | 70.0 | 100.0 | 40.0 |" in text
+    assert f"| esm | alpha={default} | 70.0 | 45.0 | 3.400 | 12.5 | 900 | 70.0 | 100.0 | 40.0 |" in text
     assert "| esm | alpha: auto (chose 2.5) | 80.0 | 60.0 | 3.200 |" in text
     row = next(l for l in text.splitlines() if l.startswith("| 2 | 2 | esm | default |"))
     assert row == "| 2 | 2 | esm | default | 75.0 | 47.5 | 3.350 | 1/2 | 1/2 |"
     ties = next(l for l in text.splitlines() if l.startswith("| 2 | 2 | ties | default |"))
     assert ties.endswith("| 1/2 | 0/2 |")
-    assert "| esm | alpha=2.0 (default) | 90.0 | 50.0 | 3.300 |  |  |" in text  # dominated by nothing
+    assert f"| esm | alpha={default} (default) | 90.0 | 50.0 | 3.300 |  |  |" in text  # dominated by nothing
     # tsv keeps more tasks at the same quiz and NLL than esm at α 1; esm's auto point beats tsv on all three
     assert "| esm | alpha=1.0 | 50.0 | 50.0 | 3.300 |  | tsv alpha=1.0 |" in text
-    assert "| tsv | alpha=1.0 (default) | 60.0 | 50.0 | 3.300 |  | esm alpha=2.0, esm alpha: auto (chose 2.5) |" in text
+    assert f"| tsv | alpha=1.0 (default) | 60.0 | 50.0 | 3.300 |  | esm alpha={default}, esm alpha: auto (chose 2.5) |" in text
     assert curves[("esm", rb.DEFAULT)] == [(2, 0.75, 0.475, 3.35)]
-    assert run.chosen("esm") == {"alpha": 2.0}
+    assert run.chosen("esm") == {"alpha": default}
     rb.plot_by_size({"toy": curves}, tmp_path / "by_T.png")
     rb.plot_pareto(run, ["esm"], tmp_path / "pareto.png", "test")
     for png in ("by_T.png", "pareto.png"):

@@ -16,10 +16,10 @@ from mergekit_esm.methods.base import CalibratedSettings, MethodDefinition, Stre
 
 class EsmSettings(CalibratedSettings):
     alpha: Strength = Field(
-        2.0,
+        3.0,
         description="Global strength α: W = W0 + α·β_ℓ·ΔW_merged, or 'auto'. α=1 is the merged "
         "update as ESM builds it, without the authors' ViT factor 2 (α=1 here is their α=0.5). "
-        "Default 2: the largest α of the grid that keeps the base within the retention margin on "
+        "Default 3: the largest α of the grid that keeps the base within the retention margin on "
         "both zoos' validation splits (docs/robustness.md, 'The defaults chosen').",
     )
     rank: Optional[int] = Field(
