@@ -411,3 +411,25 @@ def test_share_by_size_counts_what_each_merge_keeps_of_its_experts():
         assert rank == min(rows, 16) // size  # ESM's default rank ⌊min(d_out, d_in)/T⌋
         assert ta == pytest.approx(1.0, abs=1e-3)
         assert 0 < tsv <= 1.0 + 1e-3 and esm > 0 and ratio == pytest.approx(esm / tsv, abs=0.01)
+
+
+def test_update_size_against_the_sum_of_task_vectors():
+    """Task arithmetic at weight 1/2 has half the sum's size on both measures, in every module
+    type; an update twice the sum in one weight shows there, measured on the given inputs."""
+    import torch
+
+    from eval.update_size import by_module_type, size_against_sum
+
+    g = torch.Generator().manual_seed(0)
+    names = ["model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight"]
+    base = {n: torch.randn(4, 6, generator=g) for n in names}
+    experts = [{n: w + torch.randn(4, 6, generator=g) for n, w in base.items()} for _ in range(2)]
+    moments = {n.removesuffix(".weight"): (lambda x: x.T @ x)(torch.randn(20, 6, generator=g, dtype=torch.float64)) for n in names}
+    half = {n: base[n] + 0.5 * sum(e[n] - base[n] for e in experts) for n in names}
+    types = by_module_type(size_against_sum(half, base, experts, moments))
+    assert set(types) == {"down_proj", "q_proj"}
+    for norm_ratio, output_ratio in types.values():
+        assert abs(norm_ratio - 0.5) < 1e-5 and abs(output_ratio - 0.5) < 1e-5
+    doubled = dict(half, **{names[2]: base[names[2]] + 2 * sum(e[names[2]] - base[names[2]] for e in experts)})
+    rows = size_against_sum(doubled, base, experts, moments)
+    assert abs(rows[names[2]]["output"] / rows[names[2]]["sum_output"] - 2) < 1e-5
