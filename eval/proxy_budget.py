@@ -25,7 +25,7 @@ from eval.compare import REPO, Zoo, _label, merge
 from eval.report import markdown_table
 
 
-def _target_weights(folder: Path) -> dict[str, torch.Tensor]:
+def target_weights(folder: Path) -> dict[str, torch.Tensor]:
     """The decoder's linear weights of a saved model (float64)."""
     weights = {}
     for file in sorted(folder.glob("*.safetensors")):
@@ -40,7 +40,7 @@ def update_agreement(merged: Path, reference: Path, base: Path) -> dict[str, flo
     """How close the merged update U = merged − base is to the reference's U_ref: the
     relative distance ‖U − U_ref‖_F / ‖U_ref‖_F over all target weights together, and per
     weight the cosine between U and U_ref (median, smallest) and the ratio of their norms."""
-    w0, w, w_ref = _target_weights(base), _target_weights(merged), _target_weights(reference)
+    w0, w, w_ref = target_weights(base), target_weights(merged), target_weights(reference)
     updates = {n: (w[n] - w0[n], w_ref[n] - w0[n]) for n in w0}
     diff = sum(float(((u - r) ** 2).sum()) for u, r in updates.values())
     size = sum(float((r**2).sum()) for _, r in updates.values())

@@ -19,18 +19,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from eval.compare import REPO, merge
+from eval.proxy_budget import target_weights
 from eval.retention import QUIZ_TASK, heldout_nll, write_quiz_task
 from eval.score import score, write_task_configs
-
-
-def read_model(path: Path) -> dict[str, torch.Tensor]:
-    weights = {}
-    for file in sorted(path.glob("*.safetensors")):
-        weights.update(load_file(file))
-    return weights
 
 
 @torch.inference_mode()
@@ -116,8 +109,8 @@ def main():
     write_quiz_task(tasks_dir, tokenizer)
     include = write_task_configs({m: zoo["data"][m] for m in members}, tasks_dir,
                                  scorer="exact_match" if args.zoo == "synthetic" else "answer_in_reply")
-    base = read_model(zoo["base"])
-    experts = [read_model(zoo["experts"][m]) for m in members]
+    base = target_weights(zoo["base"])
+    experts = [target_weights(zoo["experts"][m]) for m in members]
     moments = proxy_input_moments(zoo["base"])
     table = ["| variant | " + " | ".join(members) + " | quiz | NLL | update / sum, norm (by type) | "
              "update / sum, on proxy activations (by type) | largest on activations |",
@@ -129,7 +122,7 @@ def main():
             method, setting = "esm", ({} if variant == "default" else json.loads(variant))
         run = merge(method, setting, zoo["base"], [zoo["experts"][m] for m in members], out,
                     cache=out / "esm-cache" / "-".join(members))
-        rows = size_against_sum(read_model(run["path"]), base, experts, moments)
+        rows = size_against_sum(target_weights(run["path"]), base, experts, moments)
         scores = score(run["path"], members + [QUIZ_TASK], include)
         types = by_module_type(rows)
         worst = max(rows, key=lambda n: rows[n]["output"] / rows[n]["sum_output"])

@@ -360,13 +360,17 @@ def with_unflattened_sigma(q: torch.Tensor, x: torch.Tensor, flattening: torch.T
 
     Whitening gives every direction the factor's mean σ, so that mean sets the update's size.
     The authors' mean-1 rule keeps mean(e) = 1, not mean(σ·e): where an expert's spectrum sits
-    in one direction (a LoRA whose update meets an LLM's massive activations: λ₁/λ₂ ~ 10⁴),
-    its strongest direction takes e ≈ 5 and the whitened update grew to 2.5× the experts'
-    sum (docs/robustness.md, "Two LoRA experts"). Measured on x₀, flattening sets proportions
+    in one direction (a LoRA whose update meets an LLM's massive activations), its strongest
+    direction takes a large e and the whitened update outgrew the experts' sum
+    (docs/robustness.md, "Two LoRA experts"). Measured on x₀, flattening sets proportions
     only, as preserve_norm has every scaling level do. For q = polar(x₀) this is x₀'s mean σ.
+    A zero q (nothing above numerical zero) stays zero.
     """
+    rank = q.square().sum()
+    if rank == 0:
+        return q
     directions = (q * x).sum(dim=1 - dim) / flattening.to(x)
-    return q * (directions.sum() / q.square().sum())
+    return q * (directions.sum() / rank)
 
 
 def expert_spectrum_scale(spectra: Sequence[tuple[torch.Tensor, int]], exponent: float) -> torch.Tensor:

@@ -59,7 +59,7 @@ class EsmSettings(CalibratedSettings):
         "flattening leaves the whitened factors' mean singular values as they are without it. "
         "false: the paper's raw ratios, whose mean grows with how much the experts' norms differ "
         "(experts trained with different budgets gave an unusable model at every α), and its "
-        "mean-1 flattening, which grew a merge of two LoRA experts up to 5× (docs/robustness.md).",
+        "mean-1 flattening, which grew a merge of two LoRA experts past their sum (docs/robustness.md).",
     )
     basis: Literal["esd", "svd"] = Field(
         "esd",
