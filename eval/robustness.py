@@ -16,8 +16,9 @@ Stages, each cached in <workdir>/robustness/results.json so that a rerun resumes
    splits; merged into an empty cache so that its wall time and peak memory are the whole
    merge's, calibration included, all methods in one run.
 3. subsets (Hitit et al., arXiv 2511.21437): for T = 2 … N, seeded random subsets of the
-   zoo's experts, each merged with every method at its default (the shipped recipe) and at
-   its setting chosen in stage 2, scored on the test splits and retention.
+   zoo's experts, each merged with every method at its default (the shipped recipe), at
+   its setting chosen in stage 2 and, with --with-auto, this package's methods at
+   `alpha: auto`, scored on the test splits and retention (--draws: only the subsets named).
 Merged models are deleted once scored (only the scores are kept); each subset's ESM cache
 is deleted with it.
 
@@ -41,6 +42,7 @@ from eval.score import score, write_task_configs
 
 METHODS = ["esm", "tsv", "iso_c", "regmean", "task_arithmetic", "ties", "della"]
 DEFAULT = "default"
+SUBSET_SETTINGS = (DEFAULT, "chosen", "auto")  # the settings a subset is merged at
 # Retention kept "within the margin of the base": quiz at most 15 points below the base's,
 # held-out NLL at most 0.25 nats above it (fine-tuning one expert often loses more).
 QUIZ_MARGIN, NLL_MARGIN = 0.15, 0.25
@@ -255,19 +257,34 @@ class ZooRun(ZooScores):
                 continue
             self.merged(("chosen", method, _label(setting)), method, setting, self.tasks, "test", empty_cache=True)
 
-    def protocol(self, methods: list[str], per_size: int, with_chosen: bool, sizes: set[int] | None = None) -> None:
-        """Seeded subsets of every size T (only those in `sizes` if given), each merged with
-        every method at its default (and its chosen setting), test splits."""
-        for size, draws in subsets_per_size(len(self.tasks), per_size).items():
-            if sizes is not None and size not in sizes:
-                continue
+    def protocol(self, methods: list[str], per_size: int, with_chosen: bool, sizes: set[int] | None = None,
+                 with_auto: bool = False, only: set[str] | None = None) -> None:
+        """Seeded subsets of every size T (only those in `sizes` if given; of those only the
+        ones named in `only`, members joined by "+", if given), each merged with every method
+        at its default (and its chosen setting, and `alpha: auto` for this package's methods
+        if with_auto), test splits."""
+        from mergekit_esm.methods import METHODS as OURS
+
+        drawn = {size: draws for size, draws in subsets_per_size(len(self.tasks), per_size).items()
+                 if sizes is None or size in sizes}
+        names = {"+".join(self.tasks[i] for i in draw) for draws in drawn.values() for draw in draws}
+        if only is not None:  # names of another zoo's experts are that zoo's to check
+            only = {n for n in only if set(n.split("+")) <= set(self.tasks)}
+            if not only <= names:
+                raise SystemExit(f"{self.name}: --draws names subsets not drawn at these T: {sorted(only - names)}; "
+                                 f"drawn: {sorted(names)}")
+        for size, draws in drawn.items():
             for draw in draws:
                 members = [self.tasks[i] for i in draw]
+                if only is not None and "+".join(members) not in only:
+                    continue
                 for method in methods:
                     settings = {DEFAULT: default_setting(method)}
                     chosen = self.chosen(method) if with_chosen else None
                     if chosen is not None and chosen != settings[DEFAULT]:
                         settings["chosen"] = chosen
+                    if with_auto and method in OURS:
+                        settings["auto"] = {"alpha": "auto"}
                     for which, setting in settings.items():
                         key = ("subsets", str(size), "+".join(members), method, which)
                         self.merged(key, method, setting, members, "test")
@@ -309,7 +326,7 @@ def summarize(run: ZooScores, methods: list[str]) -> tuple[str, dict]:
     for size in sorted(by_size, key=int):
         draws = by_size[size]
         for method in methods:
-            for which in (DEFAULT, "chosen"):
+            for which in SUBSET_SETTINGS:
                 rows = [(d, draws[d][method][which]) for d in draws if which in draws[d].get(method, {})]
                 if not rows:
                     continue
@@ -443,8 +460,9 @@ def plot_pareto(run: ZooScores, curves: list[str], path: Path, title: str) -> No
     plt.close(fig)
 
 
-def report(results: Results, methods: list[str]) -> Path:
-    """Tables and plots of every zoo with scores in `results` (not only this run's)."""
+def report(results: Results, methods: list[str] = METHODS) -> Path:
+    """Tables and plots of every zoo with scores in `results` (not only this run's), for
+    `methods` (every method's merges, whichever this run merged)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     runs = [ZooScores(name, results) for name in ("community", "synthetic") if results.get(name, "expert")]
     sections, curves = [], {}
@@ -470,6 +488,10 @@ def main():
                         help="comma-separated: sweep, ablation, auto, chosen, subsets, report")
     parser.add_argument("--subsets", type=int, default=5, help="subsets per T (fewer where the zoo has fewer)")
     parser.add_argument("--sizes", default="", help="comma-separated T values for the subset stage (default: 2 … N)")
+    parser.add_argument("--draws", default="", help="comma-separated subsets, members joined by '+' (e.g. "
+                        "zoo_date+zoo_swap): the subset stage merges only these of the seeded draws")
+    parser.add_argument("--with-auto", action="store_true", help="the subset stage also merges this package's "
+                        "methods at alpha: auto (several merges' time per subset)")
     parser.add_argument("--ablation-alphas", default=",".join(map(str, ABLATION_ALPHAS)),
                         help="comma-separated α values each ablation row is merged at")
     parser.add_argument("--extra-alphas", default="", help="comma-separated α values swept beyond the grid "
@@ -485,26 +507,32 @@ def main():
     results = Results(args.workdir / "robustness" / "results.json")
     runs = [ZooRun(name, args.workdir, results) for name in args.zoos.split(",")]
     stages = args.stages.split(",")
+    only = set(args.draws.split(",")) if args.draws else None
+    stray = [n for n in only or () if not any(set(n.split("+")) <= set(r.tasks) for r in runs)]
+    if stray:
+        zoos = "; ".join(r.name + ": " + ", ".join(r.tasks) for r in runs)
+        parser.error(f"--draws {stray}: not a subset of one zoo's experts ({zoos})")
     for run in runs:
         run.references(("validation", "test") if {"subsets", "chosen"} & set(stages) else ("validation",))
         if "sweep" in stages:
             run.sweep(methods, frozenset(filter(None, args.default_only.split(","))),
                       tuple(float(a) for a in filter(None, args.extra_alphas.split(","))))
-            report(results, methods)
+            report(results)
         if "ablation" in stages:
             run.ablation([rows[r] for r in args.ablations.split(",")],
                          tuple(float(a) for a in args.ablation_alphas.split(",")))
-            report(results, methods)
+            report(results)
         if "auto" in stages:
             run.auto(methods)
-            report(results, methods)
+            report(results)
         if "chosen" in stages:
             run.chosen_on_test(methods)
-            report(results, methods)
+            report(results)
         if "subsets" in stages:
             sizes = {int(t) for t in args.sizes.split(",")} if args.sizes else None
-            run.protocol(methods, args.subsets, with_chosen="sweep" in stages, sizes=sizes)
-    print(report(results, methods).read_text())
+            run.protocol(methods, args.subsets, with_chosen="sweep" in stages, sizes=sizes,
+                         with_auto=args.with_auto, only=only)
+    print(report(results).read_text())
 
 
 if __name__ == "__main__":

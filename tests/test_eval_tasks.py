@@ -389,6 +389,44 @@ def test_protocol_redoes_and_rescores_a_cached_merge_whose_settings_changed(tmp_
     assert run.results.get("toy", *key) == redone
 
 
+def test_protocol_merges_only_the_named_draws_and_auto_for_this_packages_methods(tmp_path, monkeypatch):
+    """--draws restricts the subset stage to the named seeded subsets (a name not drawn is an
+    error that lists what was), and --with-auto adds `alpha: auto` for this package's methods
+    only; the report then has an "auto" row for that subset."""
+    import pytest
+
+    import eval.robustness as rb
+    from eval.compare import Results
+
+    run = object.__new__(rb.ZooRun)
+    run.name, run.results, run.workdir = "toy", Results(tmp_path / "results.json"), tmp_path
+    run.tasks = ["a", "b", "c"]
+    merged = []
+    monkeypatch.setattr(run, "merged", lambda key, method, setting, members, split: merged.append((key, setting)))
+    run.protocol(["esm", "ties"], per_size=5, with_chosen=False, sizes={2}, with_auto=True, only={"a+c"})
+    assert merged == [
+        (("subsets", "2", "a+c", "esm", rb.DEFAULT), rb.default_setting("esm")),
+        (("subsets", "2", "a+c", "esm", "auto"), {"alpha": "auto"}),
+        (("subsets", "2", "a+c", "ties", rb.DEFAULT), rb.default_setting("ties")),
+    ]
+    merged.clear()
+    run.protocol(["esm"], per_size=5, with_chosen=False, sizes={3}, only={"x+y"})  # another zoo's draw
+    assert merged == []  # none of this zoo's is named, so none is merged (and none is an error)
+    with pytest.raises(SystemExit, match=r"not drawn at these T: \['a\+b'\].*'a\+b\+c'"):
+        run.protocol(["esm"], per_size=5, with_chosen=False, sizes={3}, only={"a+b"})
+
+    score = lambda acc, quiz: {"tasks": {"a": acc, "c": acc}, "quiz": quiz, "nll": 3.0}
+    for split in ("validation", "test"):
+        run.results.put({"tasks": {}, "quiz": 0.8, "nll": 3.0}, "toy", "base", split)
+        for t in "abc":
+            run.results.put({"tasks": {t: 1.0}, "quiz": 0.5, "nll": 3.2}, "toy", "expert", t, split)
+    run.results.put(score(0.5, 0.75), "toy", "subsets", "2", "a+c", "esm", rb.DEFAULT)
+    run.results.put({**score(0.7, 0.7), "alpha": 4.2}, "toy", "subsets", "2", "a+c", "esm", "auto")
+    text, curves = rb.summarize(rb.ZooScores("toy", run.results), ["esm"])
+    assert "| 2 | 1 | esm | auto | 70.0 | 70.0 | 3.000 | – | 1/1 |" in text
+    assert curves[("esm", "auto")] == [(2, 0.7, 0.7, 3.0)]
+
+
 def test_share_by_size_counts_what_each_merge_keeps_of_its_experts():
     import torch
 
