@@ -20,15 +20,15 @@ from eval.report import markdown_table, normalized
 IN_TASK_EXAMPLES = 500
 
 
-def in_task_proxies(zoo: Zoo) -> dict[str, dict]:
-    """Per expert: a JSONL of its own training examples (prompt + answer)."""
-    folder = zoo.workdir / "proxies"
-    folder.mkdir(exist_ok=True)
+def in_task_proxies(data: dict[str, dict], tasks: list[str], folder: Path) -> dict[str, dict]:
+    """Per expert: its `proxy` parameter, a JSONL in `folder` of its own training examples
+    (prompt + answer). data: task → its splits' files, as the zoo builders return them."""
+    folder.mkdir(parents=True, exist_ok=True)
     parameters = {}
-    for task in zoo.tasks:
+    for task in tasks:
         path = folder / f"{task}.jsonl"
         if not path.exists():
-            rows = [json.loads(line) for line in Path(zoo.models["data"][task]["train"]).read_text().splitlines()]
+            rows = [json.loads(line) for line in Path(data[task]["train"]).read_text().splitlines()]
             path.write_text("".join(json.dumps({"text": f"{r['prompt']} {r['target']}"}) + "\n" for r in rows[:IN_TASK_EXAMPLES]))
         parameters[task] = {"proxy": str(path.resolve())}
     return parameters
@@ -50,7 +50,7 @@ def run(workdir: Path, alphas: list[float | str]) -> Path:
     proxies = {
         "generic (builtin)": {"setting": {}, "per_model": None},
         "self-written (proxy: self)": {"setting": {"proxy": "self"}, "per_model": None},
-        "in-task (training examples)": {"setting": {}, "per_model": in_task_proxies(zoo)},
+        "in-task (training examples)": {"setting": {}, "per_model": in_task_proxies(zoo.models["data"], zoo.tasks, workdir / "proxies")},
     }
     rows_val, rows_test, chosen = {}, {}, {}
     timings = zoo.results.get("proxy_timings") or {}

@@ -42,7 +42,10 @@ from eval.score import score, write_task_configs
 
 METHODS = ["esm", "tsv", "iso_c", "regmean", "task_arithmetic", "ties", "della"]
 DEFAULT = "default"
-SUBSET_SETTINGS = (DEFAULT, "chosen", "auto")  # the settings a subset is merged at
+# the settings a subset is merged at; "in-task proxy": the default with each expert's own
+# training examples as its calibration text (`proxy: in-task` here, per-model proxies in the recipe)
+SUBSET_SETTINGS = (DEFAULT, "chosen", "auto", "in-task proxy")
+IN_TASK = "in-task"
 # Retention kept "within the margin of the base": quiz at most 15 points below the base's,
 # held-out NLL at most 0.25 nats above it (fine-tuning one expert often loses more).
 QUIZ_MARGIN, NLL_MARGIN = 0.15, 0.25
@@ -161,7 +164,7 @@ class ZooRun(ZooScores):
         super().__init__(name, results)
         self.workdir = workdir
         models = build_zoo(workdir) if name == "synthetic" else build_community_zoo(workdir)
-        self.base, self.experts = models["base"], models["experts"]
+        self.base, self.experts, self.data = models["base"], models["experts"], models["data"]
         self.tasks = list(self.experts)
         scorer = "exact_match" if name == "synthetic" else "answer_in_reply"
         tasks_dir = workdir / "robustness" / "tasks"
@@ -197,11 +200,17 @@ class ZooRun(ZooScores):
         recorded = full_setting(method, setting)
         if cached is not None and cached.get("setting", recorded) == recorded:
             return cached
+        per_model = None
+        if setting.get("proxy") == IN_TASK:
+            from eval.compare_proxies import in_task_proxies
+
+            proxies = in_task_proxies(self.data, members, self.workdir / "robustness" / "proxies")
+            per_model, setting = [proxies[m] for m in members], {k: v for k, v in setting.items() if k != "proxy"}
         cache = self.workdir / "robustness" / "esm-cache" / ("-".join(members) + ("-empty" if empty_cache else ""))
         if empty_cache:
             shutil.rmtree(cache, ignore_errors=True)
         run = merge(method, setting, self.base, [self.experts[m] for m in members],
-                             self.workdir / "robustness", cache=cache)
+                    self.workdir / "robustness", per_model, cache=cache)
         path = run["path"]
         scores = {**self.evaluate(key, path, members, split, fresh=True), "merge_s": round(run["wall_s"], 1), "setting": recorded,
                   **({"peak_anon_mib": run["peak_anon_mib"]} if "peak_anon_mib" in run else {})}
@@ -258,11 +267,12 @@ class ZooRun(ZooScores):
             self.merged(("chosen", method, _label(setting)), method, setting, self.tasks, "test", empty_cache=True)
 
     def protocol(self, methods: list[str], per_size: int, with_chosen: bool, sizes: set[int] | None = None,
-                 with_auto: bool = False, only: set[str] | None = None) -> None:
+                 with_auto: bool = False, only: set[str] | None = None, in_task_proxy: bool = False) -> None:
         """Seeded subsets of every size T (only those in `sizes` if given; of those only the
         ones named in `only`, members joined by "+", if given), each merged with every method
         at its default (and its chosen setting, and `alpha: auto` for this package's methods
-        if with_auto), test splits."""
+        if with_auto, and their default on each expert's own training examples as the proxy
+        if in_task_proxy), test splits."""
         from mergekit_esm.methods import METHODS as OURS
 
         drawn = {size: draws for size, draws in subsets_per_size(len(self.tasks), per_size).items()
@@ -285,6 +295,8 @@ class ZooRun(ZooScores):
                         settings["chosen"] = chosen
                     if with_auto and method in OURS:
                         settings["auto"] = {"alpha": "auto"}
+                    if in_task_proxy and method in OURS and "proxy" in OURS[method].settings_type.model_fields:
+                        settings["in-task proxy"] = {**settings[DEFAULT], "proxy": IN_TASK}
                     for which, setting in settings.items():
                         key = ("subsets", str(size), "+".join(members), method, which)
                         self.merged(key, method, setting, members, "test")
@@ -492,6 +504,9 @@ def main():
                         "zoo_date+zoo_swap): the subset stage merges only these of the seeded draws")
     parser.add_argument("--with-auto", action="store_true", help="the subset stage also merges this package's "
                         "methods at alpha: auto (several merges' time per subset)")
+    parser.add_argument("--with-in-task-proxy", action="store_true", help="the subset stage also merges this "
+                        "package's calibrated methods at their default on each expert's own training examples "
+                        "as its proxy (what a user with task data can do)")
     parser.add_argument("--ablation-alphas", default=",".join(map(str, ABLATION_ALPHAS)),
                         help="comma-separated α values each ablation row is merged at")
     parser.add_argument("--extra-alphas", default="", help="comma-separated α values swept beyond the grid "
@@ -531,7 +546,7 @@ def main():
         if "subsets" in stages:
             sizes = {int(t) for t in args.sizes.split(",")} if args.sizes else None
             run.protocol(methods, args.subsets, with_chosen="sweep" in stages, sizes=sizes,
-                         with_auto=args.with_auto, only=only)
+                         with_auto=args.with_auto, only=only, in_task_proxy=args.with_in_task_proxy)
     print(report(results).read_text())
 
 

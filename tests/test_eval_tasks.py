@@ -4,6 +4,7 @@ retention measures and the subset sampler behave as specified."""
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -372,7 +373,7 @@ def test_protocol_redoes_and_rescores_a_cached_merge_whose_settings_changed(tmp_
     run.base, run.experts = tmp_path, {"a": tmp_path}
     merges, accuracy = [], iter([0.25, 0.75])
 
-    def fake_merge(method, setting, base, experts, workdir, cache):
+    def fake_merge(method, setting, base, experts, workdir, model_parameters, cache):
         merges.append(setting)
         (path := tmp_path / f"merge{len(merges)}").mkdir()
         return {"path": path, "wall_s": 1.0}
@@ -389,12 +390,43 @@ def test_protocol_redoes_and_rescores_a_cached_merge_whose_settings_changed(tmp_
     assert run.results.get("toy", *key) == redone
 
 
+def test_in_task_proxy_merges_with_each_experts_training_examples_as_its_proxy(tmp_path, monkeypatch):
+    """The protocol's "in-task proxy" setting reaches the recipe as per-model `proxy` files
+    holding each member's own training examples, in member order, and is recorded as
+    `proxy: in-task` so that it is cached apart from the default."""
+    import eval.robustness as rb
+    from eval.compare import Results
+
+    run = object.__new__(rb.ZooRun)
+    run.name, run.results, run.workdir, run.include = "toy", Results(tmp_path / "results.json"), tmp_path, None
+    run.base, run.experts, run.data = tmp_path, {"a": tmp_path, "b": tmp_path}, {}
+    for task in "ab":
+        (train := tmp_path / f"{task}.jsonl").write_text(json.dumps({"prompt": f"say {task}", "target": task.upper()}) + "\n")
+        run.data[task] = {"train": str(train)}
+    calls = []
+
+    def fake_merge(method, setting, base, experts, workdir, model_parameters, cache):
+        calls.append((setting, model_parameters))
+        (path := tmp_path / f"merge{len(calls)}").mkdir()
+        return {"path": path, "wall_s": 1.0}
+
+    monkeypatch.setattr(rb, "merge", fake_merge)
+    monkeypatch.setattr(rb, "score", lambda model, names, include: dict.fromkeys(names, 0.5))
+    monkeypatch.setattr(rb, "heldout_nll", lambda model: 3.0)
+    key = ("subsets", "2", "b+a", "esm", "in-task proxy")
+    scores = run.merged(key, "esm", {"alpha": 3.0, "proxy": rb.IN_TASK}, ["b", "a"], "test")
+    setting, per_model = calls[0]
+    assert "proxy" not in setting and [Path(p["proxy"]).stem for p in per_model] == ["b", "a"]
+    assert json.loads(Path(per_model[0]["proxy"]).read_text()) == {"text": "say b B"}
+    assert scores["setting"]["proxy"] == rb.IN_TASK
+    run.merged(("subsets", "2", "b+a", "esm", rb.DEFAULT), "esm", {"alpha": 3.0}, ["b", "a"], "test")
+    assert calls[1] == ({"alpha": 3.0}, None)
+
+
 def test_protocol_merges_only_the_named_draws_and_auto_for_this_packages_methods(tmp_path, monkeypatch):
     """--draws restricts the subset stage to the named seeded subsets (a name not drawn is an
     error that lists what was), and --with-auto adds `alpha: auto` for this package's methods
     only; the report then has an "auto" row for that subset."""
-    import pytest
-
     import eval.robustness as rb
     from eval.compare import Results
 
@@ -403,10 +435,12 @@ def test_protocol_merges_only_the_named_draws_and_auto_for_this_packages_methods
     run.tasks = ["a", "b", "c"]
     merged = []
     monkeypatch.setattr(run, "merged", lambda key, method, setting, members, split: merged.append((key, setting)))
-    run.protocol(["esm", "ties"], per_size=5, with_chosen=False, sizes={2}, with_auto=True, only={"a+c"})
+    run.protocol(["esm", "ties"], per_size=5, with_chosen=False, sizes={2}, with_auto=True, only={"a+c"},
+                 in_task_proxy=True)
     assert merged == [
         (("subsets", "2", "a+c", "esm", rb.DEFAULT), rb.default_setting("esm")),
         (("subsets", "2", "a+c", "esm", "auto"), {"alpha": "auto"}),
+        (("subsets", "2", "a+c", "esm", "in-task proxy"), {**rb.default_setting("esm"), "proxy": rb.IN_TASK}),
         (("subsets", "2", "a+c", "ties", rb.DEFAULT), rb.default_setting("ties")),
     ]
     merged.clear()
