@@ -17,8 +17,9 @@ Stages, each cached in <workdir>/robustness/results.json so that a rerun resumes
    merge's, calibration included, all methods in one run.
 3. subsets (Hitit et al., arXiv 2511.21437): for T = 2 … N, seeded random subsets of the
    zoo's experts, each merged with every method at its default (the shipped recipe), at
-   its setting chosen in stage 2 and, with --with-auto, this package's methods at
-   `alpha: auto`, scored on the test splits and retention (--draws: only the subsets named).
+   its setting chosen in stage 2, with --with-auto this package's methods at `alpha: auto`,
+   and with --with-in-task-proxy their default calibrated on each expert's own training
+   examples, scored on the test splits and retention (--draws: only the subsets named).
 Merged models are deleted once scored (only the scores are kept); each subset's ESM cache
 is deleted with it.
 
@@ -44,8 +45,8 @@ METHODS = ["esm", "tsv", "iso_c", "regmean", "task_arithmetic", "ties", "della"]
 DEFAULT = "default"
 # the settings a subset is merged at; "in-task proxy": the default with each expert's own
 # training examples as its calibration text (`proxy: in-task` here, per-model proxies in the recipe)
-SUBSET_SETTINGS = (DEFAULT, "chosen", "auto", "in-task proxy")
-IN_TASK = "in-task"
+IN_TASK_PROXY, IN_TASK = "in-task proxy", "in-task"
+SUBSET_SETTINGS = (DEFAULT, "chosen", "auto", IN_TASK_PROXY)
 # Retention kept "within the margin of the base": quiz at most 15 points below the base's,
 # held-out NLL at most 0.25 nats above it (fine-tuning one expert often loses more).
 QUIZ_MARGIN, NLL_MARGIN = 0.15, 0.25
@@ -296,7 +297,7 @@ class ZooRun(ZooScores):
                     if with_auto and method in OURS:
                         settings["auto"] = {"alpha": "auto"}
                     if in_task_proxy and method in OURS and "proxy" in OURS[method].settings_type.model_fields:
-                        settings["in-task proxy"] = {**settings[DEFAULT], "proxy": IN_TASK}
+                        settings[IN_TASK_PROXY] = {**settings[DEFAULT], "proxy": IN_TASK}
                     for which, setting in settings.items():
                         key = ("subsets", str(size), "+".join(members), method, which)
                         self.merged(key, method, setting, members, "test")
