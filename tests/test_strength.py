@@ -127,61 +127,66 @@ def test_self_prediction_losses_match_whole_merged_models(zoo, tmp_path, monkeyp
             assert torch.allclose(losses[alpha][expert], torch.cat(expected), atol=1e-4)
 
 
-def test_auto_alpha_agrees_with_a_brute_force_search_over_a_fine_grid(zoo, tmp_path, monkeypatch):
-    """auto_alpha's pick scores as well on its criterion as the best of a fine α grid."""
+@pytest.fixture(scope="module")
+def brute_force(zoo, tmp_path_factory):
+    """An ESM merge of the tiny zoo, random "own samples" for each expert and the base, and
+    every loss on a fine geometric α grid (0.1–10, steps of 8%), computed once for the
+    brute-force checks of auto_alpha below."""
     from mergekit_esm.strength import auto
     from mergekit_esm.weights import checked_reader
 
-    prepared, _ = _prepared(zoo, tmp_path, monkeypatch, {})
+    with pytest.MonkeyPatch.context() as mp:
+        prepared, _ = _prepared(zoo, tmp_path_factory.mktemp("auto"), mp, {})
     inputs = prepared.inputs
     g = torch.Generator().manual_seed(1)
-    # each expert's "own samples": text it predicts better than the base does
     windows = {e: [torch.randint(0, 256, (48,), generator=g).tolist() for _ in range(3)] for e in inputs.experts}
-    margin = 0.02  # tiny random models differ from their base by little
-    chosen, tried, (costs, budget) = auto.auto_alpha(prepared, windows, refine_steps=6, margin=margin)
-    assert costs is None and budget is None  # no base samples: no retention budget
-
-    grid = [0.1 * i for i in range(1, 100)]
-    losses = auto.self_prediction_losses(prepared, windows, [0.0, *grid])
+    base_windows = [torch.randint(0, 256, (48,), generator=g).tolist() for _ in range(3)]
+    losses_of = lambda model, ws: auto.model_token_losses(checked_reader(model, "cpu"), inputs.layout, ws)
+    grid = [0.1 * 1.08**i for i in range(60)]
+    losses = auto.self_prediction_losses(prepared, {**windows, inputs.base: base_windows}, [0.0, *grid])
     base = losses.pop(0.0)
-    own = {e: auto.model_token_losses(checked_reader(e, "cpu"), inputs.layout, windows[e]) for e in windows}
-    brute = {a: auto.distinctive_token_loss(v, base, own, margin) for a, v in losses.items()}
+    base_own = losses_of(inputs.base, base_windows)
+    base.pop(inputs.base)
+    cost = {a: float((v.pop(inputs.base) - base_own).mean()) for a, v in losses.items()}
+    expert_costs = [float((losses_of(e, base_windows) - base_own).mean()) for e in windows]
+    own = {e: losses_of(e, windows[e]) for e in windows}
+    margin = 0.02  # tiny random models differ from their base by little
+    criterion = {a: auto.distinctive_token_loss(v, base, own, margin) for a, v in losses.items()}
+    return {"prepared": prepared, "windows": windows, "base_windows": base_windows, "margin": margin,
+            "grid": grid, "criterion": criterion, "cost": cost, "expert_costs": expert_costs}
+
+
+def test_auto_alpha_agrees_with_a_brute_force_search_over_a_fine_grid(brute_force):
+    """auto_alpha's pick scores as well on its criterion as the best of a fine α grid."""
+    from mergekit_esm.strength import auto
+
+    b = brute_force
+    chosen, tried, (costs, budget) = auto.auto_alpha(b["prepared"], b["windows"], refine_steps=6, margin=b["margin"])
+    assert costs is None and budget is None  # no base samples: no retention budget
+    brute = b["criterion"]
     best = min(brute, key=brute.get)
     assert tried[chosen] <= brute[best] + 1e-3 * abs(brute[best]), (chosen, best)
     assert abs(math.log(chosen / best)) < 0.2, (chosen, best)
 
 
-def test_auto_alpha_within_the_retention_budget_agrees_with_a_brute_force_search(zoo, tmp_path, monkeypatch):
+@pytest.mark.parametrize("rule", ["least", "mean"])
+def test_auto_alpha_within_the_retention_budget_agrees_with_a_brute_force_search(brute_force, rule):
     """With the base's samples, auto_alpha picks the best α whose cost to the base's text is
-    within the mean expert's, as a fine grid searched by hand does."""
+    within the least-forgetting expert's (or the mean expert's), as a fine grid searched by
+    hand does."""
     from mergekit_esm.strength import auto
-    from mergekit_esm.weights import checked_reader
 
-    prepared, _ = _prepared(zoo, tmp_path, monkeypatch, {})
-    inputs = prepared.inputs
-    g = torch.Generator().manual_seed(1)
-    windows = {e: [torch.randint(0, 256, (48,), generator=g).tolist() for _ in range(3)] for e in inputs.experts}
-    base_windows = [torch.randint(0, 256, (48,), generator=g).tolist() for _ in range(3)]
-    margin = 0.02
-    chosen, tried, (costs, budget) = auto.auto_alpha(prepared, windows, refine_steps=6, margin=margin, base_windows=base_windows)
-
-    losses_of = lambda model, ws: auto.model_token_losses(checked_reader(model, "cpu"), inputs.layout, ws)
-    base_own = losses_of(inputs.base, base_windows)
-    expected_budget = sum(float((losses_of(e, base_windows) - base_own).mean()) for e in windows) / len(windows)
+    b = brute_force
+    chosen, tried, (costs, budget) = auto.auto_alpha(
+        b["prepared"], b["windows"], refine_steps=6, margin=b["margin"], base_windows=b["base_windows"], budget_rule=rule
+    )
+    expected_budget = min(b["expert_costs"]) if rule == "least" else sum(b["expert_costs"]) / len(b["expert_costs"])
     assert budget == pytest.approx(expected_budget, rel=1e-4)
-    grid = [0.1 * i for i in range(1, 100)]
-    judged = {**windows, inputs.base: base_windows}
-    losses = auto.self_prediction_losses(prepared, judged, [0.0, *grid])
-    base = losses.pop(0.0)
-    own = {e: losses_of(e, windows[e]) for e in windows}
-    cost = {a: float((v.pop(inputs.base) - base_own).mean()) for a, v in losses.items()}
-    base.pop(inputs.base)
-    brute = {a: auto.distinctive_token_loss(v, base, own, margin) for a, v in losses.items()}
-    feasible = [a for a in grid if cost[a] <= budget]
-    assert feasible and len(feasible) < len(grid), "the test needs a budget that binds"
-    best = min(feasible, key=brute.get)
+    feasible = [a for a in b["grid"] if b["cost"][a] <= budget]
+    assert feasible and len(feasible) < len(b["grid"]), "the test needs a budget that binds"
+    best = min(feasible, key=b["criterion"].get)
     assert costs[chosen] <= budget + 1e-6
-    assert tried[chosen] <= brute[best] + 1e-3 * abs(brute[best]), (chosen, best)
+    assert tried[chosen] <= b["criterion"][best] + 1e-3 * abs(b["criterion"][best]), (chosen, best)
 
 
 def test_best_within_budget_rules():

@@ -35,7 +35,7 @@ from mergekit_esm.errors import EsmInputError
 from mergekit_esm.integration.heap import map_large_allocations, trim_heap
 from mergekit_esm.integration.preflight import MergeInputs
 from mergekit_esm.methods.non_target import non_target_update
-from mergekit_esm.strength.auto import auto_alpha
+from mergekit_esm.strength.auto import BUDGET_WORDS, auto_alpha
 from mergekit_esm.weights import checked_reader
 
 
@@ -327,11 +327,13 @@ def prepare(inputs: MergeInputs) -> PreparedMerge:
             for e in inputs.experts
         }
         base_windows = self_written_windows(inputs, inputs.base, root, s.auto_alpha_samples, s.auto_alpha_max_tokens)
-        prepared.alpha, prepared.alpha_search, (costs, budget) = auto_alpha(prepared, windows, base_windows=base_windows)
+        prepared.alpha, prepared.alpha_search, (costs, budget) = auto_alpha(
+            prepared, windows, base_windows=base_windows, budget_rule=s.auto_alpha_budget
+        )
         prepared.alpha_retention = (costs[prepared.alpha], budget)
         print(
             f"{inputs.method.name} alpha: auto chose α = {prepared.alpha:.4g} (cost to the base's own text "
-            f"{costs[prepared.alpha]:+.3f} nats/token; budget, the mean expert's: {budget:+.3f})",
+            f"{costs[prepared.alpha]:+.3f} nats/token; budget, {BUDGET_WORDS[s.auto_alpha_budget]}: {budget:+.3f})",
             file=sys.stderr,
         )
     return prepared

@@ -17,6 +17,7 @@ import click
 
 from mergekit_esm.cache import remove_stale
 from mergekit_esm.errors import EsmInputError
+from mergekit_esm.strength.auto import BUDGET_WORDS
 
 
 @contextmanager
@@ -118,8 +119,8 @@ def _card_section(prepared) -> str:
         lines.append(f"| α chosen by alpha: auto | {prepared.alpha:.4g} (distinctive-token loss per α tried: {tried}) |")
         cost, budget = prepared.alpha_retention
         lines.append(
-            f"| alpha: auto's cost to the base | {cost:+.3f} nats/token on text the base wrote (budget, the mean "
-            f"expert's: {budget:+.3f}) |"
+            f"| alpha: auto's cost to the base | {cost:+.3f} nats/token on text the base wrote (budget, "
+            f"{BUDGET_WORDS[inputs.settings.auto_alpha_budget]}: {budget:+.3f}) |"
         )
     ranks = sorted({k for k in inputs.ranks.values() if k is not None})
     if ranks:

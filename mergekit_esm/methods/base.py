@@ -21,6 +21,7 @@ from mergekit_esm.calibration.proxy import (
     TOKENS_PER_DIRECTION,
     PromptMode,
 )
+from mergekit_esm.strength.auto import RetentionBudget
 
 
 # A global strength: a non-negative number, or "auto" (strength/auto.py chooses it).
@@ -44,6 +45,12 @@ class MergeSettings(BaseModel):
         8, ge=1, description="alpha: auto — samples each expert writes to judge the merge by."
     )
     auto_alpha_max_tokens: int = Field(128, ge=2, description="alpha: auto — tokens per sample.")
+    auto_alpha_budget: RetentionBudget = Field(
+        "least",
+        description="alpha: auto — how much the merge may cost the base's own text: no more than "
+        "the expert that cost it least ('least') or than the experts on average ('mean', which "
+        "lets experts that forgot much of the base spend it for the others).",
+    )
     self_proxy_prompt: PromptMode = Field(
         "generic",
         description="Expert-written text (proxy: self, alpha: auto): start each sample from a few "
@@ -76,6 +83,7 @@ class MergeSettings(BaseModel):
             "cache_dir",
             "auto_alpha_samples",
             "auto_alpha_max_tokens",
+            "auto_alpha_budget",
             "self_proxy_prompt",
             "self_proxy_temperature",
             "self_proxy_seed",
