@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mergekit_esm.methods.esm import EsmSettings
-from tests.conftest import PROXY_TEXT, mergekit_yaml, recipe
+from tests.conftest import PROXY_TEXT, merge_in_process, recipe
 from tests import reference_svd_family as reference
 from tests.reference_esm import esm_merge, packed_windows, reference_settings
 
@@ -21,7 +21,7 @@ def _digest(folder):
 def merged(zoo, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     config = recipe(tmp / "esm.yml", zoo["base"], zoo["experts"], {"proxy": str(zoo["proxy"])})
-    result = mergekit_yaml(config, tmp / "out", tmp / "cache")
+    result = merge_in_process(config, tmp / "out", tmp / "cache")
     assert result.returncode == 0, result.stderr[-3000:]
     return {"tmp": tmp, "config": config, "out": tmp / "out", "result": result}
 
@@ -52,7 +52,7 @@ def test_the_non_default_side_of_each_switch_matches_the_reference(zoo, merged, 
     tmp = merged["tmp"]
     flipped = EsmSettings(**{switch: not getattr(EsmSettings(), switch)})
     config = recipe(tmp / f"{switch}.yml", zoo["base"], zoo["experts"], {"proxy": str(zoo["proxy"]), switch: getattr(flipped, switch)})
-    result = mergekit_yaml(config, tmp / f"out_{switch}", tmp / "cache")
+    result = merge_in_process(config, tmp / f"out_{switch}", tmp / "cache")
     assert result.returncode == 0, result.stderr[-3000:]
     tokenizer = AutoTokenizer.from_pretrained(zoo["base"])
     windows = packed_windows(PROXY_TEXT.split("\n\n"), tokenizer, samples=4, max_tokens=64)
@@ -95,7 +95,7 @@ def test_output_is_written_in_the_recipes_dtype(zoo, merged):
     size on disk and in the writer's buffer)."""
     tmp = merged["tmp"]
     config = recipe(tmp / "bf16.yml", zoo["base"], zoo["experts"], {"proxy": str(zoo["proxy"])}, dtype="bfloat16")
-    result = mergekit_yaml(config, tmp / "out_bf16", tmp / "cache")
+    result = merge_in_process(config, tmp / "out_bf16", tmp / "cache")
     assert result.returncode == 0, result.stderr[-3000:]
     got = load_file(tmp / "out_bf16" / "model.safetensors")
     assert {t.dtype for t in got.values()} == {torch.bfloat16}
@@ -107,10 +107,10 @@ def test_output_is_written_in_the_recipes_dtype(zoo, merged):
 
 def test_two_runs_give_identical_bytes_and_the_cache_is_reused(zoo, merged):
     tmp = merged["tmp"]
-    fresh = mergekit_yaml(merged["config"], tmp / "out_fresh", tmp / "cache_fresh")
+    fresh = merge_in_process(merged["config"], tmp / "out_fresh", tmp / "cache_fresh")
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     assert _digest(tmp / "out_fresh") == _digest(merged["out"])
-    cached = mergekit_yaml(merged["config"], tmp / "out_cached", tmp / "cache")
+    cached = merge_in_process(merged["config"], tmp / "out_cached", tmp / "cache")
     assert cached.returncode == 0 and "calibrating" not in cached.stderr
     assert _digest(tmp / "out_cached") == _digest(merged["out"])
 
@@ -118,7 +118,7 @@ def test_two_runs_give_identical_bytes_and_the_cache_is_reused(zoo, merged):
 def test_alpha_rescales_only_the_update_and_reuses_the_cache(zoo, merged):
     tmp = merged["tmp"]
     config = recipe(tmp / "half.yml", zoo["base"], zoo["experts"], {"proxy": str(zoo["proxy"]), "alpha": 0.5})
-    result = mergekit_yaml(config, tmp / "out_half", tmp / "cache")
+    result = merge_in_process(config, tmp / "out_half", tmp / "cache")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "merging" not in result.stderr  # merged updates came from the cache
     base = load_file(zoo["base"] / "model.safetensors")
@@ -133,7 +133,7 @@ def test_alpha_rescales_only_the_update_and_reuses_the_cache(zoo, merged):
 def test_mergekit_options_work_with_esm(zoo, merged, flags):
     tmp = merged["tmp"]
     out = tmp / f"out_{flags[0].strip('-')}"
-    result = mergekit_yaml(merged["config"], out, tmp / "cache", *flags)
+    result = merge_in_process(merged["config"], out, tmp / "cache", *flags)
     assert result.returncode == 0, result.stderr[-2000:]
     a = AutoModelForCausalLM.from_pretrained(out).state_dict()
     b = AutoModelForCausalLM.from_pretrained(merged["out"]).state_dict()
@@ -145,7 +145,7 @@ def test_mergekit_options_work_with_esm(zoo, merged, flags):
 def test_embedding_merge_sum_adds_the_vocabulary_task_vectors(zoo, merged):
     tmp = merged["tmp"]
     config = recipe(tmp / "sum.yml", zoo["base"], zoo["experts"], {"proxy": str(zoo["proxy"]), "embedding_merge": "sum"})
-    result = mergekit_yaml(config, tmp / "out_sum", tmp / "cache")
+    result = merge_in_process(config, tmp / "out_sum", tmp / "cache")
     assert result.returncode == 0, result.stderr[-2000:]
     base = load_file(zoo["base"] / "model.safetensors")
     experts = [load_file(e / "model.safetensors") for e in zoo["experts"]]
@@ -162,7 +162,7 @@ def test_embedding_merge_sum_adds_the_vocabulary_task_vectors(zoo, merged):
 def test_svd_basis_runs_without_calibration(zoo, merged):
     tmp = merged["tmp"]
     config = recipe(tmp / "svd.yml", zoo["base"], zoo["experts"], {"basis": "svd"})
-    result = mergekit_yaml(config, tmp / "out_svd", tmp / "cache_svd")
+    result = merge_in_process(config, tmp / "out_svd", tmp / "cache_svd")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "calibrating" not in result.stderr and "esm merging" in result.stderr
 
@@ -172,7 +172,7 @@ def test_svd_family_methods_match_their_dense_formulas(zoo, tmp_path, method):
     """tsv / iso_c / iso_cts through the real mergekit-yaml against tests/reference_svd_family.py."""
     parameters = {"alpha": 1.3, **({"common_space_fraction": 0.5} if method == "iso_cts" else {})}
     config = recipe(tmp_path / f"{method}.yml", zoo["base"], zoo["experts"], parameters, merge_method=method)
-    result = mergekit_yaml(config, tmp_path / "out", tmp_path / "cache")
+    result = merge_in_process(config, tmp_path / "out", tmp_path / "cache")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "calibration" not in result.stderr  # only ESM reads proxy text
 
@@ -194,7 +194,7 @@ def test_default_float32_precision_merge_runs_end_to_end_and_tracks_float64(zoo,
     real fine-tunes differ more, see eval/results/precision_zoo.md)."""
     tmp = merged["tmp"]
     config = recipe(tmp / "f32.yml", zoo["base"], zoo["experts"], {"proxy": str(zoo["proxy"]), "precision": "auto"})
-    result = mergekit_yaml(config, tmp / "out_f32", tmp / "cache")
+    result = merge_in_process(config, tmp / "out_f32", tmp / "cache")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "esm calibrating and merging" in result.stderr  # its own cache entry, not float64's
     base = load_file(zoo["base"] / "model.safetensors")

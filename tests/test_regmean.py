@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mergekit_esm.methods.regmean import RegMeanSettings
 from mergekit_esm.methods.regmean_plus_plus import RegMeanPlusPlusSettings
-from tests.conftest import PROXY_TEXT, mergekit_yaml, recipe
+from tests.conftest import PROXY_TEXT, merge_in_process, recipe
 from tests.reference_esm import capture_inputs, packed_windows
 from tests.reference_regmean import regmean_merge, regmean_plus_plus_merge
 
@@ -23,7 +23,7 @@ def _merge(zoo, tmp_path, method, parameters, experts=None):
     config = recipe(
         tmp_path / f"{method}.yml", zoo["base"], experts or zoo["experts"], {"proxy": str(zoo["proxy"]), **parameters}, merge_method=method
     )
-    result = mergekit_yaml(config, tmp_path / "out", tmp_path / "cache")
+    result = merge_in_process(config, tmp_path / "out", tmp_path / "cache")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{method} calibrating and merging" in result.stderr
     return {k: v.double() for k, v in AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict().items()}

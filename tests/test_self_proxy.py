@@ -7,7 +7,7 @@ import yaml
 from eval.byte_tokenizer import byte_tokenizer
 from mergekit_esm.calibration.proxy import load_documents, token_windows
 from mergekit_esm.calibration.self_proxy import self_generated_windows
-from tests.conftest import mergekit_yaml, recipe
+from tests.conftest import merge_in_process, recipe
 
 
 def _generate(model, seed, temperature=1.0, mode="bos"):
@@ -34,7 +34,7 @@ def test_self_proxy_end_to_end_with_cache_reuse_and_invalidation(zoo, tmp_path):
     params = {"proxy": "self", "proxy_samples": 2, "proxy_max_tokens": 64, "alpha": 1.0}
     config = recipe(tmp_path / "self.yml", zoo["base"], zoo["experts"], params)
     cache = tmp_path / "cache"
-    first = mergekit_yaml(config, tmp_path / "out1", cache)
+    first = merge_in_process(config, tmp_path / "out1", cache)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "ESM self-proxy" in first.stderr
     samples = _entries(cache, "self-proxy")
@@ -42,14 +42,14 @@ def test_self_proxy_end_to_end_with_cache_reuse_and_invalidation(zoo, tmp_path):
     card = (tmp_path / "out1" / "README.md").read_text()
     assert "| proxy | self |" in card
 
-    again = mergekit_yaml(config, tmp_path / "out2", cache)
+    again = merge_in_process(config, tmp_path / "out2", cache)
     assert again.returncode == 0 and "ESM self-proxy" not in again.stderr  # samples reused
     assert _entries(cache, "self-proxy") == samples
 
     hotter = yaml.safe_load(config.read_text())
     hotter["parameters"]["self_proxy_temperature"] = 0.5
     config.write_text(yaml.safe_dump(hotter))
-    third = mergekit_yaml(config, tmp_path / "out3", cache)
+    third = merge_in_process(config, tmp_path / "out3", cache)
     assert third.returncode == 0 and "ESM self-proxy" in third.stderr  # options changed: new samples
     assert len(_entries(cache, "self-proxy")) == 2 * len(zoo["experts"])
 

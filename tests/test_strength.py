@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from mergekit_esm.strength.search import golden_section_max
-from tests.conftest import mergekit_yaml, recipe
+from tests.conftest import merge_in_process, recipe
 
 
 @pytest.mark.parametrize("peak,low,high", [(1.37, 0.0, 4.0), (0.05, 0.0, 2.0), (2.9, 0.0, 3.0), (3.3, 1.0, 10.0)])
@@ -39,7 +39,7 @@ def test_tune_finds_the_alpha_of_a_known_unimodal_score(zoo, tmp_path, monkeypat
 
     monkeypatch.setenv("MERGEKIT_ESM_CACHE", str(tmp_path / "cache"))
     target_recipe = recipe(tmp_path / "target.yml", zoo["base"], zoo["experts"], {"alpha": 1.37, "proxy": str(zoo["proxy"])})
-    assert mergekit_yaml(target_recipe, tmp_path / "target", tmp_path / "cache").returncode == 0
+    assert merge_in_process(target_recipe, tmp_path / "target", tmp_path / "cache").returncode == 0
     target = load_file(tmp_path / "target" / "model.safetensors")[WEIGHT]
 
     def fake_score(path, tasks, include_path=None, **_):
@@ -115,7 +115,7 @@ def test_self_prediction_losses_match_whole_merged_models(zoo, tmp_path, monkeyp
         merged["parameters"]["alpha"] = alpha
         config.write_text(yaml.safe_dump(merged))
         out = tmp_path / f"m{alpha}"
-        assert mergekit_yaml(config, out, tmp_path / "cache").returncode == 0
+        assert merge_in_process(config, out, tmp_path / "cache").returncode == 0
         model = AutoModelForCausalLM.from_pretrained(out).eval()
         for expert, ws in windows.items():
             expected = []
