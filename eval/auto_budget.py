@@ -128,7 +128,7 @@ def report(measured: dict, results: Results) -> str:
                 shares = ", ".join(f"{100 * v:.1f}%" for v in r["damaged"].values())
                 lines.append(f"| {float(alpha):g} | {r['criterion']:.3f} | {r['cost']:+.3f} | {shares} | "
                              f"{scored(results, zoo, draw, float(alpha))} |")
-            lines += ["", "| budget on | mean expert's | median expert's | least-damaging expert's |", "|---|---|---|---|"]
+            lines += ["", "| budget on | mean expert's | median expert's | least-forgetting expert's |", "|---|---|---|---|"]
             rows = {float(a): r for a, r in m["alphas"].items()}
             for statistic in STATISTICS:
                 picks = []
