@@ -212,7 +212,8 @@ def test_alpha_auto_end_to_end_writes_the_chosen_alpha_into_the_card(zoo, tmp_pa
     assert result.exit_code == 0, result.output[-2000:]
     card = (tmp_path / "out" / "README.md").read_text()
     line = next(l for l in card.splitlines() if l.startswith("| α chosen by alpha: auto |"))
-    assert next(l for l in card.splitlines() if l.startswith("| alpha: auto's cost to the base |"))
+    cost = next(l for l in card.splitlines() if l.startswith("| alpha: auto's cost to the base |"))
+    assert "budget, the least-forgetting expert's" in cost  # the default bound, named
     chosen = float(line.split("|")[2].split()[0])
     assert 0.25 / 2 <= chosen <= 8 * 2 and "| alpha | auto |" in card
 

@@ -15,13 +15,13 @@ base's): the merged model keeps the base's own text at least as well as every on
 experts it replaces. The bound is the experts' own behaviour, so it needs no constant tuned
 to a zoo. `auto_alpha_budget: mean` bounds it by the experts' mean instead; experts that
 forgot much of the base (a narrow full fine-tune) then raise the budget for all of them, and
-on our second zoo that let α spend a third of the base's quiz (docs/robustness.md).
+on our second zoo that let α spend the base's general knowledge (docs/robustness.md).
 
 Why not the plain loss on the samples: most sampled tokens are generic text that base and
 expert predict alike; their loss only rises with α, so it picks an α near 1 where every
 task is still weak (docs/zoo_studies.md). Closed forms that
 match each layer's output shift (least squares of β·ΔW_merged against ΔW_t on X_t) pick α
-10–40× too small, because they judge each layer alone. The loss is evaluated out-of-core,
+far too small, because they judge each layer alone (docs/zoo_studies.md). The loss is evaluated out-of-core,
 layer by layer from the cached merged updates, for several candidate α in one pass.
 """
 
