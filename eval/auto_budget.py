@@ -23,12 +23,17 @@ from pathlib import Path
 from eval.compare import REPO, Results
 from eval.report import normalized
 from eval.robustness import RESULTS, ZooScores
-from mergekit_esm.strength.auto import best_within_budget
+from mergekit_esm.strength.auto import best_within_budget, retention_budget, retention_cost
 
 ALPHAS = [1.0, 2.0, 3.0, 4.0, 6.0, 8.0]
 ALL = "all experts"
 DAMAGE_THRESHOLDS = (0.5, 1.0, 2.0)  # nats
-RULES = {"mean": statistics.fmean, "median": statistics.median, "least": min}
+# the product's two rules (auto_alpha_budget), and the median beside them
+RULES = {
+    "mean": lambda costs: retention_budget(costs, "mean"),
+    "median": statistics.median,
+    "least": lambda costs: retention_budget(costs, "least"),
+}
 
 
 def mean_cost(c: dict) -> float:
@@ -91,7 +96,7 @@ def measure(zoo: str, members: list[str] | None, workdir: Path) -> dict:
         """Mean loss increase on the base's text, and the share of its tokens made worse by more
         than each threshold (damage concentrated on a few tokens, which the mean hides)."""
         rise = losses - base_own
-        return {"cost": float(rise.mean()), "damaged": {str(t): float((rise > t).float().mean()) for t in DAMAGE_THRESHOLDS}}
+        return {"cost": retention_cost(losses, base_own), "damaged": {str(t): float((rise > t).float().mean()) for t in DAMAGE_THRESHOLDS}}
 
     forgetting = {names[e]: costs(losses_of(e, base_windows)) for e in windows}
     rows = {}
