@@ -16,18 +16,23 @@ Writes eval/results/auto_budget.md and auto_budget.json.
 
 import argparse
 import json
+import math
 import os
 import statistics
 from pathlib import Path
 
 from eval.compare import REPO, Results
 from eval.report import normalized
-from eval.robustness import RESULTS, ZooScores
+from eval.robustness import RESULTS, ZooScores, esm_cache
 from mergekit_esm.strength.auto import best_within_budget, retention_budget, retention_cost
 
 ALPHAS = [1.0, 2.0, 3.0, 4.0, 6.0, 8.0]
 ALL = "all experts"
 DAMAGE_THRESHOLDS = (0.5, 1.0, 2.0)  # nats
+# The base gave its sampled token p > 1/2, so that token was also its greedy choice: damage
+# there is what changes the base's greedy answers (the quiz's), which the mean over sampled
+# text dilutes with high-entropy tokens.
+CONFIDENT_LOSS = math.log(2)
 # the product's two rules (auto_alpha_budget), and the median beside them
 RULES = {
     "mean": lambda costs: retention_budget(costs, "mean"),
@@ -49,7 +54,17 @@ def damaged_share(threshold: float):
     return share
 
 
-STATISTICS = [mean_cost, *(damaged_share(t) for t in DAMAGE_THRESHOLDS)]
+def confident_cost(c: dict) -> float:
+    """mean loss increase on the base's confident tokens (p > 1/2)"""
+    return c["confident_cost"]
+
+
+def confident_lost(c: dict) -> float:
+    """share of the base's confident tokens that fall below p = 1/2"""
+    return c["confident_lost"]
+
+
+STATISTICS = [mean_cost, *(damaged_share(t) for t in DAMAGE_THRESHOLDS), confident_cost, confident_lost]
 
 
 def measure(zoo: str, members: list[str] | None, workdir: Path) -> dict:
@@ -70,7 +85,7 @@ def measure(zoo: str, members: list[str] | None, workdir: Path) -> dict:
 
     models = build_zoo(workdir) if zoo == "synthetic" else build_community_zoo(workdir)
     members = members or list(models["experts"])
-    os.environ["MERGEKIT_ESM_CACHE"] = str(workdir / "robustness" / "esm-cache" / "-".join(members))
+    os.environ["MERGEKIT_ESM_CACHE"] = str(esm_cache(workdir, members))
     config = {
         "merge_method": "esm",
         "base_model": str(models["base"]),
@@ -92,11 +107,19 @@ def measure(zoo: str, members: list[str] | None, workdir: Path) -> dict:
     base_own = base.pop(inputs.base)
     names = dict(zip(inputs.experts, members))
 
+    confident = base_own < CONFIDENT_LOSS
+
     def costs(losses) -> dict:
-        """Mean loss increase on the base's text, and the share of its tokens made worse by more
-        than each threshold (damage concentrated on a few tokens, which the mean hides)."""
+        """Mean loss increase on the base's text, the share of its tokens made worse by more
+        than each threshold (damage concentrated on a few tokens, which the mean hides), and
+        both restricted to the base's confident tokens (its greedy choices)."""
         rise = losses - base_own
-        return {"cost": retention_cost(losses, base_own), "damaged": {str(t): float((rise > t).float().mean()) for t in DAMAGE_THRESHOLDS}}
+        return {
+            "cost": retention_cost(losses, base_own),
+            "damaged": {str(t): float((rise > t).float().mean()) for t in DAMAGE_THRESHOLDS},
+            "confident_cost": retention_cost(losses[confident], base_own[confident]),
+            "confident_lost": float((losses[confident] > CONFIDENT_LOSS).float().mean()),
+        }
 
     forgetting = {names[e]: costs(losses_of(e, base_windows)) for e in windows}
     rows = {}
@@ -111,10 +134,13 @@ def report(measured: dict, results: Results) -> str:
         "# `alpha: auto`'s retention budget: what each rule would choose",
         "",
         "Command: `python -m eval.auto_budget --draws cz_plural+cz_sort,zoo_acronym+zoo_swap,"
-        "cz_subtract+cz_reverse+cz_chat,zoo_date+zoo_cipher+zoo_acronym` (about 5 minutes a merge on",
-        "2 cores where the merged updates are cached, plus a minute per model for its samples).",
+        "cz_subtract+cz_reverse+cz_chat,zoo_date+zoo_cipher+zoo_acronym,cz_add+cz_plural,cz_plural+cz_reverse`",
+        "(about 5 minutes a merge on 2 cores where the merged updates are cached, plus each model's",
+        "samples once: they are shared with the robustness protocol).",
         "ESM's defaults. Criterion: mean loss on the experts' distinctive tokens (nats; lower is",
-        "better for the experts); cost: the merge's mean loss increase on text the base wrote.",
+        "better for the experts); cost: the merge's mean loss increase on text the base wrote;",
+        "confident tokens: those the base gave p > 1/2 (its greedy choices), their mean loss",
+        "increase, and the share of them the model no longer gives p > 1/2 (lost).",
         "Scores: validation splits from `eval.robustness --stages sweep` for all experts, test",
         "splits from its subset stage for a subset (normalized tasks · quiz · NLL), where that α",
         "was merged. The rule picks on this grid; `alpha: auto` refines between grid points.",
@@ -127,11 +153,14 @@ def report(measured: dict, results: Results) -> str:
             lines += [f"### {draw}", "", "What each expert cost the base's text (mean loss increase; share of tokens "
                       "made worse by more than " + ", ".join(f"{t:g}" for t in DAMAGE_THRESHOLDS) + " nats):", ""]
             lines += [f"- {e}: {c['cost']:+.3f}; " + ", ".join(f"{100 * v:.1f}%" for v in c["damaged"].values())
+                      + f"; on confident tokens {c['confident_cost']:+.3f}, {100 * c['confident_lost']:.1f}% lost"
                       for e, c in m["forgetting"].items()]
-            lines += ["", "| α | criterion | cost | damaged shares | tasks · quiz · NLL |", "|---|---|---|---|---|"]
+            lines += ["", "| α | criterion | cost | damaged shares | confident tokens: cost, lost | tasks · quiz · NLL |",
+                      "|---|---|---|---|---|---|"]
             for alpha, r in m["alphas"].items():
                 shares = ", ".join(f"{100 * v:.1f}%" for v in r["damaged"].values())
                 lines.append(f"| {float(alpha):g} | {r['criterion']:.3f} | {r['cost']:+.3f} | {shares} | "
+                             f"{r['confident_cost']:+.3f}, {100 * r['confident_lost']:.1f}% | "
                              f"{scored(results, zoo, draw, float(alpha))} |")
             lines += ["", "| budget on | mean expert's | median expert's | least-forgetting expert's |", "|---|---|---|---|"]
             rows = {float(a): r for a, r in m["alphas"].items()}

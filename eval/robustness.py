@@ -84,6 +84,19 @@ ABLATIONS = {
 ABLATION_ALPHAS = tuple(s["alpha"] for s in GRIDS["esm"])  # ESM's own grid, the same budget
 
 
+def esm_cache(workdir: Path, members: list[str]) -> Path:
+    """The cache of one set of members' merged updates (removed when their merges are done),
+    whose self-written samples live in one store shared by every set: they are keyed by the
+    model that wrote them, so each model writes its samples once for the whole protocol."""
+    cache = workdir / "robustness" / "esm-cache" / "-".join(members)
+    shared = workdir / "robustness" / "self-proxy"
+    shared.mkdir(parents=True, exist_ok=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    if not (cache / "self-proxy").exists():
+        (cache / "self-proxy").symlink_to(shared.resolve(), target_is_directory=True)
+    return cache
+
+
 def default_setting(method: str) -> dict:
     """What a user gets without choosing, in the terms of the method's grid: this package's
     parameter defaults for its methods; for mergekit's, the values of the shipped recipe
@@ -207,9 +220,11 @@ class ZooRun(ZooScores):
 
             proxies = in_task_proxies(self.data, members, self.workdir / "robustness" / "proxies")
             per_model, setting = [proxies[m] for m in members], {k: v for k, v in setting.items() if k != "proxy"}
-        cache = self.workdir / "robustness" / "esm-cache" / ("-".join(members) + ("-empty" if empty_cache else ""))
         if empty_cache:
+            cache = self.workdir / "robustness" / "esm-cache" / ("-".join(members) + "-empty")
             shutil.rmtree(cache, ignore_errors=True)
+        else:
+            cache = esm_cache(self.workdir, members)
         run = merge(method, setting, self.base, [self.experts[m] for m in members],
                     self.workdir / "robustness", per_model, cache=cache)
         path = run["path"]
