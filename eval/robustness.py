@@ -120,6 +120,14 @@ def full_setting(method: str, setting: dict) -> dict:
     return {key: field.default for key, field in OURS[method].settings_type.model_fields.items()} | setting
 
 
+def acting(setting: dict) -> dict:
+    """The part of a full setting that acts on the merge: `alpha: auto`'s own options do
+    nothing at a numeric α, so a merge recorded before one of them existed is still today's."""
+    if setting.get("alpha") == "auto":
+        return setting
+    return {key: value for key, value in setting.items() if not key.startswith("auto_alpha_")}
+
+
 def sweep_settings(method: str) -> dict[str, dict]:
     """label → setting: the method's grid, plus its default where the grid lacks it."""
     settings = {_label(s): s for s in GRIDS[method]}
@@ -212,7 +220,7 @@ class ZooRun(ZooScores):
         # a "default" key outlives a change of the defaults: the full settings it was merged
         # with are kept, and a merge whose settings differ from today's is redone
         recorded = full_setting(method, setting)
-        if cached is not None and cached.get("setting", recorded) == recorded:
+        if cached is not None and acting(cached.get("setting", recorded)) == acting(recorded):
             return cached
         per_model = None
         if setting.get("proxy") == IN_TASK:

@@ -364,18 +364,20 @@ def test_merge_reports_time_and_peak_memory_and_reuses_a_finished_merge(zoo, tmp
 def test_protocol_redoes_and_rescores_a_cached_merge_whose_settings_changed(tmp_path, monkeypatch):
     """A subset's "default" key outlives a change of the method's defaults: the merge is redone
     when the full settings it was made with differ from today's, and scored afresh (not read
-    back from the stale entry); with the same settings it is neither merged nor scored again."""
+    back from the stale entry); with the same settings it is neither merged nor scored again.
+    `alpha: auto`'s own options count only where α is auto."""
     import eval.robustness as rb
     from eval.compare import Results
 
     run = object.__new__(rb.ZooRun)
     run.name, run.results, run.workdir, run.include = "toy", Results(tmp_path / "results.json"), tmp_path, None
     run.base, run.experts = tmp_path, {"a": tmp_path}
-    merges, accuracy = [], iter([0.25, 0.75])
+    merges, accuracy = [], iter([0.25, 0.75, 0.5, 0.5])
 
     def fake_merge(method, setting, base, experts, workdir, model_parameters, cache):
         merges.append(setting)
         (path := tmp_path / f"merge{len(merges)}").mkdir()
+        (path / "README.md").write_text("| α chosen by alpha: auto | 2.5 |\n")
         return {"path": path, "wall_s": 1.0}
 
     monkeypatch.setattr(rb, "merge", fake_merge)
@@ -385,9 +387,15 @@ def test_protocol_redoes_and_rescores_a_cached_merge_whose_settings_changed(tmp_
     first = run.merged(key, "esm", {"alpha": 2.0}, ["a"], "test")
     assert run.merged(key, "esm", {"alpha": 2.0}, ["a"], "test") == first and len(merges) == 1
     assert first["tasks"] == {"a": 0.25} and first["setting"]["task_exponent"] == 0.0
+    assert run.merged(key, "esm", {"alpha": 2.0, "auto_alpha_budget": "mean"}, ["a"], "test") == first
+    assert len(merges) == 1
     redone = run.merged(key, "esm", {"alpha": 2.0, "task_exponent": 2.0}, ["a"], "test")
     assert len(merges) == 2 and redone["tasks"] == {"a": 0.75} and redone["setting"]["task_exponent"] == 2.0
     assert run.results.get("toy", *key) == redone
+    auto = ("subsets", "1", "a", "esm", "auto")
+    run.merged(auto, "esm", {"alpha": "auto"}, ["a"], "test")
+    run.merged(auto, "esm", {"alpha": "auto", "auto_alpha_budget": "mean"}, ["a"], "test")
+    assert len(merges) == 4
 
 
 def test_in_task_proxy_merges_with_each_experts_training_examples_as_its_proxy(tmp_path, monkeypatch):
