@@ -84,11 +84,16 @@ ABLATIONS = {
 ABLATION_ALPHAS = tuple(s["alpha"] for s in GRIDS["esm"])  # ESM's own grid, the same budget
 
 
+def esm_cache_dir(workdir: Path, members: list[str]) -> Path:
+    """Where one set of members' merged updates are cached (removed when their merges are done)."""
+    return workdir / "robustness" / "esm-cache" / "-".join(members)
+
+
 def esm_cache(workdir: Path, members: list[str]) -> Path:
-    """The cache of one set of members' merged updates (removed when their merges are done),
-    whose self-written samples live in one store shared by every set: they are keyed by the
-    model that wrote them, so each model writes its samples once for the whole protocol."""
-    cache = workdir / "robustness" / "esm-cache" / "-".join(members)
+    """esm_cache_dir, made, with its self-written samples in one store shared by every set:
+    they are keyed by the model that wrote them, so each model writes its samples once for the
+    whole protocol, and removing a set's cache removes only the link to them."""
+    cache = esm_cache_dir(workdir, members)
     shared = workdir / "robustness" / "self-proxy"
     shared.mkdir(parents=True, exist_ok=True)
     cache.mkdir(parents=True, exist_ok=True)
@@ -229,7 +234,7 @@ class ZooRun(ZooScores):
             proxies = in_task_proxies(self.data, members, self.workdir / "robustness" / "proxies")
             per_model, setting = [proxies[m] for m in members], {k: v for k, v in setting.items() if k != "proxy"}
         if empty_cache:
-            cache = self.workdir / "robustness" / "esm-cache" / ("-".join(members) + "-empty")
+            cache = esm_cache_dir(self.workdir, [*members, "empty"])
             shutil.rmtree(cache, ignore_errors=True)
         else:
             cache = esm_cache(self.workdir, members)
@@ -271,7 +276,7 @@ class ZooRun(ZooScores):
             for alpha in alphas:
                 setting = {**row, "alpha": alpha}
                 self.merged(("sweep", name, _label(setting)), "esm", setting, members, "validation")
-        shutil.rmtree(self.workdir / "robustness" / "esm-cache" / "-".join(members), ignore_errors=True)
+        shutil.rmtree(esm_cache_dir(self.workdir, members), ignore_errors=True)
 
     def auto(self, methods: list[str]) -> None:
         """`alpha: auto` for each of this package's methods, all experts, validation."""
@@ -324,7 +329,7 @@ class ZooRun(ZooScores):
                     for which, setting in settings.items():
                         key = ("subsets", str(size), "+".join(members), method, which)
                         self.merged(key, method, setting, members, "test")
-                shutil.rmtree(self.workdir / "robustness" / "esm-cache" / "-".join(members), ignore_errors=True)
+                shutil.rmtree(esm_cache_dir(self.workdir, members), ignore_errors=True)
 
 
 def summarize(run: ZooScores, methods: list[str]) -> tuple[str, dict]:

@@ -398,6 +398,22 @@ def test_protocol_redoes_and_rescores_a_cached_merge_whose_settings_changed(tmp_
     assert len(merges) == 4
 
 
+def test_subset_caches_share_self_written_samples_and_removing_one_keeps_them(tmp_path):
+    """Each set of members has its own cache of merged updates, but one store of self-written
+    samples; removing a set's cache, as the protocol does after its merges, keeps the samples."""
+    import shutil
+
+    import eval.robustness as rb
+
+    first, second = rb.esm_cache(tmp_path, ["a", "b"]), rb.esm_cache(tmp_path, ["a", "c"])
+    assert first != second and first == rb.esm_cache_dir(tmp_path, ["a", "b"])
+    (first / "self-proxy" / "key").mkdir()
+    assert (second / "self-proxy" / "key").is_dir()
+    shutil.rmtree(first)
+    assert (second / "self-proxy" / "key").is_dir() and rb.esm_cache(tmp_path, ["a", "b"]) == first
+    assert (first / "self-proxy" / "key").is_dir()
+
+
 def test_in_task_proxy_merges_with_each_experts_training_examples_as_its_proxy(tmp_path, monkeypatch):
     """The protocol's "in-task proxy" setting reaches the recipe as per-model `proxy` files
     holding each member's own training examples, in member order, and is recorded as
