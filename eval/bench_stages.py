@@ -27,6 +27,7 @@ import torch
 
 import mergekit_esm.algebra.merge as merge
 import mergekit_esm.algebra.subspace as subspace
+import mergekit_esm.calibration.layerwise as layerwise
 import mergekit_esm.integration.prepare as prepare
 import mergekit_esm.methods.esm as esm
 from eval.bench_scale import SHAPES, esm_parameter, write_checkpoints, write_recipe
@@ -104,6 +105,9 @@ def _timed_generator(stage: str, function):
 STAGES = [
     (prepare, "merged_updates", "pre-pass (calibration and merge)"),
     (prepare, "layer_input_moments", "calibration: forward and statistics"),
+    (layerwise.LayerStack, "load_layer", "· load an expert's layer"),
+    (layerwise.LayerStack, "run_layer", "· the layer's forward over all windows, statistics included"),
+    (layerwise._InputCollector, "__call__", "· · statistics of one input and window"),
     (prepare, "merge_layer", LAYER_STAGE),
     (prepare.TaskMatrices, "__init__", "· read base weight"),
     (prepare.TaskMatrices, "__getitem__", "· read expert weight − base"),
