@@ -37,6 +37,12 @@ def test_float32_merge_of_low_rank_layer_inputs_takes_no_svd_route(tmp_path):
                   "--precision", "float32", "--proxy-samples", "32", "--workdir", str(tmp_path))
     table = _table(stdout)
     assert table["calibration: forward and statistics"][1] == "2"  # one layer of each expert
+    assert table["· load an expert's layer"][1] == "2"
+    assert table["· the layer's forward over all windows, statistics included"][1] == "2"
+    # four input groups (q/k/v's, o_proj's, gate/up's, down_proj's) per window, 32 windows per expert
+    assert int(table["· · statistics of one input and window"][1]) == 2 * 32 * 4
+    assert float(table["· the layer's forward over all windows, statistics included"][0]) <= float(
+        table["calibration: forward and statistics"][0])
     assert table["· polar factors"][1] == "14"  # P_cat and A_cat of 7 weights
     assert "· · Newton route (a wide factor counts twice)" in table
     assert "· · SVD route (fallback)" not in table
