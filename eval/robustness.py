@@ -296,12 +296,14 @@ class ZooRun(ZooScores):
             self.merged(("chosen", method, _label(setting)), method, setting, self.tasks, "test", empty_cache=True)
 
     def protocol(self, methods: list[str], per_size: int, with_chosen: bool, sizes: set[int] | None = None,
-                 with_auto: bool = False, only: set[str] | None = None, in_task_proxy: bool = False) -> None:
+                 with_auto: bool = False, only: set[str] | None = None, in_task_proxy: bool = False,
+                 ablations: dict[str, dict] | None = None) -> None:
         """Seeded subsets of every size T (only those in `sizes` if given; of those only the
         ones named in `only`, members joined by "+", if given), each merged with every method
         at its default (and its chosen setting, and `alpha: auto` for this package's methods
         if with_auto, and their default on each expert's own training examples as the proxy
-        if in_task_proxy), test splits."""
+        if in_task_proxy), test splits. `ablations` (label → ESM settings): ESM is also merged
+        at each, and on the in-task proxy too if in_task_proxy."""
         from mergekit_esm.methods import METHODS as OURS
 
         drawn = {size: draws for size, draws in subsets_per_size(len(self.tasks), per_size).items()
@@ -324,8 +326,12 @@ class ZooRun(ZooScores):
                         settings["chosen"] = chosen
                     if with_auto and method in OURS:
                         settings["auto"] = {"alpha": "auto"}
+                    if method == "esm":
+                        settings.update(ablations or {})
                     if in_task_proxy and method in OURS and "proxy" in OURS[method].settings_type.model_fields:
-                        settings[IN_TASK_PROXY] = {**settings[DEFAULT], "proxy": IN_TASK}
+                        settings.update({(IN_TASK_PROXY if which == DEFAULT else f"{which}, {IN_TASK_PROXY}"):
+                                         {**setting, "proxy": IN_TASK} for which, setting in list(settings.items())
+                                         if which in (DEFAULT, *(ablations or {}))})
                     for which, setting in settings.items():
                         key = ("subsets", str(size), "+".join(members), method, which)
                         self.merged(key, method, setting, members, "test")
@@ -538,13 +544,16 @@ def main():
                         "as its proxy (what a user with task data can do)")
     parser.add_argument("--ablation-alphas", default=",".join(map(str, ABLATION_ALPHAS)),
                         help="comma-separated α values each ablation row is merged at")
+    parser.add_argument("--with-ablations", default="", help="comma-separated ESM ablation rows the subset "
+                        "stage also merges, each at --ablation-alphas (and on the in-task proxy too with "
+                        "--with-in-task-proxy)")
     parser.add_argument("--extra-alphas", default="", help="comma-separated α values swept beyond the grid "
                         "(methods with an α)")
     parser.add_argument("--default-only", default="", help="comma-separated methods swept at their default only")
     rows = {name.removeprefix("esm, "): name for name in ABLATIONS}
     parser.add_argument("--ablations", default=",".join(rows), help=f"comma-separated ESM ablation rows, of: {', '.join(rows)}")
     args = parser.parse_args()
-    unknown = set(args.ablations.split(",")) - set(rows)
+    unknown = set(args.ablations.split(",") + list(filter(None, args.with_ablations.split(",")))) - set(rows)
     if unknown:
         parser.error(f"unknown ablation rows {sorted(unknown)}; choose from {list(rows)}")
     methods = args.methods.split(",")
@@ -574,8 +583,11 @@ def main():
             report(results)
         if "subsets" in stages:
             sizes = {int(t) for t in args.sizes.split(",")} if args.sizes else None
-            run.protocol(methods, args.subsets, with_chosen="sweep" in stages, sizes=sizes,
-                         with_auto=args.with_auto, only=only, in_task_proxy=args.with_in_task_proxy)
+            alphas = [float(a) for a in args.ablation_alphas.split(",")]
+            ablations = {f"{r}, α {a:g}": {**ABLATIONS[rows[r]], "alpha": a}
+                         for r in filter(None, args.with_ablations.split(",")) for a in alphas}
+            run.protocol(methods, args.subsets, with_chosen="sweep" in stages, sizes=sizes, with_auto=args.with_auto,
+                         only=only, in_task_proxy=args.with_in_task_proxy, ablations=ablations)
     print(report(results).read_text())
 
 

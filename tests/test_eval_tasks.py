@@ -447,6 +447,28 @@ def test_in_task_proxy_merges_with_each_experts_training_examples_as_its_proxy(t
     assert calls[1] == ({"alpha": 3.0}, None)
 
 
+def test_protocol_merges_esm_ablation_rows_on_both_proxies(tmp_path, monkeypatch):
+    """--with-ablations merges ESM (only) at each ablation setting, and with
+    --with-in-task-proxy each of them on the in-task proxy too, under keys of their own."""
+    import eval.robustness as rb
+    from eval.compare import Results
+
+    run = object.__new__(rb.ZooRun)
+    run.name, run.results, run.workdir, run.tasks = "toy", Results(tmp_path / "results.json"), tmp_path, ["a", "b"]
+    merged = []
+    monkeypatch.setattr(run, "merged", lambda key, method, setting, members, split: merged.append((key[3:], setting)))
+    unwhitened = {"whiten_factors": False, "alpha": 0.5}
+    run.protocol(["esm", "tsv"], per_size=5, with_chosen=False, sizes={2}, in_task_proxy=True,
+                 ablations={"no whitening, α 0.5": unwhitened})
+    assert merged == [
+        (("esm", rb.DEFAULT), rb.default_setting("esm")),
+        (("esm", "no whitening, α 0.5"), unwhitened),
+        (("esm", rb.IN_TASK_PROXY), {**rb.default_setting("esm"), "proxy": rb.IN_TASK}),
+        (("esm", f"no whitening, α 0.5, {rb.IN_TASK_PROXY}"), {**unwhitened, "proxy": rb.IN_TASK}),
+        (("tsv", rb.DEFAULT), rb.default_setting("tsv")),
+    ]
+
+
 def test_protocol_merges_only_the_named_draws_and_auto_for_this_packages_methods(tmp_path, monkeypatch):
     """--draws restricts the subset stage to the named seeded subsets (a name not drawn is an
     error that lists what was), and --with-auto adds `alpha: auto` for this package's methods
