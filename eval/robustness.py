@@ -326,12 +326,12 @@ class ZooRun(ZooScores):
                         settings["chosen"] = chosen
                     if with_auto and method in OURS:
                         settings["auto"] = {"alpha": "auto"}
-                    if method == "esm":
-                        settings.update(ablations or {})
+                    rows = (ablations or {}) if method == "esm" else {}
+                    settings.update(rows)
                     if in_task_proxy and method in OURS and "proxy" in OURS[method].settings_type.model_fields:
+                        calibrated = {DEFAULT: settings[DEFAULT], **rows}
                         settings.update({(IN_TASK_PROXY if which == DEFAULT else f"{which}, {IN_TASK_PROXY}"):
-                                         {**setting, "proxy": IN_TASK} for which, setting in list(settings.items())
-                                         if which in (DEFAULT, *(ablations or {}))})
+                                         {**setting, "proxy": IN_TASK} for which, setting in calibrated.items()})
                     for which, setting in settings.items():
                         key = ("subsets", str(size), "+".join(members), method, which)
                         self.merged(key, method, setting, members, "test")
@@ -553,9 +553,12 @@ def main():
     rows = {name.removeprefix("esm, "): name for name in ABLATIONS}
     parser.add_argument("--ablations", default=",".join(rows), help=f"comma-separated ESM ablation rows, of: {', '.join(rows)}")
     args = parser.parse_args()
-    unknown = set(args.ablations.split(",") + list(filter(None, args.with_ablations.split(",")))) - set(rows)
+    ablation_alphas = tuple(float(a) for a in args.ablation_alphas.split(","))
+    with_ablations = list(filter(None, args.with_ablations.split(",")))
+    unknown = set(args.ablations.split(",") + with_ablations) - set(rows)
     if unknown:
         parser.error(f"unknown ablation rows {sorted(unknown)}; choose from {list(rows)}")
+    subset_ablations = {f"{r}, α {a:g}": {**ABLATIONS[rows[r]], "alpha": a} for r in with_ablations for a in ablation_alphas}
     methods = args.methods.split(",")
     results = Results(args.workdir / "robustness" / "results.json")
     runs = [ZooRun(name, args.workdir, results) for name in args.zoos.split(",")]
@@ -572,8 +575,7 @@ def main():
                       tuple(float(a) for a in filter(None, args.extra_alphas.split(","))))
             report(results)
         if "ablation" in stages:
-            run.ablation([rows[r] for r in args.ablations.split(",")],
-                         tuple(float(a) for a in args.ablation_alphas.split(",")))
+            run.ablation([rows[r] for r in args.ablations.split(",")], ablation_alphas)
             report(results)
         if "auto" in stages:
             run.auto(methods)
@@ -583,11 +585,8 @@ def main():
             report(results)
         if "subsets" in stages:
             sizes = {int(t) for t in args.sizes.split(",")} if args.sizes else None
-            alphas = [float(a) for a in args.ablation_alphas.split(",")]
-            ablations = {f"{r}, α {a:g}": {**ABLATIONS[rows[r]], "alpha": a}
-                         for r in filter(None, args.with_ablations.split(",")) for a in alphas}
             run.protocol(methods, args.subsets, with_chosen="sweep" in stages, sizes=sizes, with_auto=args.with_auto,
-                         only=only, in_task_proxy=args.with_in_task_proxy, ablations=ablations)
+                         only=only, in_task_proxy=args.with_in_task_proxy, ablations=subset_ablations)
     print(report(results).read_text())
 
 
