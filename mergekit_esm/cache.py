@@ -20,8 +20,9 @@ from typing import Any, Iterator
 # the checkpoint's rounding level (algebra.merge.storage_rounding_level); 5 keeps no more of
 # an expert's directions than ΔW has above that level (algebra.merge.rank_above_rounding); 6
 # measures the whitened factors' size with eigenvalue flattening undone under preserve_norm
-# (algebra.merge.with_unflattened_sigma).
-CACHE_VERSION = 6
+# (algebra.merge.with_unflattened_sigma); 7 writes each expert's factors in singular form
+# before TSV-M's combination (algebra.merge.in_singular_form: `whiten_factors: false`, `basis: svd`).
+CACHE_VERSION = 7
 
 
 def cache_root(configured: str | None) -> Path:

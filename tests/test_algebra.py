@@ -552,6 +552,28 @@ def test_esd_basis_without_whitening_keeps_tsv_m_combination():
     assert not torch.allclose(unwhitened, merge_weight(EsmSettings(**off), deltas, 4, inputs), atol=1e-6)
 
 
+def test_tsv_combination_of_essential_factors_keeps_each_experts_product():
+    """TSV-M's combination takes σ from the coordinate rows' norms: on an essential subspace's
+    coordinates Â = P̂ᵀΔW, whose rows are not orthogonal, it must first write the factors in
+    singular form, or one expert alone comes out as another matrix than P̂Â."""
+    from mergekit_esm.algebra.merge import in_singular_form
+
+    (delta,), (x,) = _random_inputs(1, t=1)
+    factors = essential_subspace(delta, _moment(x), 4)
+    gram = factors.coords @ factors.coords.T
+    assert not torch.allclose(gram, torch.diag(torch.diagonal(gram)), atol=1e-6)  # the case that needs it
+    merged = merge_task_factors([factors], gamma=0.0, task_exponent=0.0, dimension_exponent=0.0, combination="tsv")
+    assert torch.allclose(merged, factors.basis @ factors.coords, atol=1e-10)
+
+    g = torch.Generator().manual_seed(5)
+    p_cat, a_cat = torch.randn(12, 7, generator=g, dtype=D), torch.randn(7, 10, generator=g, dtype=D)
+    p, a = in_singular_form(p_cat, a_cat, [3, 4])
+    for block in (slice(0, 3), slice(3, 7)):
+        assert torch.allclose(p[:, block] @ a[block], p_cat[:, block] @ a_cat[block], atol=1e-12)
+        rows = a[block] @ a[block].T
+        assert torch.allclose(rows, torch.diag(torch.diagonal(rows)), atol=1e-12)
+
+
 def test_esm_finds_its_subspaces_with_the_solver_its_settings_name():
     """merge_weight hands `subspace_solver` to every expert's essential subspace: at a width
     where the randomized solver runs (k = 16 of 128), the default merge is the randomized

@@ -300,7 +300,8 @@ def merge_task_factors(
 
     combination="essential" (ESM): P̃ Ã with both concatenated factors polar-whitened.
     combination="tsv" (TSV-M): polar(P_cat) diag(σ) polar(B) where A_cat = diag(σ) B has unit
-    rows; with SVD factors and every scaling off this is exactly TSV-M.
+    rows, each expert's factors first written in singular form (in_singular_form); with SVD
+    factors and every scaling off this is exactly TSV-M.
     spectrum_exponent (essential only; 0 is ESM): whitening gives every kept direction the
     same weight, so an expert whose update sits in a few strong directions (a LoRA) keeps a far
     smaller share of it than one spread over many. With q > 0 each expert's block of the
@@ -350,7 +351,26 @@ def merge_task_factors(
         if spectrum_exponent != 0:
             p_whitened *= expert_spectrum_scale(spectra, spectrum_exponent).to(p_whitened)
         return p_whitened @ a_whitened
-    return singular_vector_merge(p_cat, a_cat, isotropic=False)
+    return singular_vector_merge(*in_singular_form(p_cat, a_cat, [e.numel() for e in flattening]), isotropic=False)
+
+
+def in_singular_form(p_cat: torch.Tensor, a_cat: torch.Tensor, counts: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each expert's block (P_t, A_t) of the concatenated factors (`counts`: its directions)
+    rewritten as (P_t U, Σ Vᵀ) for A_t = U Σ Vᵀ: the same product P_t A_t, with orthogonal
+    coordinate rows.
+
+    TSV-M's combination (singular_vector_merge) takes each direction's weight σ from the norm
+    of its coordinate row and orthogonalizes the unit rows, which reproduces an expert's own
+    update only where its rows are orthogonal, as ΔW's singular vectors' are. An essential
+    subspace's coordinates Â = P̂ᵀΔW are not (their Gram P̂ᵀΔWΔWᵀP̂ is not diagonal), nor are
+    any rows after dimension scaling; combined as they were, even one expert alone came out
+    as another matrix (tests/test_algebra.py)."""
+    bases, coords = [], []
+    for p, a in zip(p_cat.split(list(counts), dim=1), a_cat.split(list(counts), dim=0)):
+        u, sigma, vh = torch.linalg.svd(a, full_matrices=False)
+        bases.append(p @ u)
+        coords.append(sigma[:, None] * vh)
+    return torch.cat(bases, dim=1), torch.cat(coords, dim=0)
 
 
 def with_unflattened_sigma(q: torch.Tensor, x: torch.Tensor, flattening: torch.Tensor, dim: int) -> torch.Tensor:
