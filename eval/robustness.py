@@ -63,9 +63,10 @@ ABLATIONS = {
     "esm, no layer scaling": {"layer_exponent": 0.0},
     "esm, paper's task scaling": {"task_exponent": 2.0},  # the paper's p = 2 (off by default)
     "esm, no flattening": {"gamma": 0.0},
-    # both suspects off at once: whitening (which flattens a LoRA expert's few strong directions
-    # to the mean) and task scaling (which weighs experts by their training budget)
-    "esm, unwhitened without task scaling": {"whiten_factors": False, "task_exponent": 0.0},
+    # TSV-M's combination on the essential subspaces without eigenvalue flattening: there
+    # flattening weighs each direction by its activation-shift eigenvalue, whose spread an LLM's
+    # massive activations make far wider than ΔW's singular values' (the svd basis's)
+    "esm, unwhitened without flattening": {"whiten_factors": False, "gamma": 0.0},
     # the paper's rank ⌊d_out/T⌋ (capped at d_in) against the default ⌊min(d_out, d_in)/T⌋;
     # they differ for gate/up_proj only
     "esm, paper's rank": {"rank_rule": "output"},
