@@ -25,7 +25,8 @@ def esm_weight(deltas, xs, k, gamma, p_task, p_dim, preserve_norm=False, whiten_
     """ESM §1–2 for one weight: deltas[t] = ΔW_t, xs[t] = expert t's inputs to it (n × d_in).
 
     whiten_factors=False: TSV-M's combination of the factors instead of ESM's whitening,
-    polar(P) · diag(σ) · polar(B), where A = diag(σ) B has unit rows.
+    polar(P) · diag(σ) · polar(B), where A = diag(σ) B has unit rows, each expert's factors
+    first written in singular form.
 
     preserve_norm: after task and after dimension scaling, A_cat is rescaled to the Frobenius
     norm it had before that scaling; whitened, each factor takes the size it has without
@@ -60,8 +61,12 @@ def esm_weight(deltas, xs, k, gamma, p_task, p_dim, preserve_norm=False, whiten_
         return whiten(p, p / e) @ whiten(a, a / e[:, None])
     if whiten_factors:
         return whiten(p) @ whiten(a)
-    sigma = torch.linalg.vector_norm(a, dim=1)
-    return polar(p) @ torch.diag(sigma) @ polar(a / sigma[:, None])
+    # each expert's factors in singular form, P_t U and Σ Vᵀ for A_t = U Σ Vᵀ (the same product)
+    blocks = [(p[:, i : i + k], a[i : i + k]) for i in range(0, p.shape[1], k)]
+    svds = [torch.linalg.svd(a_t, full_matrices=False) for _, a_t in blocks]
+    p = torch.cat([p_t @ u for (p_t, _), (u, _, _) in zip(blocks, svds)], 1)
+    sigma, b = torch.cat([s_t for _, s_t, _ in svds]), torch.cat([vh for _, _, vh in svds], 0)
+    return polar(p) @ torch.diag(sigma) @ polar(b)
 
 
 def reference_settings(settings) -> dict:
