@@ -23,40 +23,30 @@ import torch
 from safetensors.torch import load_file
 
 from eval.compare import REPO
-from eval.kept_directions import WEIGHTS
+from eval.kept_directions import WEIGHTS, layer_inputs
 from eval.zoo.community import RECIPES
 from eval.zoo.tasks import TASKS
 from mergekit_esm.algebra import essential_subspace, svd_subspace
 from mergekit_esm.algebra.scaling import eigenvalue_flattening
 from mergekit_esm.algebra.subspace import InputMoment
-from mergekit_esm.calibration.proxy import load_documents, token_windows
 
 ZOOS = {"synthetic": list(TASKS), "community": list(RECIPES)}
-MODULES = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
-WINDOWS, WINDOW_TOKENS = 8, 512
-
-
-def expert_inputs(model_dir: Path, layers: list[int]) -> dict[tuple[int, str], torch.Tensor]:
-    """(layer, module) → the model's own inputs to that module on the proxy text (float64,
-    windows stacked, WINDOWS × WINDOW_TOKENS rows)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    captured: dict[tuple[int, str], list[torch.Tensor]] = {}
-    for layer in layers:
-        for module in MODULES:
-            model.model.layers[layer].get_submodule(module).register_forward_pre_hook(
-                lambda _, args, key=(layer, module): captured.setdefault(key, []).append(args[0][0].double())
-            )
-    with torch.no_grad():
-        for window in token_windows(load_documents("builtin"), tokenizer, WINDOWS, WINDOW_TOKENS):
-            model(torch.tensor([window]))
-    return {key: torch.cat(parts) for key, parts in captured.items()}
+WINDOW_TOKENS = 512  # layer_inputs' proxy windows (8 of 512 tokens, stacked)
 
 
 def shared_span(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.T @ b).square().sum()) / a.shape[1]
+
+
+def spread(factors) -> float:
+    """λ₁/λ_k of the directions behind a subspace."""
+    return float(factors.eigenvalues[0] / factors.eigenvalues[-1])
+
+
+def flattening_spread(factors) -> float:
+    """max/min of eigenvalue flattening's weights (γ 0.15, kept norm) over the directions."""
+    e = eigenvalue_flattening(factors.eigenvalues, 0.15, factors.coords.norm(dim=1))
+    return float(e.max() / e.min())
 
 
 def main():
@@ -71,24 +61,22 @@ def main():
     base = load_file(models / "base" / "model.safetensors")
     rows = {}
     for name in experts:
-        inputs, weights = expert_inputs(models / name, layers), load_file(models / name / "model.safetensors")
+        inputs, weights = layer_inputs(models / name, layers), load_file(models / name / "model.safetensors")
         for (layer, module), x in inputs.items():
             for weight in (w for w, reads in WEIGHTS.items() if reads == module):
                 key = f"model.layers.{layer}.{weight}.weight"
                 delta = (weights[key] - base[key]).double()
                 k = min(delta.shape) // len(experts)
                 esd = essential_subspace(delta, InputMoment(x.shape[0], moment=x.T @ x), k)
-                without_sink = x.view(WINDOWS, WINDOW_TOKENS, -1)[:, 1:].reshape(-1, x.shape[1])
+                without_sink = x.view(-1, WINDOW_TOKENS, x.shape[1])[:, 1:].reshape(-1, x.shape[1])
                 esd_no_sink = essential_subspace(delta, InputMoment(without_sink.shape[0], moment=without_sink.T @ without_sink), k)
                 svd = svd_subspace(delta, k)
                 energy = float(delta.square().sum())
-                spread = lambda f: float(f.eigenvalues[0] / f.eigenvalues[-1])
-                weights_e = lambda f: eigenvalue_flattening(f.eigenvalues, 0.15, f.coords.norm(dim=1))
                 rows.setdefault((layer, weight), []).append(dict(
                     esd=esd.basis, svd=svd.basis, span=shared_span(esd.basis, svd.basis),
                     esd_energy=float(esd.coords.square().sum()) / energy, svd_energy=float(svd.coords.square().sum()) / energy,
                     esd_spread=spread(esd), svd_spread=spread(svd),
-                    esd_e=float(weights_e(esd).max() / weights_e(esd).min()), svd_e=float(weights_e(svd).max() / weights_e(svd).min()),
+                    esd_e=flattening_spread(esd), svd_e=flattening_spread(svd),
                     sink=shared_span(esd.basis, esd_no_sink.basis)))
     lines = [f"# Essential against singular subspaces: zoo {args.zoo} ({', '.join(experts)})", "",
              f"`python -m eval.subspace_overlap --zoo {args.zoo} --layers {args.layers}`; means over the experts.", "",
