@@ -126,6 +126,22 @@ def full_setting(method: str, setting: dict) -> dict:
     return {key: field.default for key, field in OURS[method].settings_type.model_fields.items()} | setting
 
 
+# Fixes that changed what a setting merges without changing the setting: (name, method, the
+# partial settings it touched). A stored merge records the fixes that applied to it when it was
+# made (`fixes_applying`); one that lacks a fix that applies today is merged again, as one
+# whose settings changed is.
+FIXES = (
+    # commit 4b35d65: TSV-M's combination writes each expert's factors in singular form first
+    ("singular form", "esm", ({"whiten_factors": False}, {"basis": "svd"})),
+)
+
+
+def fixes_applying(method: str, setting: dict) -> list[str]:
+    """The FIXES that touch a merge by `method` at the full `setting`, by name."""
+    return [name for name, fixed, touched in FIXES
+            if fixed == method and any(all(setting.get(k) == v for k, v in part.items()) for part in touched)]
+
+
 def acting(setting: dict) -> dict:
     """The part of a full setting that acts on the merge: `alpha: auto`'s own options do
     nothing at a numeric α, so a merge recorded before one of them existed is still today's."""
@@ -224,9 +240,12 @@ class ZooRun(ZooScores):
         recorded time and peak memory are the whole merge's."""
         cached = self.results.get(self.name, *key)
         # a "default" key outlives a change of the defaults: the full settings it was merged
-        # with are kept, and a merge whose settings differ from today's is redone
+        # with are kept, and a merge whose settings differ from today's is redone, as is one
+        # made before a fix that applies to it
         recorded = full_setting(method, setting)
-        if cached is not None and acting(cached.get("setting", recorded)) == acting(recorded):
+        fixes = fixes_applying(method, recorded)
+        if (cached is not None and acting(cached.get("setting", recorded)) == acting(recorded)
+                and cached.get("fixes", []) == fixes):
             return cached
         per_model = None
         if setting.get("proxy") == IN_TASK:
@@ -243,7 +262,7 @@ class ZooRun(ZooScores):
                     self.workdir / "robustness", per_model, cache=cache)
         path = run["path"]
         scores = {**self.evaluate(key, path, members, split, fresh=True), "merge_s": round(run["wall_s"], 1), "setting": recorded,
-                  **({"peak_anon_mib": run["peak_anon_mib"]} if "peak_anon_mib" in run else {})}
+                  **({"fixes": fixes} if fixes else {}), **({"peak_anon_mib": run["peak_anon_mib"]} if "peak_anon_mib" in run else {})}
         if setting.get("alpha") == "auto":  # the α it chose, from the model card
             card = (path / "README.md").read_text()
             line = next(l for l in card.splitlines() if l.startswith("| α chosen by alpha: auto |"))

@@ -398,6 +398,41 @@ def test_protocol_redoes_and_rescores_a_cached_merge_whose_settings_changed(tmp_
     assert len(merges) == 4
 
 
+def test_protocol_redoes_a_merge_made_before_a_fix_that_applies_to_it(tmp_path, monkeypatch):
+    """A fix that changes what a setting merges, without changing the setting, makes the rows
+    it touched stale and only those: a row recorded before it is merged again, one recorded
+    after it is read back, and rows the fix does not touch keep their cached scores."""
+    import eval.robustness as rb
+    from eval.compare import Results
+
+    run = object.__new__(rb.ZooRun)
+    run.name, run.results, run.workdir, run.include = "toy", Results(tmp_path / "results.json"), tmp_path, None
+    run.base, run.experts = tmp_path, {"a": tmp_path}
+    merges = []
+
+    def fake_merge(method, setting, base, experts, workdir, model_parameters, cache):
+        merges.append(setting)
+        (path := tmp_path / f"merge{len(merges)}").mkdir()
+        return {"path": path, "wall_s": 1.0}
+
+    monkeypatch.setattr(rb, "merge", fake_merge)
+    monkeypatch.setattr(rb, "score", lambda model, names, include: dict.fromkeys(names, 0.5))
+    monkeypatch.setattr(rb, "heldout_nll", lambda model: 3.0)
+    touched, untouched = {"whiten_factors": False, "alpha": 1.0}, {"alpha": 1.0}
+    monkeypatch.setattr(rb, "FIXES", ())
+    for setting in (touched, untouched):
+        run.merged(("sweep", "esm", rb._label(setting)), "esm", setting, ["a"], "validation")
+    assert len(merges) == 2 and "fixes" not in run.results.get("toy", "sweep", "esm", rb._label(touched))
+    monkeypatch.setattr(rb, "FIXES", (("a fix", "esm", ({"whiten_factors": False},)),))
+    for setting in (touched, untouched):
+        run.merged(("sweep", "esm", rb._label(setting)), "esm", setting, ["a"], "validation")
+    assert merges == [touched, untouched, touched]
+    assert run.results.get("toy", "sweep", "esm", rb._label(touched))["fixes"] == ["a fix"]
+    run.merged(("sweep", "esm", rb._label(touched)), "esm", touched, ["a"], "validation")
+    assert len(merges) == 3
+    assert rb.fixes_applying("tsv", rb.full_setting("tsv", {"alpha": 1.0})) == []
+
+
 def test_subset_caches_share_self_written_samples_and_removing_one_keeps_them(tmp_path):
     """Each set of members has its own cache of merged updates, but one store of self-written
     samples; removing a set's cache, as the protocol does after its merges, keeps the samples."""
