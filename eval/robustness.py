@@ -18,13 +18,15 @@ Stages, each cached in <workdir>/robustness/results.json so that a rerun resumes
 3. subsets (Hitit et al., arXiv 2511.21437): for T = 2 … N, seeded random subsets of the
    zoo's experts, each merged with every method at its default (the shipped recipe), at
    its setting chosen in stage 2, with --with-auto this package's methods at `alpha: auto`,
-   and with --with-in-task-proxy their default calibrated on each expert's own training
-   examples, scored on the test splits and retention (--draws: only the subsets named).
+   with --with-in-task-proxy their default calibrated on each expert's own training
+   examples, and with --subset-strengths the methods named at other strengths (their
+   tasks-vs-retention curves at each T), scored on the test splits and retention (--draws:
+   only the subsets named).
 Merged models are deleted once scored (only the scores are kept); each subset's ESM cache
 is deleted with it.
 
-Writes eval/results/robustness.md (tables), robustness_by_T.png, pareto_<zoo>.png and
-pareto_<zoo>_esm_ablation.png.
+Writes eval/results/robustness.md (tables), robustness_by_T.png, pareto_<zoo>.png,
+pareto_<zoo>_esm_ablation.png and pareto_<zoo>_by_T.png (the strength curves per T).
 """
 
 import argparse
@@ -156,6 +158,19 @@ def sweep_settings(method: str) -> dict[str, dict]:
     default = default_setting(method)
     settings.setdefault(_label(default), default)
     return settings
+
+
+def strength_key(method: str) -> str:
+    """The parameter that sets a method's strength: α for this package's methods, the task
+    vectors' weight for mergekit's."""
+    return "alpha" if "alpha" in default_setting(method) else "weight"
+
+
+def strength_settings(method: str, values: tuple[float, ...]) -> dict[str, dict]:
+    """label ("alpha 2") → the method's default with its strength at each value other than the
+    default's: the points of its tasks-vs-retention curve in the subset protocol."""
+    default, key = default_setting(method), strength_key(method)
+    return {f"{key} {v:g}": {**default, key: v} for v in values if v != default[key]}
 
 
 def subsets(n_experts: int, size: int, count: int, seed: int = 0) -> list[tuple[int, ...]]:
@@ -317,13 +332,15 @@ class ZooRun(ZooScores):
 
     def protocol(self, methods: list[str], per_size: int, with_chosen: bool, sizes: set[int] | None = None,
                  with_auto: bool = False, only: set[str] | None = None, in_task_proxy: bool = False,
-                 ablations: dict[str, dict] | None = None) -> None:
+                 ablations: dict[str, dict] | None = None, strengths: dict[str, tuple[float, ...]] | None = None) -> None:
         """Seeded subsets of every size T (only those in `sizes` if given; of those only the
         ones named in `only`, members joined by "+", if given), each merged with every method
         at its default (and its chosen setting, and `alpha: auto` for this package's methods
         if with_auto, and their default on each expert's own training examples as the proxy
         if in_task_proxy), test splits. `ablations` (label → ESM settings): ESM is also merged
-        at each, and on the in-task proxy too if in_task_proxy."""
+        at each, and on the in-task proxy too if in_task_proxy. `strengths` (method → values):
+        each of those methods also at each strength, its other settings at their defaults (its
+        tasks-vs-retention curve at this T)."""
         from mergekit_esm.methods import METHODS as OURS
 
         drawn = {size: draws for size, draws in subsets_per_size(len(self.tasks), per_size).items()
@@ -346,6 +363,7 @@ class ZooRun(ZooScores):
                         settings["chosen"] = chosen
                     if with_auto and method in OURS:
                         settings["auto"] = {"alpha": "auto"}
+                    settings.update(strength_settings(method, (strengths or {}).get(method, ())))
                     rows = (ablations or {}) if method == "esm" else {}
                     settings.update(rows)
                     if in_task_proxy and method in OURS and "proxy" in OURS[method].settings_type.model_fields:
@@ -408,7 +426,91 @@ def summarize(run: ZooScores, methods: list[str]) -> tuple[str, dict]:
                 beat = f"{sum(beats)}/{len(beats)}" if beats and method != "task_arithmetic" else "–"
                 lines.append(f"| {size} | {len(rows)} | {method} | {which} | {100 * acc:.1f} | {100 * quiz:.1f} | "
                              f"{nll:.3f} | {beat} | {sum(kept)}/{len(kept)} |")
-    return "\n".join(lines + sweep_table(run)), curves
+    return "\n".join(lines + strength_table(run, methods) + sweep_table(run)), curves
+
+
+def strength_curves(run: ZooScores, methods: list[str]) -> dict[int, dict[str, tuple[int, list[tuple]]]]:
+    """T → method → (subsets, [(strength, norm. acc, quiz, NLL, is default)]): each method's
+    tasks-vs-retention curve at T from the subset protocol's strength settings (--subset-strengths).
+    Every point of every curve at one T is the mean over the same subsets: those of that T where
+    some method was merged at a strength other than its default. A method takes part where it
+    has its default and at least one other strength in all of them."""
+    test = run.expert_scores("test")
+    curves = {}
+    for size, draws in (run.results.get(run.name, "subsets") or {}).items():
+        prefixes = {method: strength_key(method) + " " for method in methods}
+        swept = [d for d in draws if any(which.startswith(prefixes[m]) for m in methods for which in draws[d].get(m, {}))]
+        for method in methods if swept else ():
+            labels = [w for w in draws[swept[0]].get(method, {}) if w == DEFAULT or w.startswith(prefixes[method])]
+            labels = [w for w in labels if all(w in draws[d].get(method, {}) for d in swept)]
+            if DEFAULT not in labels or len(labels) < 2:
+                continue
+            points = []
+            for which in labels:
+                rows = [draws[d][method][which] for d in swept]
+                value = default_setting(method)[strength_key(method)] if which == DEFAULT else float(which.split()[1])
+                points.append((value, sum(normalized(r["tasks"], {t: test[t] for t in r["tasks"]}) for r in rows) / len(rows),
+                               sum(r["quiz"] for r in rows) / len(rows), sum(r["nll"] for r in rows) / len(rows), which == DEFAULT))
+            curves.setdefault(int(size), {})[method] = (len(swept), sorted(points))
+    return curves
+
+
+def strength_table(run: ZooScores, methods: list[str]) -> list[str]:
+    """strength_curves as a table, each point with the other methods' points at its T that
+    dominate it."""
+    curves = strength_curves(run, methods)
+    if not curves:
+        return []
+    lines = ["", "### Strength curves per T (test splits)", "",
+             "Each point: the mean over the same subsets of that T (the subsets column) of the method at that "
+             "strength, its other settings at their defaults. dominated by: another method's point at the same T "
+             "that keeps at least as much on all three measures and more on one.", "",
+             "| T | subsets | method | strength | norm. acc | quiz | NLL | dominated by |", "|---|---|---|---|---|---|---|---|"]
+    for size in sorted(curves):
+        points = {(m, f"{strength_key(m)} {p[0]:g}"): p[1:4] for m, (_, ps) in curves[size].items() for p in ps}
+        for method, (count, ps) in curves[size].items():
+            for value, acc, quiz, nll, is_default in ps:
+                by = dominating((acc, quiz, nll), {k: v for k, v in points.items() if k[0] != method})
+                lines.append(f"| {size} | {count} | {method} | {strength_key(method)} {value:g}{' (default)' if is_default else ''} | "
+                             f"{100 * acc:.1f} | {100 * quiz:.1f} | {nll:.3f} | {', '.join(by)} |")
+    return lines
+
+
+def plot_strength_curves(run: ZooScores, methods: list[str], path: Path) -> None:
+    """One column per T with strength curves: experts' tasks against the quiz (top) and the
+    held-out NLL (bottom), ★ at each method's default."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = strength_curves(run, methods)
+    if not curves:
+        return
+    base = run.results.get(run.name, "base", "test")
+    fig, axes = plt.subplots(2, len(curves), figsize=(5 * len(curves), 8), squeeze=False)
+    for column, size in zip(axes.T, sorted(curves)):
+        for ax in column:
+            ax.set_prop_cycle(color=OTHER_COLORS)
+        for method, (count, points) in curves[size].items():
+            for ax, i, scale in ((column[0], 2, 100), (column[1], 3, 1)):
+                color = "tab:red" if method == "esm" else None
+                line, = ax.plot([100 * p[1] for p in points], [scale * p[i] for p in points], "o-", label=method, color=color)
+                for p in points:
+                    if p[4]:
+                        ax.plot(100 * p[1], scale * p[i], "*", markersize=14, color=line.get_color())
+        column[0].axhline(100 * base["quiz"], color="grey", linestyle="--", label="base")
+        column[1].axhline(base["nll"], color="grey", linestyle="--", label="base")
+        column[0].set_title(f"T = {size} (mean of {count} subsets)", fontsize=9)
+        column[0].set_ylabel("quiz (%): higher keeps more")
+        column[1].set_ylabel("held-out NLL: lower keeps more")
+        for ax in column:
+            ax.set_xlabel("subset's tasks, mean normalized accuracy (%)")
+        column[0].legend(fontsize=7)
+    fig.suptitle(f"{run.name} zoo, test splits: strength curves per T (★ = default)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def sweep_table(run: ZooScores) -> list[str]:
@@ -539,6 +641,7 @@ def report(results: Results, methods: list[str] = METHODS) -> Path:
         plot_pareto(run, methods, RESULTS / f"pareto_{run.name}.png", "strength sweeps")
         plot_pareto(run, ["esm", *ABLATIONS, "tsv"], RESULTS / f"pareto_{run.name}_esm_ablation.png",
                     "ESM with one part off at a time, over α")
+        plot_strength_curves(run, methods, RESULTS / f"pareto_{run.name}_by_T.png")
     plot_by_size(curves, RESULTS / "robustness_by_T.png")
     out = RESULTS / "robustness.md"
     out.write_text("# Robustness protocol (`make robustness`)\n\n" + "\n\n".join(sections) + "\n")
@@ -567,6 +670,9 @@ def main():
     parser.add_argument("--with-ablations", default="", help="comma-separated ESM ablation rows the subset "
                         "stage also merges, each at --ablation-alphas (and on the in-task proxy too with "
                         "--with-in-task-proxy)")
+    parser.add_argument("--subset-strengths", default="", help="the subset stage also merges these methods at "
+                        "these strengths (α, or mergekit's weight), for their curves at each T: "
+                        "'esm=2,4;tsv=0.3,0.6,1.7'")
     parser.add_argument("--extra-alphas", default="", help="comma-separated α values swept beyond the grid "
                         "(methods with an α)")
     parser.add_argument("--default-only", default="", help="comma-separated methods swept at their default only")
@@ -578,6 +684,13 @@ def main():
     unknown = set(args.ablations.split(",") + with_ablations) - set(rows)
     if unknown:
         parser.error(f"unknown ablation rows {sorted(unknown)}; choose from {list(rows)}")
+    try:
+        strengths = {m.strip(): tuple(float(v) for v in values.split(","))
+                     for m, values in (part.split("=") for part in filter(None, args.subset_strengths.split(";")))}
+    except ValueError:
+        parser.error(f"--subset-strengths {args.subset_strengths!r}: expected 'method=v1,v2;method=v3', e.g. 'esm=2,4;tsv=0.3,1.7'")
+    if set(strengths) - set(args.methods.split(",")):
+        parser.error(f"--subset-strengths names methods not in --methods: {sorted(set(strengths) - set(args.methods.split(',')))}")
     subset_ablations = {f"{r}, α {a:g}": {**ABLATIONS[rows[r]], "alpha": a} for r in with_ablations for a in ablation_alphas}
     methods = args.methods.split(",")
     results = Results(args.workdir / "robustness" / "results.json")
@@ -606,7 +719,8 @@ def main():
         if "subsets" in stages:
             sizes = {int(t) for t in args.sizes.split(",")} if args.sizes else None
             run.protocol(methods, args.subsets, with_chosen="sweep" in stages, sizes=sizes, with_auto=args.with_auto,
-                         only=only, in_task_proxy=args.with_in_task_proxy, ablations=subset_ablations)
+                         only=only, in_task_proxy=args.with_in_task_proxy, ablations=subset_ablations,
+                         strengths=strengths)
     print(report(results).read_text())
 
 

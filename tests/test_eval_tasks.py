@@ -504,6 +504,60 @@ def test_protocol_merges_esm_ablation_rows_on_both_proxies(tmp_path, monkeypatch
     ]
 
 
+def test_protocol_merges_each_method_at_the_named_strengths_and_reports_its_curve_per_T(tmp_path, monkeypatch):
+    """--subset-strengths merges each named method at each strength but its default's, its other
+    settings at their defaults; the report draws each method's curve at T from the subsets
+    where a strength was swept (not from subsets merged at the defaults only), every point
+    over the same subsets, and names the other methods' points that dominate it."""
+    import eval.robustness as rb
+    from eval.compare import Results
+
+    run = object.__new__(rb.ZooRun)
+    run.name, run.results, run.workdir, run.tasks = "toy", Results(tmp_path / "results.json"), tmp_path, ["a", "b"]
+    merged = []
+    monkeypatch.setattr(run, "merged", lambda key, method, setting, members, split: merged.append((key[3:], setting)))
+    default = rb.default_setting("esm")["alpha"]
+    run.protocol(["esm", "ties"], per_size=5, with_chosen=False, sizes={2},
+                 strengths={"esm": (default, default + 1), "ties": (0.7,)})
+    assert merged == [
+        (("esm", rb.DEFAULT), {"alpha": default}),
+        (("esm", f"alpha {default + 1:g}"), {"alpha": default + 1}),
+        (("ties", rb.DEFAULT), rb.default_setting("ties")),
+        (("ties", "weight 0.7"), {**rb.default_setting("ties"), "weight": 0.7}),
+    ]
+
+    monkeypatch.setattr(rb, "RESULTS", tmp_path)
+    results = Results(tmp_path / "results.json")
+    for t in "abc":
+        results.put({"tasks": {t: 1.0}, "quiz": 0.5, "nll": 3.2}, "toy", "expert", t, "test")
+    results.put({"tasks": {t: 0.0 for t in "abc"}, "quiz": 0.8, "nll": 3.0}, "toy", "base", "test")
+    stronger = f"alpha {default + 1:g}"
+    rows = {  # (draw, method, setting): (accuracy on each task, quiz, NLL)
+        ("a+b", "esm", rb.DEFAULT): (0.6, 0.7, 3.1), ("b+c", "esm", rb.DEFAULT): (0.8, 0.5, 3.3),
+        ("a+b", "esm", stronger): (0.8, 0.5, 3.3), ("b+c", "esm", stronger): (1.0, 0.3, 3.5),
+        ("a+b", "tsv", rb.DEFAULT): (0.8, 0.6, 3.2), ("b+c", "tsv", rb.DEFAULT): (0.8, 0.6, 3.2),
+        ("a+b", "tsv", "alpha 0.3"): (0.4, 0.7, 3.1), ("b+c", "tsv", "alpha 0.3"): (0.4, 0.7, 3.1),
+        ("a+b", "task_arithmetic", rb.DEFAULT): (0.5, 0.5, 3.5),  # no other strength: no curve
+        ("a+c", "esm", rb.DEFAULT): (0.0, 0.0, 9.0), ("a+c", "tsv", rb.DEFAULT): (0.0, 0.0, 9.0),  # not swept
+    }
+    for (draw, method, which), (acc, quiz, nll) in rows.items():
+        results.put({"tasks": dict.fromkeys(draw.split("+"), acc), "quiz": quiz, "nll": nll},
+                    "toy", "subsets", "2", draw, method, which)
+    run = rb.ZooScores("toy", results)
+    curves = rb.strength_curves(run, ["esm", "tsv", "task_arithmetic"])
+    assert set(curves[2]) == {"esm", "tsv"} and curves[2]["esm"][0] == 2
+    assert [p[0] for p in curves[2]["esm"][1]] == [default, default + 1]
+    lines = rb.strength_table(run, ["esm", "tsv", "task_arithmetic"])
+    # TSV-M's default keeps more of the tasks than ESM's, and as much of the base
+    assert f"| 2 | 2 | esm | alpha {default:g} (default) | 70.0 | 60.0 | 3.200 | tsv alpha 1 |" in lines
+    assert f"| 2 | 2 | esm | {stronger} | 90.0 | 40.0 | 3.400 |  |" in lines
+    assert "| 2 | 2 | tsv | alpha 1 (default) | 80.0 | 60.0 | 3.200 |  |" in lines
+    assert "| 2 | 2 | tsv | alpha 0.3 | 40.0 | 70.0 | 3.100 |  |" in lines
+    assert not any("task_arithmetic" in line for line in lines)
+    rb.plot_strength_curves(run, ["esm", "tsv"], tmp_path / "by_T.png")
+    assert (tmp_path / "by_T.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_protocol_merges_only_the_named_draws_and_auto_for_this_packages_methods(tmp_path, monkeypatch):
     """--draws restricts the subset stage to the named seeded subsets (a name not drawn is an
     error that lists what was), and --with-auto adds `alpha: auto` for this package's methods
