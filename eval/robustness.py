@@ -455,24 +455,43 @@ def strength_curves(run: ZooScores, methods: list[str]) -> dict[int, dict[str, t
     return curves
 
 
+def tasks_at_nll(points: list[tuple], nll: float) -> float | None:
+    """The experts' tasks a strength curve (strength_curves' points, in strength order) keeps
+    at held-out NLL `nll`, interpolated linearly between the two strengths whose NLL brackets
+    it (the first such pair); None outside the curve's range.
+
+    The quiz moves in steps of one question of 40 (2.5 points, 1.25 over two subsets), so
+    strict dominance between two curves' points seldom shows; NLL is continuous and the
+    retention measure each curve can be read at."""
+    for (_, acc0, _, nll0, _), (_, acc1, _, nll1, _) in zip(points, points[1:]):
+        if min(nll0, nll1) <= nll <= max(nll0, nll1):
+            return acc0 if nll1 == nll0 else acc0 + (acc1 - acc0) * (nll - nll0) / (nll1 - nll0)
+    return None
+
+
 def strength_table(run: ZooScores, methods: list[str]) -> list[str]:
     """strength_curves as a table, each point with the other methods' points at its T that
-    dominate it."""
+    dominate it, and what each other method's curve keeps of the tasks at its NLL."""
     curves = strength_curves(run, methods)
     if not curves:
         return []
     lines = ["", "### Strength curves per T (test splits)", "",
              "Each point: the mean over the same subsets of that T (the subsets column) of the method at that "
              "strength, its other settings at their defaults. dominated by: another method's point at the same T "
-             "that keeps at least as much on all three measures and more on one.", "",
-             "| T | subsets | method | strength | norm. acc | quiz | NLL | dominated by |", "|---|---|---|---|---|---|---|---|"]
+             "that keeps at least as much on all three measures and more on one. others at this NLL: each other "
+             "method's curve read at this point's NLL (tasks, linear between its two strengths that bracket it; "
+             "blank outside its range).", "",
+             "| T | subsets | method | strength | norm. acc | quiz | NLL | dominated by | others at this NLL |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for size in sorted(curves):
         points = {(m, f"{strength_key(m)} {p[0]:g}"): p[1:4] for m, (_, ps) in curves[size].items() for p in ps}
         for method, (count, ps) in curves[size].items():
             for value, acc, quiz, nll, is_default in ps:
                 by = dominating((acc, quiz, nll), {k: v for k, v in points.items() if k[0] != method})
+                read = {other: tasks_at_nll(curve, nll) for other, (_, curve) in curves[size].items() if other != method}
+                at_nll = ", ".join(f"{other} {100 * a:.1f}" for other, a in read.items() if a is not None)
                 lines.append(f"| {size} | {count} | {method} | {strength_key(method)} {value:g}{' (default)' if is_default else ''} | "
-                             f"{100 * acc:.1f} | {100 * quiz:.1f} | {nll:.3f} | {', '.join(by)} |")
+                             f"{100 * acc:.1f} | {100 * quiz:.1f} | {nll:.3f} | {', '.join(by)} | {at_nll} |")
     return lines
 
 

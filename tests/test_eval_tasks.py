@@ -549,10 +549,13 @@ def test_protocol_merges_each_method_at_the_named_strengths_and_reports_its_curv
     assert [p[0] for p in curves[2]["esm"][1]] == [default, default + 1]
     lines = rb.strength_table(run, ["esm", "tsv", "task_arithmetic"])
     # TSV-M's default keeps more of the tasks than ESM's, and as much of the base
-    assert f"| 2 | 2 | esm | alpha {default:g} (default) | 70.0 | 60.0 | 3.200 | tsv alpha 1 |" in lines
-    assert f"| 2 | 2 | esm | {stronger} | 90.0 | 40.0 | 3.400 |  |" in lines
-    assert "| 2 | 2 | tsv | alpha 1 (default) | 80.0 | 60.0 | 3.200 |  |" in lines
-    assert "| 2 | 2 | tsv | alpha 0.3 | 40.0 | 70.0 | 3.100 |  |" in lines
+    # TSV-M's curve: 40% of the tasks at NLL 3.1 (α 0.3), 80% at 3.2 (α 1); ESM's: 70% at 3.2, 90% at 3.4
+    assert f"| 2 | 2 | esm | alpha {default:g} (default) | 70.0 | 60.0 | 3.200 | tsv alpha 1 | tsv 80.0 |" in lines
+    assert f"| 2 | 2 | esm | {stronger} | 90.0 | 40.0 | 3.400 |  |  |" in lines  # beyond TSV-M's range
+    assert "| 2 | 2 | tsv | alpha 1 (default) | 80.0 | 60.0 | 3.200 |  | esm 70.0 |" in lines
+    assert "| 2 | 2 | tsv | alpha 0.3 | 40.0 | 70.0 | 3.100 |  |  |" in lines
+    assert rb.tasks_at_nll(curves[2]["tsv"][1], 3.15) == pytest.approx(0.6)
+    assert rb.tasks_at_nll(curves[2]["esm"][1], 3.3) == pytest.approx(0.8)
     assert not any("task_arithmetic" in line for line in lines)
     rb.plot_strength_curves(run, ["esm", "tsv"], tmp_path / "by_T.png")
     assert (tmp_path / "by_T.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
