@@ -520,7 +520,7 @@ def plot_strength_curves(run: ZooScores, methods: list[str], path: Path) -> None
                         ax.plot(100 * p[1], scale * p[i], "*", markersize=14, color=line.get_color())
         column[0].axhline(100 * base["quiz"], color="grey", linestyle="--", label="base")
         column[1].axhline(base["nll"], color="grey", linestyle="--", label="base")
-        column[0].set_title(f"T = {size} (mean of {count} subsets)", fontsize=9)
+        column[0].set_title(f"T = {size} (mean of {count} subset{'s' if count > 1 else ''})", fontsize=9)
         column[0].set_ylabel("quiz (%): higher keeps more")
         column[1].set_ylabel("held-out NLL: lower keeps more")
         for ax in column:
