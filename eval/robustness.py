@@ -166,11 +166,16 @@ def strength_key(method: str) -> str:
     return "alpha" if "alpha" in default_setting(method) else "weight"
 
 
+def strength_label(key: str, value: float) -> str:
+    """The subset protocol's key for a merge at one strength: "alpha 2", "weight 0.7"."""
+    return f"{key} {value:g}"
+
+
 def strength_settings(method: str, values: tuple[float, ...]) -> dict[str, dict]:
     """label ("alpha 2") → the method's default with its strength at each value other than the
     default's: the points of its tasks-vs-retention curve in the subset protocol."""
     default, key = default_setting(method), strength_key(method)
-    return {f"{key} {v:g}": {**default, key: v} for v in values if v != default[key]}
+    return {strength_label(key, v): {**default, key: v} for v in values if v != default[key]}
 
 
 def subsets(n_experts: int, size: int, count: int, seed: int = 0) -> list[tuple[int, ...]]:
@@ -436,19 +441,20 @@ def strength_curves(run: ZooScores, methods: list[str]) -> dict[int, dict[str, t
     some method was merged at a strength other than its default. A method takes part where it
     has its default and at least one other strength in all of them."""
     test = run.expert_scores("test")
+    keys = {method: strength_key(method) for method in methods}
+    prefixes = {method: key + " " for method, key in keys.items()}
     curves = {}
     for size, draws in (run.results.get(run.name, "subsets") or {}).items():
-        prefixes = {method: strength_key(method) + " " for method in methods}
         swept = [d for d in draws if any(which.startswith(prefixes[m]) for m in methods for which in draws[d].get(m, {}))]
         for method in methods if swept else ():
             labels = [w for w in draws[swept[0]].get(method, {}) if w == DEFAULT or w.startswith(prefixes[method])]
             labels = [w for w in labels if all(w in draws[d].get(method, {}) for d in swept)]
             if DEFAULT not in labels or len(labels) < 2:
                 continue
-            points = []
+            points, default = [], default_setting(method)[keys[method]]
             for which in labels:
                 rows = [draws[d][method][which] for d in swept]
-                value = default_setting(method)[strength_key(method)] if which == DEFAULT else float(which.split()[1])
+                value = default if which == DEFAULT else float(which.removeprefix(prefixes[method]))
                 points.append((value, sum(normalized(r["tasks"], {t: test[t] for t in r["tasks"]}) for r in rows) / len(rows),
                                sum(r["quiz"] for r in rows) / len(rows), sum(r["nll"] for r in rows) / len(rows), which == DEFAULT))
             curves.setdefault(int(size), {})[method] = (len(swept), sorted(points))
@@ -483,14 +489,15 @@ def strength_table(run: ZooScores, methods: list[str]) -> list[str]:
              "blank outside its range).", "",
              "| T | subsets | method | strength | norm. acc | quiz | NLL | dominated by | others at this NLL |",
              "|---|---|---|---|---|---|---|---|---|"]
+    keys = {method: strength_key(method) for method in methods}
     for size in sorted(curves):
-        points = {(m, f"{strength_key(m)} {p[0]:g}"): p[1:4] for m, (_, ps) in curves[size].items() for p in ps}
+        points = {(m, strength_label(keys[m], p[0])): p[1:4] for m, (_, ps) in curves[size].items() for p in ps}
         for method, (count, ps) in curves[size].items():
             for value, acc, quiz, nll, is_default in ps:
                 by = dominating((acc, quiz, nll), {k: v for k, v in points.items() if k[0] != method})
                 read = {other: tasks_at_nll(curve, nll) for other, (_, curve) in curves[size].items() if other != method}
                 at_nll = ", ".join(f"{other} {100 * a:.1f}" for other, a in read.items() if a is not None)
-                lines.append(f"| {size} | {count} | {method} | {strength_key(method)} {value:g}{' (default)' if is_default else ''} | "
+                lines.append(f"| {size} | {count} | {method} | {strength_label(keys[method], value)}{' (default)' if is_default else ''} | "
                              f"{100 * acc:.1f} | {100 * quiz:.1f} | {nll:.3f} | {', '.join(by)} | {at_nll} |")
     return lines
 
@@ -708,10 +715,10 @@ def main():
                      for m, values in (part.split("=") for part in filter(None, args.subset_strengths.split(";")))}
     except ValueError:
         parser.error(f"--subset-strengths {args.subset_strengths!r}: expected 'method=v1,v2;method=v3', e.g. 'esm=2,4;tsv=0.3,1.7'")
-    if set(strengths) - set(args.methods.split(",")):
-        parser.error(f"--subset-strengths names methods not in --methods: {sorted(set(strengths) - set(args.methods.split(',')))}")
-    subset_ablations = {f"{r}, α {a:g}": {**ABLATIONS[rows[r]], "alpha": a} for r in with_ablations for a in ablation_alphas}
     methods = args.methods.split(",")
+    if set(strengths) - set(methods):
+        parser.error(f"--subset-strengths names methods not in --methods: {sorted(set(strengths) - set(methods))}")
+    subset_ablations = {f"{r}, α {a:g}": {**ABLATIONS[rows[r]], "alpha": a} for r in with_ablations for a in ablation_alphas}
     results = Results(args.workdir / "robustness" / "results.json")
     runs = [ZooRun(name, args.workdir, results) for name in args.zoos.split(",")]
     stages = args.stages.split(",")
