@@ -75,6 +75,9 @@ ABLATIONS = {
     # not a part: each expert's whitened directions at its own spectrum's scale, the fix
     # tried for a LoRA expert's few strong directions, which whitening cuts to the mean
     "esm, expert spectrum scale": {"spectrum_exponent": 1.0},
+    # not a part: each expert keeps only the leading directions that best align its whitened
+    # block with its own ΔW, the fix tried for what whitening's equal weights cost at small T
+    "esm, aligned rank": {"expert_rank": "aligned"},
     # not a part: the essential subspaces by a full eigendecomposition (the paper's) against
     # the default subspace iteration
     "esm, exact subspace": {"subspace_solver": "exact"},

@@ -23,6 +23,7 @@ from mergekit_esm.algebra import (
     task_singular_vectors_merge,
 )
 from mergekit_esm.algebra.merge import (
+    aligned_rank,
     common_space_split,
     concatenate_factors,
     newton_polar,
@@ -775,3 +776,45 @@ def test_whitened_sizes_undo_flattening_along_the_polar_factor():
     expected = qp * (qp * p0).sum() / 6 @ (qa * (qa * a0).sum() / 6)
     got = merge_task_factors(factors, gamma=0.15, task_exponent=0.0, dimension_exponent=0.0, preserve_norm=True)
     assert torch.allclose(got, expected, atol=1e-10)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_aligned_rank_is_the_brute_force_best_aligned_whitened_truncation(seed):
+    """For ΔW's SVD basis, aligned_rank is the j whose whitened truncation U_j V_jᵀ has the
+    largest cosine with ΔW, found by trying every j; merged alone with it, the whitened update
+    keeps that cosine squared of ΔW (its share ⟨M, ΔW⟩/‖ΔW‖²), more than the full budget keeps."""
+    g = torch.Generator().manual_seed(seed)
+    sigma = torch.rand(24, generator=g, dtype=D).sort(descending=True).values ** (2 + 2 * seed)
+    delta, _ = _with_singular_values((30, 24), sigma, seed)
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    cosines = torch.stack([(u[:, :j] @ vh[:j] * delta).sum() / (math.sqrt(j) * delta.norm()) for j in range(1, 25)])
+    best = int(cosines.argmax()) + 1
+    assert aligned_rank(s) == best
+    assert 1 < best < 24  # the spectra decay enough to leave weak directions out, not all but one
+
+    off = {"gamma": 0.0, "task_exponent": 0.0, "dimension_exponent": 0.0}
+    factors = svd_subspace(delta, 24)
+    aligned = merge_task_factors([factors], aligned_directions=True, **off)
+    budget = merge_task_factors([factors], **off)
+    share = lambda m: float((m * delta).sum() / delta.norm() ** 2)  # noqa: E731
+    assert torch.linalg.matrix_rank(aligned) == best
+    assert share(aligned) == pytest.approx(float(cosines.max()) ** 2, rel=1e-10)
+    assert share(aligned) > share(budget)
+
+
+def test_esm_expert_rank_aligned_keeps_each_experts_best_aligned_directions():
+    """`expert_rank: aligned` reaches merge_task_factors; the default keeps the budget."""
+    from mergekit_esm.methods.esm import merge_weight
+
+    deltas, xs = _random_inputs(5, t=2, d_out=16, d_in=12)
+    deltas = [d @ torch.diag(torch.logspace(0, -3, 12, dtype=D)) for d in deltas]
+    inputs = [_moment(x) for x in xs]
+    off = {"gamma": 0.0, "task_exponent": 0.0, "dimension_exponent": 0.0}
+    for rule, aligned in (("budget", False), ("aligned", True)):
+        factors = (essential_subspace(d, i, 6, "exact") for d, i in zip(deltas, inputs))
+        expected = merge_task_factors(factors, aligned_directions=aligned, **off)
+        merged = merge_weight(EsmSettings(expert_rank=rule, subspace_solver="exact", **off), deltas, 6, inputs)
+        assert torch.allclose(merged, expected, atol=1e-12)
+    assert EsmSettings().expert_rank == "budget"
+    assert not torch.allclose(merge_weight(EsmSettings(expert_rank="aligned", **off), deltas, 6, inputs),
+                              merge_weight(EsmSettings(**off), deltas, 6, inputs), atol=1e-6)

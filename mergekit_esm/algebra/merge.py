@@ -257,7 +257,24 @@ def sketch_dtype(row_norm: float, level: float, rows: int, cols: int, columns: i
     return torch.float32 if error <= 0.1 * level * (cols**0.5 + columns**0.5) else torch.float64
 
 
-def carrying_directions(factors: TaskFactors) -> torch.Tensor:
+def aligned_rank(row_norms: torch.Tensor) -> int:
+    """The j whose leading j directions, whitened, best align with the expert's own update:
+    argmax_j Σ_{i≤j} r_i / √j for the directions' shares r_i = ‖â_i‖ of ΔW.
+
+    Whitened at their mean weight, j orthogonal directions of singular values s_i make the
+    update c·Σ u_i v_iᵀ, whose cosine with ΔW is Σ_{i≤j} s_i / (√j‖s‖) and whose share of ΔW,
+    ⟨M, ΔW⟩/‖ΔW‖² at c = mean s_i, is that cosine squared. Adding direction j+1 raises it only
+    while s_{j+1} exceeds about half the kept directions' mean: weaker ones cost the update
+    more norm than they add to the expert. Exact for orthogonal rows (the SVD basis); an
+    essential subspace's rows are nearly so."""
+    if row_norms.numel() == 0:
+        return 0
+    r = row_norms.double()
+    alignment = r.cumsum(0) / torch.arange(1, r.numel() + 1, dtype=torch.float64).sqrt()
+    return int(alignment.argmax()) + 1
+
+
+def carrying_directions(factors: TaskFactors, aligned: bool = False) -> torch.Tensor:
     """Which of an expert's k directions take part in the merge: the leading
     `factors.rank` (rank_above_rounding: at most as many as ΔW has above its checkpoint's
     rounding level), and of those, the ones with a positive eigenvalue whose share of ΔW,
@@ -271,12 +288,18 @@ def carrying_directions(factors: TaskFactors) -> torch.Tensor:
     and send it to the slow SVD route; a merged LoRA's rounding noise, kept, gets the weight of
     a real direction. Directions that the proxy barely excites but that carry part of ΔW stay,
     as ESM keeps k per expert.
+
+    aligned: of those, only the leading aligned_rank ones (`expert_rank: aligned`).
     """
     d_out, d_in = factors.basis.shape[0], factors.coords.shape[1]
+    row_norms = torch.linalg.vector_norm(factors.coords, dim=1)
     floor = (factors.norm * max(d_out, d_in) * torch.finfo(factors.coords.dtype).eps).clamp_min(factors.rounding)
-    kept = (factors.eigenvalues > 0) & (torch.linalg.vector_norm(factors.coords, dim=1) > floor)
+    kept = (factors.eigenvalues > 0) & (row_norms > floor)
     if factors.rank is not None:
         kept[factors.rank :] = False
+    if aligned:
+        carrying = kept.nonzero().flatten()
+        kept[carrying[aligned_rank(row_norms[carrying]) :]] = False
     return kept
 
 
@@ -289,6 +312,7 @@ def merge_task_factors(
     combination: Combination = "essential",
     preserve_norm: bool = False,
     spectrum_exponent: float = 0.0,
+    aligned_directions: bool = False,
 ) -> torch.Tensor:
     """ESM §2: flatten, scale tasks and input dimensions, concatenate, orthogonalize, multiply.
 
@@ -309,13 +333,15 @@ def merge_task_factors(
     as a ratio to the others', to the power q. With q = 1 an expert keeps a share of its own
     update proportional to its spectrum's mean/rms ratio (1 if flat), about the same for every
     expert as with TSV-M, instead of one proportional to 1/σ.
+    aligned_directions: each expert keeps only the leading directions that best align its whitened
+    block with its own update (carrying_directions).
     An expert that left this weight unchanged takes no part: its basis would be arbitrary.
     `factors` is consumed one at a time, so a generator keeps only one expert's factors alive.
     """
     bases, coords, norms, spectra, flattening = [], [], [], [], []
     for f in factors:
         shape, like = (f.basis.shape[0], f.coords.shape[1]), f.basis
-        kept = carrying_directions(f)
+        kept = carrying_directions(f, aligned_directions)
         if kept.any():
             if not kept.all():
                 f = TaskFactors(f.basis[:, kept], f.coords[kept], f.eigenvalues[kept], f.norm)

@@ -33,6 +33,14 @@ class EsmSettings(CalibratedSettings):
         "whose d_out × d_out orthogonalization 'shorter' replaces by a d_in × d_in one: far less "
         "time at wide MLPs, with the same scores on both zoos (docs/robustness.md, docs/performance.md).",
     )
+    expert_rank: Literal["budget", "aligned"] = Field(
+        "budget",
+        description="How many of its k directions each expert keeps: 'budget' (default, the paper), "
+        "all k that carry its update; 'aligned', the leading j whose whitened block is most aligned "
+        "with the expert's own ΔW (argmax_j Σ_{i≤j}‖â_i‖/√j). Whitening weighs every kept direction "
+        "alike, so directions far weaker than the rest add more to the update's norm than to its "
+        "share of the expert; with few experts (k = d/T large) they are most of the kept ones.",
+    )
     gamma: float = Field(0.15, ge=0, description="Eigenvalue flattening exponent γ; 0 turns it off.")
     task_exponent: float = Field(
         0.0,
@@ -116,6 +124,7 @@ def merge_weight(
         dimension_exponent=settings.dimension_exponent,
         preserve_norm=settings.preserve_norm,
         spectrum_exponent=settings.spectrum_exponent,
+        aligned_directions=settings.expert_rank == "aligned",
         combination="essential" if settings.basis == "esd" and settings.whiten_factors else "tsv",
     )
 
