@@ -84,6 +84,7 @@ def merge_variants() -> dict[str, dict | None]:
         "whitened, ESM's scaling (paper's task scaling)": dict(scaled, task_exponent=2.0),
         "whitened, ESM's defaults": dict(scaled, task_exponent=0.0),
         "whitened, ESM's defaults, expert spectrum scale": dict(scaled, task_exponent=0.0, spectrum_exponent=1.0),
+        "whitened, ESM's defaults, aligned rank": dict(scaled, task_exponent=0.0, aligned_directions=True),
         "unwhitened, ESM's scaling": dict(scaled, task_exponent=2.0, combination="tsv"),
         "unwhitened, no task scaling": dict(scaled, task_exponent=0.0, combination="tsv"),
     }
@@ -115,14 +116,15 @@ def share_table(deltas: dict[str, torch.Tensor], levels: dict[str, float], name:
 def share_by_size_table(deltas: dict[str, torch.Tensor], levels: dict[str, float], name: str) -> str:
     """Per number of experts T, the mean kept share over every subset of T experts and its
     members, for task arithmetic, TSV-M and ESM's combination at its defaults (α = 1): whether
-    a fixed α means the same strength at every T. ESM's whitening gives each of the k = d/T
+    a fixed α means the same strength at every T, and with `expert_rank: aligned`. ESM's whitening gives each of the k = d/T
     kept directions the mean σ, which more and weaker directions (small T) pull down; TSV-M
     keeps each direction's own σ, so it keeps more of each expert the fewer are merged."""
-    compared = ("task arithmetic (sum)", "TSV-M", "whitened, ESM's defaults")
+    compared = ("task arithmetic (sum)", "TSV-M", "whitened, ESM's defaults", "whitened, ESM's defaults, aligned rank")
     variants = {label: merge_variants()[label] for label in compared}
     lines = [f"`{name}`: mean share ⟨ΔW_merged, ΔW_t⟩/‖ΔW_t‖² over every subset of T experts and its members "
              "(SVD basis at ESM's default rank for T; ESM at α = 1, before layer scaling)", "",
-             "| T | subsets | rank | task arithmetic | TSV-M | ESM's defaults | ESM / TSV-M |", "|---|---|---|---|---|---|---|"]
+             "| T | subsets | rank | task arithmetic | TSV-M | ESM's defaults | ESM / TSV-M | ESM, aligned rank | aligned / TSV-M |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for size in range(2, len(deltas) + 1):
         totals = dict.fromkeys(variants, 0.0)
         subsets = list(itertools.combinations(deltas, size))
@@ -131,8 +133,9 @@ def share_by_size_table(deltas: dict[str, torch.Tensor], levels: dict[str, float
             rank = rank_per_expert(chosen)
             for label, kwargs in variants.items():
                 totals[label] += sum(kept_shares(merged_update(kwargs, chosen, levels, rank), chosen))
-        ta, tsv, esm_share = (totals[label] / (len(subsets) * size) for label in compared)
-        lines.append(f"| {size} | {len(subsets)} | {rank} | {ta:.3f} | {tsv:.3f} | {esm_share:.3f} | {esm_share / tsv:.2f} |")
+        ta, tsv, esm_share, aligned = (totals[label] / (len(subsets) * size) for label in compared)
+        lines.append(f"| {size} | {len(subsets)} | {rank} | {ta:.3f} | {tsv:.3f} | {esm_share:.3f} | {esm_share / tsv:.2f} "
+                     f"| {aligned:.3f} | {aligned / tsv:.2f} |")
     return "\n".join(lines)
 
 
