@@ -11,6 +11,8 @@ table: task arithmetic's sum, TSV-M, and ESM's combination (whitened or not, sca
 off), each with its norm and each expert's share ⟨ΔW_merged, ΔW_t⟩ / ‖ΔW_t‖² (task
 arithmetic's is about 1 for unrelated experts): an expert whose share is near 0 is left out.
 --by-size: instead, those shares per number of experts T, averaged over every subset of T.
+--alignment: instead, per expert, the rank whose whitened truncation best aligns with its ΔW
+(`expert_rank: aligned`) and that cosine, against the cosine at the default rank for T = 2–6.
 """
 
 import argparse
@@ -21,8 +23,8 @@ import torch
 from safetensors import safe_open
 
 from eval.compare import REPO
-from mergekit_esm.algebra import svd_subspace, with_rounding_level
-from mergekit_esm.algebra.merge import merge_task_factors, storage_rounding_level
+from mergekit_esm.algebra import rank_above_rounding, svd_subspace, with_rounding_level
+from mergekit_esm.algebra.merge import aligned_rank, merge_task_factors, storage_rounding_level
 from mergekit_esm.methods.esm import EsmSettings, default_rank
 
 
@@ -139,6 +141,23 @@ def share_by_size_table(deltas: dict[str, torch.Tensor], levels: dict[str, float
     return "\n".join(lines)
 
 
+def alignment_table(deltas: dict[str, torch.Tensor], levels: dict[str, float], name: str) -> str:
+    """Per expert: aligned_rank on ΔW's singular values, and the cosine of the whitened
+    truncation U_j V_jᵀ with ΔW, Σ_{i≤j} s_i / (√j ‖s‖), there and at the default rank
+    ⌊min(d_out, d_in)/T⌋, each at most the directions ΔW has above its rounding level (as ESM
+    keeps them: a merged LoRA's rank)."""
+    sizes = range(2, 7)
+    lines = [f"`{name}`: cosine of the whitened truncation at j directions with ΔW", "",
+             "| expert | aligned j | cosine at it | " + " | ".join(f"T = {t} (j = {min(next(iter(deltas.values())).shape) // t})" for t in sizes) + " |",
+             "|---|---|---|" + "---|" * len(sizes)]
+    for e, d in deltas.items():
+        s = torch.linalg.svdvals(d)[: rank_above_rounding(d, levels[e], min(d.shape))]
+        cosine = s.cumsum(0) / torch.arange(1, s.numel() + 1, dtype=s.dtype).sqrt() / s.norm()
+        j = aligned_rank(s)
+        lines.append(f"| {e} | {j} | {cosine[j - 1]:.2f} | " + " | ".join(f"{cosine[min(min(d.shape) // t, s.numel()) - 1]:.2f}" for t in sizes) + " |")
+    return "\n".join(lines)
+
+
 def main():
     from eval.zoo import community, tasks
 
@@ -148,10 +167,15 @@ def main():
     parser.add_argument("--weight", default="model.layers.29.mlp.gate_proj.weight")
     parser.add_argument("--by-size", action="store_true",
                         help="instead: each method's mean kept share per number of experts T, over every subset")
+    parser.add_argument("--alignment", action="store_true",
+                        help="instead: each expert's best-aligned rank and the whitened truncation's cosine with ΔW")
     args = parser.parse_args()
     names = community.TASKS if args.zoo == "community" else tasks.TASKS
     models = args.workdir / "models"
     deltas, levels = task_vectors(models / "base", {t: models / t for t in names}, args.weight)
+    if args.alignment:
+        print(alignment_table(deltas, levels, args.weight))
+        return
     if args.by_size:
         print(share_by_size_table(deltas, levels, args.weight))
         return
