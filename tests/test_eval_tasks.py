@@ -623,6 +623,28 @@ def test_share_by_size_counts_what_each_merge_keeps_of_its_experts():
         assert 0 < tsv <= 1.0 + 1e-3 and esm > 0 and ratio == pytest.approx(esm / tsv, abs=0.01)
 
 
+def test_alignment_table_reads_the_best_aligned_rank_and_cosines_of_known_spectra():
+    """An expert with singular values (4, 2, 1, 0.1, 0.1, …) on 12 × 12: the whitened
+    truncation's cosine Σs/(√j‖s‖) peaks at j = 2 (4/1, 6/√2 = 4.24, 7/√3 = 4.04: the third, 1, is
+    below half the kept mean 3);
+    a row per expert, cosines at the default rank ⌊12/T⌋ by hand."""
+    import math
+
+    import torch
+
+    from eval.scale_inflation import alignment_table
+
+    s = torch.tensor([4.0, 2.0, 1.0] + [0.1] * 9, dtype=torch.float64)
+    q1, _ = torch.linalg.qr(torch.randn(12, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(12, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    deltas = {"a": (q1 * s) @ q2.T}
+    row = next(line for line in alignment_table(deltas, {"a": 0.0}, "w").splitlines() if line.startswith("| a |"))
+    cells = [c.strip() for c in row.split("|")[2:-1]]
+    cosine = lambda j: float(s[:j].sum() / (math.sqrt(j) * s.norm()))  # noqa: E731
+    assert int(cells[0]) == 2 and float(cells[1]) == pytest.approx(cosine(2), abs=0.005)
+    assert [float(c) for c in cells[2:]] == pytest.approx([cosine(12 // t) for t in range(2, 7)], abs=0.005)
+
+
 def test_update_size_against_the_sum_of_task_vectors():
     """Task arithmetic at weight 1/2 has half the sum's size on both measures, in every module
     type; an update twice the sum in one weight shows there, measured on the given inputs."""
