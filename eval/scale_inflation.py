@@ -24,7 +24,7 @@ from safetensors import safe_open
 
 from eval.compare import REPO
 from mergekit_esm.algebra import rank_above_rounding, svd_subspace, with_rounding_level
-from mergekit_esm.algebra.merge import aligned_rank, merge_task_factors, storage_rounding_level
+from mergekit_esm.algebra.merge import aligned_rank, merge_task_factors, storage_rounding_level, truncation_alignment
 from mergekit_esm.methods.esm import EsmSettings, default_rank
 
 
@@ -146,15 +146,16 @@ def alignment_table(deltas: dict[str, torch.Tensor], levels: dict[str, float], n
     truncation U_j V_jᵀ with ΔW, Σ_{i≤j} s_i / (√j ‖s‖), there and at the default rank
     ⌊min(d_out, d_in)/T⌋, each at most the directions ΔW has above its rounding level (as ESM
     keeps them: a merged LoRA's rank)."""
-    sizes = range(2, 7)
+    shape = next(iter(deltas.values())).shape
+    ranks = {t: default_rank(EsmSettings(), *shape, t) for t in range(2, 7)}
     lines = [f"`{name}`: cosine of the whitened truncation at j directions with ΔW", "",
-             "| expert | aligned j | cosine at it | " + " | ".join(f"T = {t} (j = {min(next(iter(deltas.values())).shape) // t})" for t in sizes) + " |",
-             "|---|---|---|" + "---|" * len(sizes)]
+             "| expert | aligned j | cosine at it | " + " | ".join(f"T = {t} (j = {k})" for t, k in ranks.items()) + " |",
+             "|---|---|---|" + "---|" * len(ranks)]
     for e, d in deltas.items():
         s = torch.linalg.svdvals(d)[: rank_above_rounding(d, levels[e], min(d.shape))]
-        cosine = s.cumsum(0) / torch.arange(1, s.numel() + 1, dtype=s.dtype).sqrt() / s.norm()
+        cosine = truncation_alignment(s) / s.norm()
         j = aligned_rank(s)
-        lines.append(f"| {e} | {j} | {cosine[j - 1]:.2f} | " + " | ".join(f"{cosine[min(min(d.shape) // t, s.numel()) - 1]:.2f}" for t in sizes) + " |")
+        lines.append(f"| {e} | {j} | {cosine[j - 1]:.2f} | " + " | ".join(f"{cosine[min(k, s.numel()) - 1]:.2f}" for k in ranks.values()) + " |")
     return "\n".join(lines)
 
 

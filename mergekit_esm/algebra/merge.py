@@ -269,9 +269,13 @@ def aligned_rank(row_norms: torch.Tensor) -> int:
     essential subspace's rows are nearly so."""
     if row_norms.numel() == 0:
         return 0
-    r = row_norms.double()
-    alignment = r.cumsum(0) / torch.arange(1, r.numel() + 1, dtype=torch.float64).sqrt()
-    return int(alignment.argmax()) + 1
+    return int(truncation_alignment(row_norms.double()).argmax()) + 1
+
+
+def truncation_alignment(row_norms: torch.Tensor) -> torch.Tensor:
+    """Σ_{i≤j} r_i / √j for every j: aligned_rank's criterion, ‖ΔW‖ times the cosine of the
+    whitened truncation at j directions with ΔW (for orthogonal rows)."""
+    return row_norms.cumsum(0) / torch.arange(1, row_norms.numel() + 1, dtype=row_norms.dtype).sqrt()
 
 
 def carrying_directions(factors: TaskFactors, aligned: bool = False) -> torch.Tensor:
