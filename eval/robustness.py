@@ -78,6 +78,11 @@ ABLATIONS = {
     # not a part: each expert keeps only the leading directions that best align its whitened
     # block with its own ΔW, the fix tried for what whitening's equal weights cost at small T
     "esm, aligned rank": {"expert_rank": "aligned"},
+    # not a part: both of the above. At the aligned rank a LoRA keeps its one or two strong
+    # directions, which whitening cuts to the mean weight (a share of 0.03–0.14 of its update
+    # beside a full fine-tune's 0.3–0.8); its block at its own spectrum's scale evens the
+    # experts' shares out (eval/scale_inflation.py)
+    "esm, aligned rank and spectrum scale": {"expert_rank": "aligned", "spectrum_exponent": 1.0},
     # not a part: the essential subspaces by a full eigendecomposition (the paper's) against
     # the default subspace iteration
     "esm, exact subspace": {"subspace_solver": "exact"},

@@ -11,6 +11,7 @@ table: task arithmetic's sum, TSV-M, and ESM's combination (whitened or not, sca
 off), each with its norm and each expert's share ⟨ΔW_merged, ΔW_t⟩ / ‖ΔW_t‖² (task
 arithmetic's is about 1 for unrelated experts): an expert whose share is near 0 is left out.
 --by-size: instead, those shares per number of experts T, averaged over every subset of T.
+--members a+b: both tables for those experts merged alone.
 --alignment: instead, per expert, the rank whose whitened truncation best aligns with its ΔW
 (`expert_rank: aligned`) and that cosine, against the cosine at the default rank for T = 2–6.
 """
@@ -87,6 +88,8 @@ def merge_variants() -> dict[str, dict | None]:
         "whitened, ESM's defaults": dict(scaled, task_exponent=0.0),
         "whitened, ESM's defaults, expert spectrum scale": dict(scaled, task_exponent=0.0, spectrum_exponent=1.0),
         "whitened, ESM's defaults, aligned rank": dict(scaled, task_exponent=0.0, aligned_directions=True),
+        "whitened, ESM's defaults, aligned rank and expert spectrum scale":
+            dict(scaled, task_exponent=0.0, aligned_directions=True, spectrum_exponent=1.0),
         "unwhitened, ESM's scaling": dict(scaled, task_exponent=2.0, combination="tsv"),
         "unwhitened, no task scaling": dict(scaled, task_exponent=0.0, combination="tsv"),
     }
@@ -170,8 +173,16 @@ def main():
                         help="instead: each method's mean kept share per number of experts T, over every subset")
     parser.add_argument("--alignment", action="store_true",
                         help="instead: each expert's best-aligned rank and the whitened truncation's cosine with ΔW")
+    parser.add_argument("--members", default="",
+                        help="the share table for these experts only, joined by '+' (e.g. cz_add+cz_plural), "
+                             "at the default rank for their number")
     args = parser.parse_args()
     names = community.TASKS if args.zoo == "community" else tasks.TASKS
+    if args.members:
+        stray = set(args.members.split("+")) - set(names)
+        if stray:
+            parser.error(f"--members {sorted(stray)}: not experts of the {args.zoo} zoo ({', '.join(names)})")
+        names = args.members.split("+")
     models = args.workdir / "models"
     deltas, levels = task_vectors(models / "base", {t: models / t for t in names}, args.weight)
     if args.alignment:

@@ -802,6 +802,35 @@ def test_aligned_rank_is_the_brute_force_best_aligned_whitened_truncation(seed):
     assert share(aligned) > share(budget)
 
 
+def test_aligned_rank_with_spectrum_scale_weighs_only_the_kept_directions():
+    """With both, each expert's block is scaled by the rms σ of the directions it keeps, not of
+    its whole budget: the merge is the spectrum-scaled merge of the experts truncated to their
+    aligned ranks by hand. On orthogonal experts a low-rank one (a LoRA: one strong direction)
+    keeps a far smaller share of its update than a full fine-tune with the aligned rank alone,
+    and about as large a one with the spectrum scale."""
+    off = {"gamma": 0.0, "task_exponent": 0.0, "dimension_exponent": 0.0}
+    g = torch.Generator().manual_seed(3)
+    u, _ = torch.linalg.qr(torch.randn(30, 24, generator=g, dtype=D))
+    v, _ = torch.linalg.qr(torch.randn(24, 24, generator=g, dtype=D))
+    spectra = [torch.tensor([8.0, 0.5], dtype=D), torch.linspace(1.0, 0.05, 12, dtype=D) ** 2]
+    deltas, factors, truncated, start = [], [], [], 0
+    for sigma in spectra:
+        block = slice(start, start + len(sigma))
+        start += len(sigma)
+        deltas.append((u[:, block] * sigma) @ v[:, block].T)
+        factors.append(svd_subspace(deltas[-1], len(sigma)))
+        j = aligned_rank(sigma)
+        truncated.append(TaskFactors(factors[-1].basis[:, :j], factors[-1].coords[:j], factors[-1].eigenvalues[:j], factors[-1].norm))
+    both = merge_task_factors(factors, aligned_directions=True, spectrum_exponent=1.0, **off)
+    assert torch.allclose(both, merge_task_factors(truncated, spectrum_exponent=1.0, **off), atol=1e-12)
+
+    share = lambda m, d: float((m * d).sum() / d.norm() ** 2)  # noqa: E731
+    aligned = merge_task_factors(factors, aligned_directions=True, **off)
+    lora, full = (share(aligned, d) for d in deltas)
+    assert lora < full / 3
+    lora, full = (share(both, d) for d in deltas)
+    assert lora == pytest.approx(full, rel=0.25)
+
 def test_esm_expert_rank_aligned_keeps_each_experts_best_aligned_directions():
     """`expert_rank: aligned` reaches merge_task_factors; the default keeps the budget."""
     from mergekit_esm.methods.esm import merge_weight
