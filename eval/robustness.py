@@ -315,7 +315,7 @@ class ZooRun(ZooScores):
             for label, setting in settings.items():
                 self.merged(("sweep", method, label), method, setting, members, "validation")
 
-    def ablation(self, names: list[str], alphas: tuple[float, ...] = ABLATION_ALPHAS) -> None:
+    def ablation(self, names: list[str], alphas: tuple[float | str, ...] = ABLATION_ALPHAS) -> None:
         """Each ESM variant in `names` over `alphas`, all experts, validation (ESM itself is
         swept in `sweep`)."""
         members = self.tasks
@@ -700,7 +700,7 @@ def main():
                         "package's calibrated methods at their default on each expert's own training examples "
                         "as its proxy (what a user with task data can do)")
     parser.add_argument("--ablation-alphas", default=",".join(map(str, ABLATION_ALPHAS)),
-                        help="comma-separated α values each ablation row is merged at")
+                        help="comma-separated α values each ablation row is merged at ('auto': alpha: auto)")
     parser.add_argument("--with-ablations", default="", help="comma-separated ESM ablation rows the subset "
                         "stage also merges, each at --ablation-alphas (and on the in-task proxy too with "
                         "--with-in-task-proxy)")
@@ -713,7 +713,10 @@ def main():
     rows = {name.removeprefix("esm, "): name for name in ABLATIONS}
     parser.add_argument("--ablations", default=",".join(rows), help=f"comma-separated ESM ablation rows, of: {', '.join(rows)}")
     args = parser.parse_args()
-    ablation_alphas = tuple(float(a) for a in args.ablation_alphas.split(","))
+    try:
+        ablation_alphas = tuple(a if a == "auto" else float(a) for a in args.ablation_alphas.split(","))
+    except ValueError:
+        parser.error(f"--ablation-alphas {args.ablation_alphas!r}: expected numbers or 'auto', e.g. '1,2,auto'")
     with_ablations = list(filter(None, args.with_ablations.split(",")))
     unknown = set(args.ablations.split(",") + with_ablations) - set(rows)
     if unknown:
@@ -726,7 +729,8 @@ def main():
     methods = args.methods.split(",")
     if set(strengths) - set(methods):
         parser.error(f"--subset-strengths names methods not in --methods: {sorted(set(strengths) - set(methods))}")
-    subset_ablations = {f"{r}, α {a:g}": {**ABLATIONS[rows[r]], "alpha": a} for r in with_ablations for a in ablation_alphas}
+    subset_ablations = {f"{r}, α {a if a == 'auto' else format(a, 'g')}": {**ABLATIONS[rows[r]], "alpha": a}
+                        for r in with_ablations for a in ablation_alphas}
     results = Results(args.workdir / "robustness" / "results.json")
     runs = [ZooRun(name, args.workdir, results) for name in args.zoos.split(",")]
     stages = args.stages.split(",")
