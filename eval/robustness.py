@@ -79,9 +79,9 @@ ABLATIONS = {
     # block with its own ΔW, the fix tried for what whitening's equal weights cost at small T
     "esm, aligned rank": {"expert_rank": "aligned"},
     # not a part: both of the above. At the aligned rank a LoRA keeps its one or two strong
-    # directions, which whitening cuts to the mean weight (a share of 0.03–0.14 of its update
-    # beside a full fine-tune's 0.3–0.8); its block at its own spectrum's scale evens the
-    # experts' shares out (eval/scale_inflation.py)
+    # directions, which whitening cuts to the mean weight, a far smaller share of its update
+    # than a full fine-tune keeps; its block at its own spectrum's scale evens the experts'
+    # shares out (eval/scale_inflation.py --members, eval/results/lora_shares_community.md)
     "esm, aligned rank and spectrum scale": {"expert_rank": "aligned", "spectrum_exponent": 1.0},
     # not a part: the essential subspaces by a full eigendecomposition (the paper's) against
     # the default subspace iteration

@@ -174,7 +174,7 @@ def main():
     parser.add_argument("--alignment", action="store_true",
                         help="instead: each expert's best-aligned rank and the whitened truncation's cosine with ΔW")
     parser.add_argument("--members", default="",
-                        help="the share table for these experts only, joined by '+' (e.g. cz_add+cz_plural), "
+                        help="both tables for these experts only, joined by '+' (e.g. cz_add+cz_plural), "
                              "at the default rank for their number")
     args = parser.parse_args()
     names = community.TASKS if args.zoo == "community" else tasks.TASKS

@@ -831,6 +831,7 @@ def test_aligned_rank_with_spectrum_scale_weighs_only_the_kept_directions():
     lora, full = (share(both, d) for d in deltas)
     assert lora == pytest.approx(full, rel=0.25)
 
+
 def test_esm_expert_rank_aligned_keeps_each_experts_best_aligned_directions():
     """`expert_rank: aligned` reaches merge_task_factors; the default keeps the budget."""
     from mergekit_esm.methods.esm import merge_weight
