@@ -87,9 +87,9 @@ def merge_variants() -> dict[str, dict | None]:
         "whitened, ESM's scaling (paper's task scaling)": dict(scaled, task_exponent=2.0),
         "whitened, ESM's defaults": dict(scaled, task_exponent=0.0),
         "whitened, ESM's defaults, expert spectrum scale": dict(scaled, task_exponent=0.0, spectrum_exponent=1.0),
-        "whitened, ESM's defaults, aligned rank": dict(scaled, task_exponent=0.0, aligned_directions=True),
+        "whitened, ESM's defaults, aligned rank": dict(scaled, task_exponent=0.0, expert_rank="aligned"),
         "whitened, ESM's defaults, aligned rank and expert spectrum scale":
-            dict(scaled, task_exponent=0.0, aligned_directions=True, spectrum_exponent=1.0),
+            dict(scaled, task_exponent=0.0, expert_rank="aligned", spectrum_exponent=1.0),
         "unwhitened, ESM's scaling": dict(scaled, task_exponent=2.0, combination="tsv"),
         "unwhitened, no task scaling": dict(scaled, task_exponent=0.0, combination="tsv"),
     }

@@ -21,8 +21,13 @@ def whiten(m, unflattened=None):
     return q * (s.mean() if unflattened is None else (q * unflattened).sum() / s.numel())
 
 
-def esm_weight(deltas, xs, k, gamma, p_task, p_dim, preserve_norm=False, whiten_factors=True):
+def esm_weight(deltas, xs, k, gamma, p_task, p_dim, preserve_norm=False, whiten_factors=True, expert_rank="budget"):
     """ESM §1–2 for one weight: deltas[t] = ΔW_t, xs[t] = expert t's inputs to it (n × d_in).
+
+    expert_rank: 'budget', the paper's k directions per expert; 'aligned', of those the leading
+    j that maximize Σ_{i≤j}‖a_i‖/√j (tried for every j); 'auto', whitened, aligned times 1/3
+    where every expert's k directions each carry a share of ΔW above 1e-9‖ΔW‖ (the package's
+    floor is lower; the test experts are full rank or exactly low rank), else the budget.
 
     whiten_factors=False: TSV-M's combination of the factors instead of ESM's whitening,
     polar(P) · diag(σ) · polar(B), where A = diag(σ) B has unit rows, each expert's factors
@@ -33,11 +38,20 @@ def esm_weight(deltas, xs, k, gamma, p_task, p_dim, preserve_norm=False, whiten_
     eigenvalue flattening."""
     norms = [torch.linalg.matrix_norm(d) for d in deltas]
     mean_norm = sum(norms) / len(norms)
-    ps, as_, es = [], [], []
-    for d, x, norm in zip(deltas, xs, norms):
+    subspaces = []
+    for d, x in zip(deltas, xs):
         shift = x @ d.T
         lam, vec = torch.linalg.eigh(shift.T @ shift / (x.shape[0] - 1))
-        lam, vec = lam.flip(0)[:k], vec.flip(1)[:, :k]
+        subspaces.append((lam.flip(0)[:k], vec.flip(1)[:, :k]))
+    shares = [torch.linalg.vector_norm(vec.T @ d, dim=1) for d, (_, vec) in zip(deltas, subspaces)]
+    full = all(bool((s > 1e-9 * n).all()) for s, n in zip(shares, norms))
+    aligned = expert_rank == "aligned" or (expert_rank == "auto" and whiten_factors and full)
+    strength = 1 / 3 if aligned and expert_rank == "auto" else 1.0
+    ps, as_, es = [], [], []
+    for d, (lam, vec), share, norm in zip(deltas, subspaces, shares, norms):
+        if aligned:
+            j = max(range(1, k + 1), key=lambda j: float(share[:j].sum()) / j**0.5)
+            lam, vec = lam[:j], vec[:, :j]
         e = (lam / lam.mean()) ** gamma
         coords = vec.T @ d
         if preserve_norm and not whiten_factors:  # P diag(e²) A keeps ‖A‖ (P has orthonormal columns)
@@ -58,11 +72,12 @@ def esm_weight(deltas, xs, k, gamma, p_task, p_dim, preserve_norm=False, whiten_
         a = a * torch.linalg.matrix_norm(scaled) / torch.linalg.matrix_norm(a)
     if whiten_factors and preserve_norm:
         e = torch.cat(es)
-        return whiten(p, p / e) @ whiten(a, a / e[:, None])
+        return strength * whiten(p, p / e) @ whiten(a, a / e[:, None])
     if whiten_factors:
-        return whiten(p) @ whiten(a)
+        return strength * whiten(p) @ whiten(a)
     # each expert's factors in singular form, P_t U and Σ Vᵀ for A_t = U Σ Vᵀ (the same product)
-    blocks = [(p[:, i : i + k], a[i : i + k]) for i in range(0, p.shape[1], k)]
+    bounds = torch.tensor([0] + [e.numel() for e in es]).cumsum(0).tolist()
+    blocks = [(p[:, i:j], a[i:j]) for i, j in zip(bounds, bounds[1:])]
     svds = [torch.linalg.svd(a_t, full_matrices=False) for _, a_t in blocks]
     p = torch.cat([p_t @ u for (p_t, _), (u, _, _) in zip(blocks, svds)], 1)
     sigma, b = torch.cat([s_t for _, s_t, _ in svds]), torch.cat([vh for _, _, vh in svds], 0)
@@ -73,7 +88,7 @@ def reference_settings(settings) -> dict:
     """esm_merge's keyword arguments for a settings object of the package (read, not imported)."""
     return dict(alpha=settings.alpha, gamma=settings.gamma, p_task=settings.task_exponent, p_dim=settings.dimension_exponent,
                 p_layer=settings.layer_exponent, preserve_norm=settings.preserve_norm, whiten_factors=settings.whiten_factors,
-                rank_rule=settings.rank_rule)
+                rank_rule=settings.rank_rule, expert_rank=settings.expert_rank)
 
 
 def packed_windows(documents, tokenizer, samples, max_tokens):
@@ -131,7 +146,7 @@ VOCABULARY = ("model.embed_tokens.weight", "lm_head.weight")  # the names in eve
 
 def esm_merge(
     base_dir, expert_dirs, windows, alpha=1.0, gamma=0.15, p_task=2.0, p_dim=2.0, p_layer=2.0, embedding_merge="mean",
-    preserve_norm=False, whiten_factors=True, rank_rule="output",
+    preserve_norm=False, whiten_factors=True, rank_rule="output", expert_rank="budget",
 ):
     """rank_rule: 'output', the paper's k = ⌊d_out/T⌋; 'shorter', ⌊min(d_out, d_in)/T⌋."""
     base_model = AutoModelForCausalLM.from_pretrained(base_dir)
@@ -162,7 +177,7 @@ def esm_merge(
                 k = max(1, (rows if rank_rule == "output" else min(rows, w0.shape[-1])) // T)
                 # fewer tokens than k: the SVD basis, ESD's subspace for isotropic inputs (XᵀX = I)
                 xs = [x[key] if x[key].shape[0] >= max(k, 2) else torch.eye(w0.shape[-1], dtype=torch.float64) for x in inputs]
-                merged_delta[name, expert, kind] = esm_weight(block, xs, k, gamma, p_task, p_dim, preserve_norm, whiten_factors)
+                merged_delta[name, expert, kind] = esm_weight(block, xs, k, gamma, p_task, p_dim, preserve_norm, whiten_factors, expert_rank)
     # β per module type over the layers; an expert MLP's type is its own, and a layer's norm of
     # it is over all its experts together
     norms = {}

@@ -23,7 +23,9 @@ from mergekit_esm.algebra import (
     task_singular_vectors_merge,
 )
 from mergekit_esm.algebra.merge import (
+    AUTO_ALIGNED_STRENGTH,
     aligned_rank,
+    carrying_directions,
     common_space_split,
     concatenate_factors,
     newton_polar,
@@ -544,7 +546,7 @@ def test_esd_basis_without_whitening_keeps_tsv_m_combination():
     inputs = [InputMoment(40, tokens=torch.randn(40, 10, generator=g, dtype=D)) for _ in range(3)]
     off = dict(gamma=0.0, task_exponent=0.0, dimension_exponent=0.0)
     for whiten, combination in ((True, "essential"), (False, "tsv")):
-        settings = EsmSettings(whiten_factors=whiten, **off)
+        settings = EsmSettings(whiten_factors=whiten, expert_rank="budget", **off)
         expected = merge_task_factors(
             (essential_subspace(d, i, 4) for d, i in zip(deltas, inputs)), **off, combination=combination
         )
@@ -794,7 +796,7 @@ def test_aligned_rank_is_the_brute_force_best_aligned_whitened_truncation(seed):
 
     off = {"gamma": 0.0, "task_exponent": 0.0, "dimension_exponent": 0.0}
     factors = svd_subspace(delta, 24)
-    aligned = merge_task_factors([factors], aligned_directions=True, **off)
+    aligned = merge_task_factors([factors], expert_rank="aligned", **off)
     budget = merge_task_factors([factors], **off)
     share = lambda m: float((m * delta).sum() / delta.norm() ** 2)  # noqa: E731
     assert torch.linalg.matrix_rank(aligned) == best
@@ -821,30 +823,71 @@ def test_aligned_rank_with_spectrum_scale_weighs_only_the_kept_directions():
         factors.append(svd_subspace(deltas[-1], len(sigma)))
         j = aligned_rank(sigma)
         truncated.append(TaskFactors(factors[-1].basis[:, :j], factors[-1].coords[:j], factors[-1].eigenvalues[:j], factors[-1].norm))
-    both = merge_task_factors(factors, aligned_directions=True, spectrum_exponent=1.0, **off)
+    both = merge_task_factors(factors, expert_rank="aligned", spectrum_exponent=1.0, **off)
     assert torch.allclose(both, merge_task_factors(truncated, spectrum_exponent=1.0, **off), atol=1e-12)
 
     share = lambda m, d: float((m * d).sum() / d.norm() ** 2)  # noqa: E731
-    aligned = merge_task_factors(factors, aligned_directions=True, **off)
+    aligned = merge_task_factors(factors, expert_rank="aligned", **off)
     lora, full = (share(aligned, d) for d in deltas)
     assert lora < full / 3
     lora, full = (share(both, d) for d in deltas)
     assert lora == pytest.approx(full, rel=0.25)
 
 
-def test_esm_expert_rank_aligned_keeps_each_experts_best_aligned_directions():
-    """`expert_rank: aligned` reaches merge_task_factors; the default keeps the budget."""
+def test_esm_expert_rank_reaches_merge_task_factors():
+    """Each `expert_rank` reaches merge_task_factors; the default is auto, which on full-rank
+    experts is not the budget."""
     from mergekit_esm.methods.esm import merge_weight
 
     deltas, xs = _random_inputs(5, t=2, d_out=16, d_in=12)
     deltas = [d @ torch.diag(torch.logspace(0, -3, 12, dtype=D)) for d in deltas]
     inputs = [_moment(x) for x in xs]
     off = {"gamma": 0.0, "task_exponent": 0.0, "dimension_exponent": 0.0}
-    for rule, aligned in (("budget", False), ("aligned", True)):
+    for rule in ("budget", "aligned", "auto"):
         factors = (essential_subspace(d, i, 6, "exact") for d, i in zip(deltas, inputs))
-        expected = merge_task_factors(factors, aligned_directions=aligned, **off)
+        expected = merge_task_factors(factors, expert_rank=rule, **off)
         merged = merge_weight(EsmSettings(expert_rank=rule, subspace_solver="exact", **off), deltas, 6, inputs)
         assert torch.allclose(merged, expected, atol=1e-12)
-    assert EsmSettings().expert_rank == "budget"
-    assert not torch.allclose(merge_weight(EsmSettings(expert_rank="aligned", **off), deltas, 6, inputs),
-                              merge_weight(EsmSettings(**off), deltas, 6, inputs), atol=1e-6)
+    assert EsmSettings().expert_rank == "auto"
+    assert not torch.allclose(merge_weight(EsmSettings(**off), deltas, 6, inputs),
+                              merge_weight(EsmSettings(expert_rank="budget", **off), deltas, 6, inputs), atol=1e-6)
+
+
+def _full_and_low_rank_experts(seed: int, low_rank: int | None):
+    """Three 20 × 16 task matrices with decaying spectra: full rank, or the last of rank
+    `low_rank` (a merged LoRA); their SVD factors at k = 6."""
+    g = torch.Generator().manual_seed(seed)
+    deltas = [torch.randn(20, 16, generator=g, dtype=D) @ torch.diag(torch.logspace(0, -2, 16, dtype=D)) for _ in range(3)]
+    if low_rank is not None:
+        deltas[-1] = torch.randn(20, low_rank, generator=g, dtype=D) @ torch.randn(low_rank, 16, generator=g, dtype=D)
+    return deltas, [svd_subspace(d, 6) for d in deltas]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_expert_rank_auto_is_the_aligned_merge_at_a_third_where_every_expert_fills_its_budget(seed):
+    """Full-rank experts: auto is exactly the aligned merge times AUTO_ALIGNED_STRENGTH (α 3 under
+    auto is aligned's α 1); with one rank-2 expert (fewer directions than k = 6 carry its
+    update) it is exactly the budget merge, every expert at its budget."""
+    off = {"gamma": 0.15, "task_exponent": 0.0, "dimension_exponent": 2.0, "preserve_norm": True}
+    _, full = _full_and_low_rank_experts(seed, None)
+    auto = merge_task_factors(full, expert_rank="auto", **off)
+    aligned = merge_task_factors(full, expert_rank="aligned", **off)
+    assert torch.allclose(auto, AUTO_ALIGNED_STRENGTH * aligned, rtol=0, atol=1e-13)
+    assert not torch.allclose(aligned, merge_task_factors(full, expert_rank="budget", **off), atol=1e-3)
+
+    _, mixed = _full_and_low_rank_experts(seed, 2)
+    assert int(carrying_directions(mixed[-1]).sum()) == 2
+    auto = merge_task_factors(mixed, expert_rank="auto", **off)
+    assert torch.equal(auto, merge_task_factors(mixed, expert_rank="budget", **off))
+    assert not torch.allclose(auto, merge_task_factors(mixed, expert_rank="aligned", **off), atol=1e-3)
+
+
+def test_expert_rank_auto_ignores_an_expert_that_left_the_weight_unchanged():
+    """An expert whose ΔW is zero at this weight (a LoRA that did not target it) takes no part,
+    so the others, all full rank, are merged at the aligned rank as if it were absent."""
+    off = {"gamma": 0.15, "task_exponent": 0.0, "dimension_exponent": 2.0, "preserve_norm": True}
+    deltas, full = _full_and_low_rank_experts(0, None)
+    untouched = svd_subspace(torch.zeros_like(deltas[0]), 6)
+    with_zero = merge_task_factors([*full[:2], untouched], expert_rank="auto", **off)
+    assert torch.allclose(with_zero, merge_task_factors(full[:2], expert_rank="auto", **off), atol=1e-13)
+    assert torch.allclose(with_zero, AUTO_ALIGNED_STRENGTH * merge_task_factors(full[:2], expert_rank="aligned", **off), atol=1e-13)

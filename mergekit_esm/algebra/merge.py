@@ -10,6 +10,16 @@ from mergekit_esm.algebra.scaling import eigenvalue_flattening, polarized_scale
 from mergekit_esm.algebra.subspace import TaskFactors, seeded_gaussian, svd_subspace
 
 Combination = Literal["essential", "tsv"]
+# How many of its k directions each expert keeps (EsmSettings.expert_rank): "budget", all k that
+# carry its update (the paper); "aligned", the leading aligned_rank of them; "auto", whitened,
+# aligned where every expert's update fills its budget, the budget where one does not.
+ExpertRank = Literal["budget", "aligned", "auto"]
+# `expert_rank: auto` scales a merge made at the aligned rank by this, so that one α means
+# about the same merge whichever rank a weight takes: α 1 at the aligned rank and α 3 at the
+# budget were each the largest α that kept the base within the protocol's margin on both zoos'
+# validation splits, and each expert keeps about as much of its own update at those two
+# (docs/robustness.md, "Each expert at its best-aligned rank").
+AUTO_ALIGNED_STRENGTH = 1 / 3
 
 
 def polar_orthogonalize(x: torch.Tensor, keep_scale: bool, float64_retry: bool | None = None) -> torch.Tensor:
@@ -301,9 +311,15 @@ def carrying_directions(factors: TaskFactors, aligned: bool = False) -> torch.Te
     kept = (factors.eigenvalues > 0) & (row_norms > floor)
     if factors.rank is not None:
         kept[factors.rank :] = False
-    if aligned:
-        carrying = kept.nonzero().flatten()
-        kept[carrying[aligned_rank(row_norms[carrying]) :]] = False
+    return leading_aligned(kept, row_norms) if aligned else kept
+
+
+def leading_aligned(kept: torch.Tensor, row_norms: torch.Tensor) -> torch.Tensor:
+    """Of the directions marked in `kept`, the leading aligned_rank of them (`row_norms`: each
+    direction's share of ΔW)."""
+    carrying = kept.nonzero().flatten()
+    kept = kept.clone()
+    kept[carrying[aligned_rank(row_norms[carrying]) :]] = False
     return kept
 
 
@@ -316,7 +332,7 @@ def merge_task_factors(
     combination: Combination = "essential",
     preserve_norm: bool = False,
     spectrum_exponent: float = 0.0,
-    aligned_directions: bool = False,
+    expert_rank: ExpertRank = "budget",
 ) -> torch.Tensor:
     """ESM §2: flatten, scale tasks and input dimensions, concatenate, orthogonalize, multiply.
 
@@ -337,32 +353,49 @@ def merge_task_factors(
     as a ratio to the others', to the power q. With q = 1 an expert keeps a share of its own
     update proportional to its spectrum's mean/rms ratio (1 if flat), about the same for every
     expert as with TSV-M, instead of one proportional to 1/σ.
-    aligned_directions: each expert keeps only the leading directions that best align its whitened
-    block with its own update (carrying_directions).
+    expert_rank: "budget" (the paper), each expert keeps every direction that carries its
+    update (carrying_directions); "aligned", only the leading ones that best align its whitened
+    block with its own update; "auto", with the essential combination, aligned when every
+    expert's update fills its budget (all its k directions carry it: full fine-tunes) and the
+    merge scaled by AUTO_ALIGNED_STRENGTH, the budget when one does not (a merged LoRA of rank below k, or an
+    update mostly below its checkpoint's rounding level). At the aligned rank a LoRA keeps its
+    one or two directions at the whitened weight of each of a full fine-tune's many, a small
+    share of its update (docs/robustness.md).
     An expert that left this weight unchanged takes no part: its basis would be arbitrary.
-    `factors` is consumed one at a time, so a generator keeps only one expert's factors alive.
+    `factors` is consumed one at a time; each expert's factors are kept (as the concatenation
+    needs them anyway) until every expert is known to fill its budget or not.
     """
-    bases, coords, norms, spectra, flattening = [], [], [], [], []
+    experts = []  # (factors, its carrying directions at the budget)
     for f in factors:
         shape, like = (f.basis.shape[0], f.coords.shape[1]), f.basis
-        kept = carrying_directions(f, aligned_directions)
+        kept = carrying_directions(f)
         if kept.any():
-            if not kept.all():
-                f = TaskFactors(f.basis[:, kept], f.coords[kept], f.eigenvalues[kept], f.norm)
-            # the expert's own spectrum, before flattening and scaling reshape it
-            spectra.append((torch.linalg.matrix_norm(f.coords), f.coords.shape[0]))
-            # flattened to mean 1 over the directions that take part, so a rank-r expert
-            # weighs as if it had been truncated at r (authors' mean-1 rule). TSV-M's
-            # combination keeps the σ, so there flattening must keep the expert's norm
-            # (preserve_norm); whitened, the size is restored after the polar factors instead.
-            keep_norm = preserve_norm and combination == "tsv"
-            row_norms = torch.linalg.vector_norm(f.coords, dim=1) if keep_norm else None
-            e = eigenvalue_flattening(f.eigenvalues, gamma, row_norms)
-            bases.append(f.basis * e)
-            coords.append(f.coords * e[:, None])
-            norms.append(f.norm)
-            flattening.append(e)
+            experts.append((f, kept))
         del f
+    # auto: only whitening weighs weak directions as strong ones; TSV-M's combination keeps the σ
+    auto_aligned = expert_rank == "auto" and combination == "essential" and all(kept.all() for _, kept in experts)
+    aligned = expert_rank == "aligned" or auto_aligned
+    strength = AUTO_ALIGNED_STRENGTH if auto_aligned else 1.0
+    bases, coords, norms, spectra, flattening = [], [], [], [], []
+    while experts:
+        f, kept = experts.pop(0)
+        if aligned:
+            kept = leading_aligned(kept, torch.linalg.vector_norm(f.coords, dim=1))
+        if not kept.all():
+            f = TaskFactors(f.basis[:, kept], f.coords[kept], f.eigenvalues[kept], f.norm)
+        # the expert's own spectrum, before flattening and scaling reshape it
+        spectra.append((torch.linalg.matrix_norm(f.coords), f.coords.shape[0]))
+        # flattened to mean 1 over the directions that take part, so a rank-r expert
+        # weighs as if it had been truncated at r (authors' mean-1 rule). TSV-M's
+        # combination keeps the σ, so there flattening must keep the expert's norm
+        # (preserve_norm); whitened, the size is restored after the polar factors instead.
+        keep_norm = preserve_norm and combination == "tsv"
+        row_norms = torch.linalg.vector_norm(f.coords, dim=1) if keep_norm else None
+        e = eigenvalue_flattening(f.eigenvalues, gamma, row_norms)
+        bases.append(f.basis * e)
+        coords.append(f.coords * e[:, None])
+        norms.append(f.norm)
+        flattening.append(e)
     if not bases:
         return like.new_zeros(shape)
     p_cat = torch.cat(bases, dim=1)
@@ -380,7 +413,7 @@ def merge_task_factors(
             a_whitened = polar_orthogonalize(a_cat, keep_scale=True)
         if spectrum_exponent != 0:
             p_whitened *= expert_spectrum_scale(spectra, spectrum_exponent).to(p_whitened)
-        return p_whitened @ a_whitened
+        return (p_whitened @ a_whitened).mul_(strength)
     return singular_vector_merge(*in_singular_form(p_cat, a_cat, [e.numel() for e in flattening]), isotropic=False)
 
 

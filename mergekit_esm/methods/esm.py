@@ -10,6 +10,7 @@ import torch
 from pydantic import Field
 
 from mergekit_esm.algebra import essential_subspace, merge_task_factors, svd_subspace, with_rounding_level
+from mergekit_esm.algebra.merge import ExpertRank
 from mergekit_esm.algebra.subspace import InputMoment, SubspaceSolver
 from mergekit_esm.methods.base import CalibratedSettings, MethodDefinition, Strength, shorter_side_rank
 
@@ -20,7 +21,8 @@ class EsmSettings(CalibratedSettings):
         description="Global strength α: W = W0 + α·β_ℓ·ΔW_merged, or 'auto'. α=1 is the merged "
         "update as ESM builds it, without the authors' ViT factor 2 (α=1 here is their α=0.5). "
         "Default 3: the largest α of the grid that keeps the base within the retention margin on "
-        "both zoos' validation splits (docs/robustness.md, 'The defaults chosen').",
+        "both zoos' validation splits, at the budget rank and (as aligned's α 1) at the aligned rank "
+        "that expert_rank: auto takes for full fine-tunes (docs/robustness.md, 'The defaults chosen').",
     )
     rank: Optional[int] = Field(
         None, ge=1, description="Directions kept per expert and weight; default ⌊min(d_out, d_in) / T⌋ (see rank_rule)."
@@ -33,13 +35,19 @@ class EsmSettings(CalibratedSettings):
         "whose d_out × d_out orthogonalization 'shorter' replaces by a d_in × d_in one: far less "
         "time at wide MLPs, with the same scores on both zoos (docs/robustness.md, docs/performance.md).",
     )
-    expert_rank: Literal["budget", "aligned"] = Field(
-        "budget",
-        description="How many of its k directions each expert keeps: 'budget' (default, the paper), "
-        "all k that carry its update; 'aligned', the leading j whose whitened block is most aligned "
-        "with the expert's own ΔW (argmax_j Σ_{i≤j}‖â_i‖/√j). Whitening weighs every kept direction "
-        "alike, so directions far weaker than the rest add more to the update's norm than to its "
-        "share of the expert; with few experts (k = d/T large) they are most of the kept ones.",
+    expert_rank: ExpertRank = Field(
+        "auto",
+        description="How many of its k directions each expert keeps, per weight. 'auto' (default, "
+        "a deviation from the paper): 'aligned' where every expert's update fills its k directions "
+        "(full fine-tunes), at a third of the strength so that α means about the same merge in "
+        "both; 'budget' where one does not (a merged LoRA of rank below k). 'budget' (the paper): "
+        "all k that carry its update. 'aligned': the leading j whose whitened block is most aligned "
+        "with the expert's own ΔW (argmax_j Σ_{i≤j}‖â_i‖/√j), on its own α scale (its α 1 is "
+        "auto's α 3). Whitening weighs every kept direction alike, so directions far weaker than "
+        "the rest add more to the update's norm than to its share of the expert; with few experts "
+        "(k = d/T large) they are most of the kept ones. At the aligned rank a LoRA's one or two "
+        "directions keep a far smaller share of its update than a full fine-tune's many, hence "
+        "the budget there (docs/robustness.md).",
     )
     gamma: float = Field(0.15, ge=0, description="Eigenvalue flattening exponent γ; 0 turns it off.")
     task_exponent: float = Field(
@@ -124,7 +132,7 @@ def merge_weight(
         dimension_exponent=settings.dimension_exponent,
         preserve_norm=settings.preserve_norm,
         spectrum_exponent=settings.spectrum_exponent,
-        aligned_directions=settings.expert_rank == "aligned",
+        expert_rank=settings.expert_rank,
         combination="essential" if settings.basis == "esd" and settings.whiten_factors else "tsv",
     )
 
