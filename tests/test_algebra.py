@@ -21,11 +21,13 @@ from mergekit_esm.algebra import (
     storage_rounding_level,
     svd_subspace,
     task_singular_vectors_merge,
+    with_rounding_level,
 )
 from mergekit_esm.algebra.merge import (
     AUTO_ALIGNED_STRENGTH,
     aligned_rank,
     carrying_directions,
+    fills_budget,
     common_space_split,
     concatenate_factors,
     newton_polar,
@@ -880,6 +882,20 @@ def test_expert_rank_auto_is_the_aligned_merge_at_a_third_where_every_expert_fil
     auto = merge_task_factors(mixed, expert_rank="auto", **off)
     assert torch.equal(auto, merge_task_factors(mixed, expert_rank="budget", **off))
     assert not torch.allclose(auto, merge_task_factors(mixed, expert_rank="aligned", **off), atol=1e-3)
+
+
+def test_an_expert_fills_its_budget_by_its_rank_above_rounding_not_by_which_directions_carry():
+    """A full-rank ΔW whose k-th direction of the basis carries nothing (an essential subspace's
+    trailing direction under massive activations) still fills its budget when its rank above
+    the rounding level was measured; a rank-2 ΔW does not; unmeasured, the carrying count decides."""
+    deltas, factors = _full_and_low_rank_experts(1, 2)
+    full, lora = factors[0], factors[2]
+    hollow = replace(full, coords=torch.cat([full.coords[:-1], torch.zeros_like(full.coords[-1:])]))
+    assert not carrying_directions(hollow).all()
+    assert fills_budget(with_rounding_level(hollow, deltas[0], 1e-12, 6), carrying_directions(hollow))
+    assert not fills_budget(hollow, carrying_directions(hollow))
+    assert not fills_budget(with_rounding_level(lora, deltas[2], 1e-12, 6), carrying_directions(lora))
+    assert fills_budget(full, carrying_directions(full))
 
 
 def test_expert_rank_auto_ignores_an_expert_that_left_the_weight_unchanged():

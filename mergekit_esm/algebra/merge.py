@@ -314,6 +314,17 @@ def carrying_directions(factors: TaskFactors, aligned: bool = False) -> torch.Te
     return leading_aligned(kept, row_norms) if aligned else kept
 
 
+def fills_budget(factors: TaskFactors, kept: torch.Tensor) -> bool:
+    """Whether an expert's update fills its k directions, as a full fine-tune's does and a
+    merged LoRA's of rank below k does not: ΔW has at least k directions above its
+    checkpoint's rounding level (rank_above_rounding), or, where that was not measured (exact
+    inputs), all k directions carry it. Not that all k carry it where it was measured: an
+    essential subspace's trailing directions can hold almost none of a full-rank ΔW (the
+    proxy's massive activations), which says nothing of ΔW's rank."""
+    k = factors.basis.shape[1]
+    return factors.rank >= k if factors.rank is not None else bool(kept.all())
+
+
 def leading_aligned(kept: torch.Tensor, row_norms: torch.Tensor) -> torch.Tensor:
     """Of the directions marked in `kept`, the leading aligned_rank of them (`row_norms`: each
     direction's share of ΔW)."""
@@ -356,8 +367,8 @@ def merge_task_factors(
     expert_rank: "budget" (the paper), each expert keeps every direction that carries its
     update (carrying_directions); "aligned", only the leading ones that best align its whitened
     block with its own update; "auto", with the essential combination, aligned when every
-    expert's update fills its budget (all its k directions carry it: full fine-tunes) and the
-    merge scaled by AUTO_ALIGNED_STRENGTH, the budget when one does not (a merged LoRA of rank below k, or an
+    expert's update fills its budget (fills_budget: full fine-tunes) and the merge scaled by
+    AUTO_ALIGNED_STRENGTH, the budget when one does not (a merged LoRA of rank below k, or an
     update mostly below its checkpoint's rounding level). At the aligned rank a LoRA keeps its
     one or two directions at the whitened weight of each of a full fine-tune's many, a small
     share of its update (docs/robustness.md).
@@ -370,15 +381,15 @@ def merge_task_factors(
         shape, like = (f.basis.shape[0], f.coords.shape[1]), f.basis
         kept = carrying_directions(f)
         if kept.any():
-            experts.append((f, kept))
+            experts.append((f, kept, fills_budget(f, kept)))
         del f
     # auto: only whitening weighs weak directions as strong ones; TSV-M's combination keeps the σ
-    auto_aligned = expert_rank == "auto" and combination == "essential" and all(kept.all() for _, kept in experts)
+    auto_aligned = expert_rank == "auto" and combination == "essential" and all(fills for *_, fills in experts)
     aligned = expert_rank == "aligned" or auto_aligned
     strength = AUTO_ALIGNED_STRENGTH if auto_aligned else 1.0
     bases, coords, norms, spectra, flattening = [], [], [], [], []
     while experts:
-        f, kept = experts.pop(0)
+        f, kept, _ = experts.pop(0)
         if aligned:
             kept = leading_aligned(kept, torch.linalg.vector_norm(f.coords, dim=1))
         if not kept.all():
