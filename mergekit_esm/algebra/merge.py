@@ -14,11 +14,12 @@ Combination = Literal["essential", "tsv"]
 # carry its update (the paper); "aligned", the leading aligned_rank of them; "auto", whitened,
 # aligned where every expert's update fills its budget, the budget where one does not.
 ExpertRank = Literal["budget", "aligned", "auto"]
-# `expert_rank: auto` scales a merge made at the aligned rank by this, so that one α means
-# about the same merge whichever rank a weight takes: α 1 at the aligned rank and α 3 at the
-# budget were each the largest α that kept the base within the protocol's margin on both zoos'
-# validation splits, and each expert keeps about as much of its own update at those two
-# (docs/robustness.md, "Each expert at its best-aligned rank").
+# `expert_rank: auto` scales a target weight's merge made at the aligned rank by this, so that
+# one α means about the same merge whichever rank a weight takes: α 1 at the aligned rank and
+# α 3 at the budget were each the largest α that kept the base within the protocol's margin on
+# both zoos' validation splits, and each expert keeps about as much of its own update at those
+# two (docs/robustness.md, "Each expert at its best-aligned rank"). Tensors outside the target
+# linears (norms, embeddings) are not merged here and take α × the experts' mean either way.
 AUTO_ALIGNED_STRENGTH = 1 / 3
 
 
