@@ -590,7 +590,7 @@ def test_esm_finds_its_subspaces_with_the_solver_its_settings_name():
     g = torch.Generator().manual_seed(13)
     deltas = [torch.randn(128, 96, generator=g, dtype=D) for _ in range(3)]
     inputs = [InputMoment(400, tokens=torch.randn(400, 96, generator=g, dtype=D)) for _ in range(3)]
-    off = {"gamma": 0.0, "task_exponent": 0.0, "dimension_exponent": 0.0}
+    off = {"gamma": 0.0, "task_exponent": 0.0, "dimension_exponent": 0.0, "expert_rank": "auto"}
     merged = {}
     for solver in ("randomized", "exact"):
         expected = merge_task_factors((essential_subspace(d, i, 16, solver) for d, i in zip(deltas, inputs)), **off)
